@@ -1,0 +1,368 @@
+"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), Llama, Qwen2.
+
+Shape letters used in comments:
+  B batch, T query length, S key (cache) length, D model width, V vocab,
+  H query heads, G key/value heads (GQA), R = H // G, K head dim, F MLP width.
+
+| family   | norm      | position         | residual   | MLP    | biases          | tied |
+|----------|-----------|------------------|------------|--------|-----------------|------|
+| gpt2     | LayerNorm | learned          | sequential | GELU   | all             | yes  |
+| gpt_neox | LayerNorm | rotary (partial) | parallel   | GELU   | all             | no   |
+| llama    | RMSNorm   | rotary           | sequential | SwiGLU | none            | opt. |
+| qwen2    | RMSNorm   | rotary           | sequential | SwiGLU | q, k, v only    | opt. |
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `norm`); `p3o_jax.sharding` maps them to mesh axes, so this file knows no mesh.
+
+The module is used functionally on hot paths: `split(model)` gives a static graph and a
+plain dict of arrays; `merge(graph, params)` rebuilds the module inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None = None      # None: same as num_heads (no GQA)
+  head_dim: int | None = None          # None: hidden_size // num_heads
+  intermediate_size: int | None = None  # None: 4 * hidden_size
+  max_position_embeddings: int = 2048
+  norm: str = "layernorm"              # "layernorm" | "rmsnorm"
+  norm_eps: float = 1e-5
+  mlp: str = "gelu"                    # "gelu": down(act(up x)); "swiglu": down(act(gate x) * up x)
+  activation: str = "gelu_new"         # gelu_new (tanh), gelu (exact), relu, silu
+  position: str = "rotary"             # "learned" | "rotary"
+  rotary_pct: float = 1.0              # fraction of head_dim that is rotated (Pythia: 0.25)
+  rope_theta: float = 10000.0
+  parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  tie_embeddings: bool = False
+  lm_head: bool = True                 # False for a reward model backbone
+  scalar_head: bool = False            # value / reward head: hidden -> 1
+  scalar_head_bias: bool = False
+  model_type: str = "llama"            # the Hugging Face family it exports as
+  dtype: str = "float32"               # activations
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def mlp_width(self) -> int:
+    return self.intermediate_size or 4 * self.hidden_size
+
+  def replace(self, **kwargs) -> "DecoderConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  def __post_init__(self):
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+    for field, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                           ("position", ("learned", "rotary")), ("activation", tuple(ACTIVATIONS)),
+                           ("dtype", tuple(DTYPES)), ("param_dtype", tuple(DTYPES))):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class LayerCache(NamedTuple):
+  k: jax.Array  # [B, S, G, K]
+  v: jax.Array  # [B, S, G, K]
+
+
+def _param(rngs: nnx.Rngs, cfg: DecoderConfig, shape, axes, init="normal") -> nnx.Param:
+  dtype = DTYPES[cfg.param_dtype]
+  if init == "normal":
+    value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class Norm(nnx.Module):
+  """LayerNorm or RMSNorm, computed in float32."""
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    self.kind, self.eps = cfg.norm, cfg.norm_eps
+    self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("norm",), "ones")
+    self.bias = _param(rngs, cfg, (cfg.hidden_size,), ("norm",), "zeros") if cfg.norm == "layernorm" else None
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    # HF's RMSNorm casts back to the activation dtype before scaling; LayerNorm scales in fp32.
+    if self.kind == "rmsnorm":
+      return self.scale[...].astype(dtype) * x.astype(dtype)
+    x = x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return x.astype(dtype)
+
+
+def rotary_tables(positions, rot_dim: int, theta: float):
+  """cos, sin of shape [B, T, rot_dim] for the rotate-half convention (NeoX, Llama)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot_dim/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin, rot_dim: int):
+  """x: [B, T, N, K]; rotates the first rot_dim features of each head."""
+  x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+  half = rot_dim // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+  return jnp.concatenate([x_rot, x_pass], axis=-1)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, G, K = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    self.q_kernel = _param(rngs, cfg, (D, H, K), ("embed", "heads", "head_dim"))
+    self.k_kernel = _param(rngs, cfg, (D, G, K), ("embed", "kv_heads", "head_dim"))
+    self.v_kernel = _param(rngs, cfg, (D, G, K), ("embed", "kv_heads", "head_dim"))
+    self.o_kernel = _param(rngs, cfg, (H, K, D), ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, cfg, (H, K), ("heads", "head_dim"), "zeros")
+      self.k_bias = _param(rngs, cfg, (G, K), ("kv_heads", "head_dim"), "zeros")
+      self.v_bias = _param(rngs, cfg, (G, K), ("kv_heads", "head_dim"), "zeros")
+    if cfg.out_bias:
+      self.o_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
+
+  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+    cfg = self.cfg
+    dtype = x.dtype
+    proj = lambda w, b: jnp.einsum("btd,dnk->btnk", x, w[...].astype(dtype)) + (
+        b[...].astype(dtype) if b is not None else 0)
+    q = proj(self.q_kernel, getattr(self, "q_bias", None))  # [B, T, H, K]
+    k = proj(self.k_kernel, getattr(self, "k_bias", None))  # [B, T, G, K]
+    v = proj(self.v_kernel, getattr(self, "v_bias", None))  # [B, T, G, K]
+    if cfg.position == "rotary":
+      rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
+      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta)
+      q, k = apply_rotary(q, cos, sin, rot_dim), apply_rotary(k, cos, sin, rot_dim)
+    if cache is not None:
+      # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
+      cache = LayerCache(k, v)
+    B, T, H, K = q.shape
+    G = cfg.kv_heads
+    q = q.reshape(B, T, G, H // G, K)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k.astype(dtype)).astype(jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(K))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(dtype)).reshape(B, T, H, K)
+    out = jnp.einsum("btnk,nkd->btd", out, self.o_kernel[...].astype(dtype))
+    if cfg.out_bias:
+      out = out + self.o_bias[...].astype(dtype)
+    return out, cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, F = cfg.hidden_size, cfg.mlp_width
+    self.up_kernel = _param(rngs, cfg, (D, F), ("embed", "mlp"))
+    if cfg.mlp == "swiglu":
+      self.gate_kernel = _param(rngs, cfg, (D, F), ("embed", "mlp"))
+    self.down_kernel = _param(rngs, cfg, (F, D), ("mlp", "embed"))
+    if cfg.mlp_bias:
+      self.up_bias = _param(rngs, cfg, (F,), ("mlp",), "zeros")
+      self.down_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
+
+  def __call__(self, x):
+    cfg, dtype = self.cfg, x.dtype
+    act = ACTIVATIONS[cfg.activation]
+    h = x @ self.up_kernel[...].astype(dtype)
+    if cfg.mlp_bias:
+      h = h + self.up_bias[...].astype(dtype)
+    if cfg.mlp == "swiglu":
+      h = act(x @ self.gate_kernel[...].astype(dtype)) * h
+    else:
+      h = act(h)
+    out = h @ self.down_kernel[...].astype(dtype)
+    if cfg.mlp_bias:
+      out = out + self.down_bias[...].astype(dtype)
+    return out
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    self.parallel = cfg.parallel_residual
+    self.attn_norm = Norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, cache, cache_index):
+    attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+    if self.parallel:
+      return x + attn_out + self.mlp(self.mlp_norm(x)), cache
+    x = x + attn_out
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+  """Token ids -> final hidden states; `logits` and `scalar` read heads off them."""
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+    if cfg.position == "learned":
+      self.pos_embed = _param(rngs, cfg, (cfg.max_position_embeddings, cfg.hidden_size), (None, "embed"))
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, rngs)
+    if cfg.lm_head and not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.scalar_head:
+      self.scalar_kernel = _param(rngs, cfg, (cfg.hidden_size, 1), ("embed", None))
+      if cfg.scalar_head_bias:
+        self.scalar_bias = _param(rngs, cfg, (1,), (None,), "zeros")
+
+  def __call__(self, tokens, positions, mask, cache: list[LayerCache] | None = None, cache_index=0):
+    """tokens, positions: [B, T] int; mask: [B, T, S] bool, True where query t may see key s.
+
+    Without a cache S == T. With a cache (one LayerCache per layer, each [B, S, G, K]) this
+    chunk is written at slots [cache_index, cache_index + T) and attends over all S slots.
+    Returns hidden states [B, T, D] and the updated cache (None without one).
+    """
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    x = self.embed[...].astype(dtype)[tokens]
+    if cfg.position == "learned":
+      x = x + self.pos_embed[...].astype(dtype)[positions]
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden):
+    """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype)).astype(jnp.float32)
+    return (hidden @ self.lm_head[...].astype(hidden.dtype)).astype(jnp.float32)
+
+  def scalar(self, hidden):
+    """[B, T, D] -> [B, T] float32 value / reward at every position."""
+    out = hidden.astype(jnp.float32) @ self.scalar_kernel[...].astype(jnp.float32)
+    if self.cfg.scalar_head_bias:
+      out = out + self.scalar_bias[...].astype(jnp.float32)
+    return out[..., 0]
+
+
+# ----------------------------------------------------------------------------- functional use
+
+class Graph(NamedTuple):
+  """Static half of a split model: hashable, closed over by jitted functions."""
+  graphdef: Any
+  template: Any  # nnx.State with abstract leaves; copied before each merge
+
+
+def create(cfg: DecoderConfig, seed: int = 0) -> tuple[Graph, dict]:
+  """A freshly initialised model as (graph, params dict)."""
+  return split(Decoder(cfg, nnx.Rngs(params=seed)))
+
+
+def abstract(cfg: DecoderConfig) -> tuple[Graph, dict]:
+  """Graph and params shapes without allocating (for loading or sharded init)."""
+  model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+  return split(model)
+
+
+def split(model: Decoder) -> tuple[Graph, dict]:
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = state.to_pure_dict()
+  template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  return Graph(graphdef, template), params
+
+
+def merge(graph: Graph, params: dict) -> Decoder:
+  state = jax.tree.map(lambda a: a, graph.template)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graph.graphdef, state)
+
+
+def logical_axes(graph: Graph) -> dict:
+  """Params-shaped dict of logical axis-name tuples (None entries replicate)."""
+  specs = nnx.get_partition_spec(graph.template).to_pure_dict()
+  return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+
+
+# ----------------------------------------------------------------------------- masks & positions
+
+def positions_from_mask(padding_mask):
+  """Left padding needs explicit positions: the first real token is position 0."""
+  return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(padding_mask):
+  """[B, T] padding mask -> [B, T, T] bool: causal and never attending to padding keys."""
+  T = padding_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+  return causal[None] & padding_mask.astype(bool)[:, None, :]
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache]:
+  shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+  dtype = DTYPES[cfg.dtype]
+  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def forward(graph: Graph, params: dict, tokens, padding_mask):
+  """Teacher-forced pass on a (left- or right-) padded batch -> hidden [B, T, D]."""
+  model = merge(graph, params)
+  hidden, _ = model(tokens, positions_from_mask(padding_mask), causal_mask(padding_mask))
+  return model, hidden
+
+
+def token_logprobs(graph: Graph, params: dict, tokens, padding_mask, temperature: float = 1.0):
+  """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, shape [B, T-1], float32.
+
+  Logits are divided by the sampling temperature so that trainer and sampler agree.
+  """
+  model, hidden = forward(graph, params, tokens, padding_mask)
+  logits = model.logits(hidden[:, :-1]) / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

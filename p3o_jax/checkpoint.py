@@ -1,0 +1,334 @@
+"""Checkpoints: an orbax `CheckpointManager` with the guards an RL run needs.
+
+What a checkpoint holds (one orbax step directory `<workdir>/<step>/`):
+  state  any pytree of arrays: params, optimizer state, rng keys, step. Typed PRNG keys
+         (`jax.random.key`) are stored as their uint32 key data and re-wrapped on restore.
+  meta   a JSON dict: data position (consumed prompts, epoch), KL-controller value, running
+         reward statistics, the config as a dict. NumPy / JAX scalars become Python numbers.
+
+Use from a plain Python loop:
+
+    ckpt = Checkpointer(workdir / "ckpt", keep=3)
+    stop = install_signal_handlers()             # SIGTERM / SIGINT -> stop.requested
+    if ckpt.latest_step() is not None:            # resume
+      restored = ckpt.restore(abstract_state)     # latest readable step, see below
+      state, meta = restored.state, restored.meta
+    for step in range(start, num_steps):
+      state, metrics = train_step(state, batch)
+      if step % every == 0 or stop.requested:
+        ckpt.save(step, state, meta={"consumed_prompts": n, "kl_coef": kl, ...})
+      if stop.requested:
+        break
+    ckpt.close()                                  # waits for the async write
+    stop.uninstall()
+
+`abstract_state` is a pytree of `jax.ShapeDtypeStruct` (or arrays) with the structure to
+restore into; give each leaf a `.sharding` to restore straight onto a (possibly different)
+mesh. Restoring with the target keeps int-keyed dicts (the decoder's `layers` 0..L-1)
+int-keyed: orbax stores the keys as strings but rebuilds the target's structure.
+
+Guarantees:
+  * Atomic saves: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete,
+    so a crash mid-write leaves a temporary directory that is never listed as a step.
+  * `save` refuses non-finite floating values (`NonFiniteError` names the first bad leaf),
+    so a NaN never overwrites a good checkpoint.
+  * `restore` walks back from the newest step: a step that cannot be read (missing or
+    garbled files, half-written directory, non-finite values) is logged
+    ("checkpoint step 30 is unreadable (...); falling back to step 20"), moved aside to
+    `<step>.unreadable` so later saves at that step can proceed, and the previous one tried.
+    If no step can be read, the error of the newest one is raised and nothing is moved.
+  * Saves are asynchronous; `wait_until_finished()`, `close()` and interpreter exit wait for
+    the pending write.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+UNREADABLE_SUFFIX = ".unreadable"
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
+
+
+class NonFiniteError(ValueError):
+  """Raised instead of saving a state with NaN or Inf values."""
+
+
+class NoReadableCheckpointError(RuntimeError):
+  """Every step in the directory failed to restore."""
+
+
+@dataclasses.dataclass
+class Restored:
+  """What `Checkpointer.restore` returns."""
+  state: Any
+  meta: dict
+  step: int
+  skipped: list[tuple[int, str]]  # (step, reason) for each unreadable newer step
+
+
+def leaf_path(path) -> str:
+  """`('params', 'layers', 0, 'attn')` keys -> 'params/layers/0/attn'."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _is_prng_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _is_float(x) -> bool:
+  return hasattr(x, "dtype") and not _is_prng_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def first_non_finite(tree) -> str | None:
+  """Path of the first floating leaf holding a NaN or Inf, or None when all are finite."""
+  paths_leaves = [(leaf_path(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if _is_float(x)]
+  if not paths_leaves:
+    return None
+  # One device->host transfer for all leaves rather than one per leaf.
+  flags = jax.device_get([jnp.isfinite(x).all() for _, x in paths_leaves])
+  for (path, _), ok in zip(paths_leaves, flags):
+    if not ok:
+      return path
+  return None
+
+
+def _keys_to_data(tree):
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree)
+
+
+def _abstract_leaf(x):
+  """A restore target for one leaf: key-typed leaves become their uint32 key data."""
+  if isinstance(x, (int, float, np.number)):
+    x = np.asarray(x)
+  sds = x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
+  sharding = getattr(sds, "sharding", None)
+  if _is_prng_key(sds):
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(sds.shape, sds.dtype))
+    if isinstance(sharding, jax.sharding.NamedSharding):  # keys are tiny: replicate
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  if sharding is None:  # orbax needs a placement; default to the first local device
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+
+
+def _rewrap_keys(restored, abstract):
+  def rewrap(data, target):
+    if _is_prng_key(target):
+      # The key dtype carries its implementation (threefry, rbg, ...).
+      return jax.random.wrap_key_data(data, impl=target.dtype._impl)  # pylint: disable=protected-access
+    return data
+  return jax.tree.map(rewrap, restored, abstract)
+
+
+def to_jsonable(value):
+  """Meta values -> JSON types: NumPy / JAX scalars to numbers, tuples to lists."""
+  if isinstance(value, dict) or hasattr(value, "to_dict"):
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+class Checkpointer:
+  """Save / restore a training state pytree plus a JSON meta dict under one directory.
+
+  Args:
+    directory: where step directories go (created if missing).
+    keep: number of most recent steps to keep.
+    async_save: write in a background thread (the loop continues after the device->host copy).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    _report_half_written(self.directory)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # leftovers of a crash mid-write
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
+    atexit.register(self.wait_until_finished)
+
+  # --------------------------------------------------------------------------- queries
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  # --------------------------------------------------------------------------- save
+
+  def save(self, step: int, state, meta: dict | None = None) -> None:
+    """Starts writing `state` and `meta` as `step`; returns once arrays are copied to host.
+
+    Raises NonFiniteError (naming the leaf) if any floating leaf holds a NaN or Inf.
+    """
+    bad = first_non_finite(state)
+    if bad is not None:
+      raise NonFiniteError(f"refusing to save checkpoint step {step}: leaf '{bad}' has NaN or Inf values")
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_keys_to_data(state)),
+        meta=ocp.args.JsonSave(to_jsonable(meta or {})),
+    )
+    self._manager.save(int(step), args=args, force=True)
+
+  def wait_until_finished(self) -> None:
+    if not self._closed:
+      self._manager.wait_until_finished()
+
+  # --------------------------------------------------------------------------- restore
+
+  def restore(self, abstract_state, step: int | None = None) -> Restored:
+    """Restores `step` (default: the newest readable step) into `abstract_state`'s structure.
+
+    With `step=None`, unreadable newer steps are skipped with a warning and moved aside.
+    With an explicit `step`, any failure is raised.
+    """
+    self.wait_until_finished()
+    target = jax.tree.map(_abstract_leaf, abstract_state)
+    if step is not None:
+      return self._restore_step(int(step), target, abstract_state, skipped=[])
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint steps in {self.directory}")
+    skipped, first_error = [], None
+    for candidate in reversed(steps):
+      try:
+        restored = self._restore_step(candidate, target, abstract_state, skipped)
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
+        first_error = first_error or e
+        skipped.append((candidate, f"{type(e).__name__}: {_first_line(e)}"))
+        continue
+      for bad_step, reason in skipped:
+        log.warning("checkpoint step %d is unreadable (%s); falling back to step %d",
+                    bad_step, reason, candidate)
+        self._move_aside(bad_step)
+      if skipped:
+        self._manager.reload()
+      return restored
+    raise NoReadableCheckpointError(
+        f"no readable checkpoint in {self.directory}; tried steps {list(reversed(steps))}; "
+        f"newest failed with {type(first_error).__name__}: {_first_line(first_error)}") from first_error
+
+  def _restore_step(self, step, target, abstract_state, skipped) -> Restored:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    out = self._manager.restore(step, args=args)
+    if out.meta is None:
+      raise ValueError("meta item is missing")
+    state = _rewrap_keys(out.state, abstract_state)
+    bad = first_non_finite(state)
+    if bad is not None:
+      raise NonFiniteError(f"leaf '{bad}' has NaN or Inf values")
+    return Restored(state=state, meta=dict(out.meta), step=step, skipped=list(skipped))
+
+  def _move_aside(self, step: int) -> None:
+    """Renames an unreadable step so it is no longer listed and its number can be saved again."""
+    if jax.process_index() != 0:
+      return
+    src = os.path.join(self.directory, str(step))
+    if os.path.isdir(src):
+      dst = f"{src}{UNREADABLE_SUFFIX}-{int(time.time())}"
+      os.rename(src, dst)
+      log.warning("moved unreadable checkpoint step %d to %s", step, dst)
+
+  # --------------------------------------------------------------------------- lifetime
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's threads. Idempotent."""
+    if self._closed:
+      return
+    self._manager.wait_until_finished()
+    self._manager.close()
+    self._closed = True
+    atexit.unregister(self.wait_until_finished)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _report_half_written(directory: str) -> None:
+  """Names the temporary directories an interrupted save left; orbax removes them on start."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    if TMP_MARKER in name:
+      log.warning("checkpoint directory %s is half-written (a save was interrupted); ignoring it",
+                  os.path.join(directory, name))
+
+
+def _first_line(error) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else "")[:300]
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class StopRequested:
+  """A flag set by SIGTERM / SIGINT: the loop saves at the end of the current step and exits.
+
+  A second SIGINT while the flag is already set raises KeyboardInterrupt, so Ctrl-C twice
+  still kills a stuck run.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    log.warning("%s received: will save a checkpoint and stop after the current step", self.signal_name)
+
+  def uninstall(self) -> None:
+    """Puts back the handlers that were there before `install_signal_handlers`."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def __bool__(self) -> bool:
+    return self.requested
+
+
+def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> StopRequested:
+  """Routes `signals` to a fresh StopRequested flag (main thread only) and returns it."""
+  stop = StopRequested()
+  for signum in signals:
+    stop._previous[signum] = signal.signal(signum, stop._handle)  # pylint: disable=protected-access
+  return stop

@@ -1,0 +1,175 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes:
+  data    pure data parallelism: batch split, parameters replicated
+  fsdp    batch split AND parameters split along `embed` (ZeRO-3 style)
+  tensor  Megatron-style: heads, MLP width and vocab split
+
+    mesh = make_mesh(data=-1, fsdp=2, tensor=1)             # -1: whatever devices remain
+    param_shardings = logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=params)
+    params = jax.device_put(params, param_shardings)        # or shard_params(...)
+    replicated_fraction(param_shardings, params)            # warns if most bytes are replicated
+    opt_shardings = like_params(opt_state, params, param_shardings, mesh)
+    batch = jax.device_put(batch, batch_sharding(mesh))     # leading dim over data x fsdp
+
+A dimension whose size a mesh axis does not divide is left unsplit along that axis (logged
+once per parameter), so odd sizes (GQA with 1 kv head, a vocab of 50257) still work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None: replicated). Names the decoder does not use are replicated.
+RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "length": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 to fill."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  fill = [name for name, size in sizes.items() if size == -1]
+  bad = [f"mesh.{name}={size}" for name, size in sizes.items() if size != -1 and (not isinstance(size, int) or size < 1)]
+  if bad or len(fill) > 1:
+    raise ValueError(f"mesh sizes must be positive ints with at most one -1; got {sizes}")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if fill:
+    if len(devices) % known:
+      raise ValueError(f"cannot fill mesh.{fill[0]}: {len(devices)} devices are not divisible by {known} ({sizes})")
+    sizes[fill[0]] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _mesh_axes_for(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+  if name is None:
+    return ()
+  axes = rules.get(name)
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
+                    rules: Mapping[str, Any] = RULES, where: str = "") -> PartitionSpec:
+  """Logical axis names of one array -> PartitionSpec over `mesh`.
+
+  A mesh axis is dropped for a dimension it does not divide (checked when `shape` is given)
+  and when an earlier dimension already uses it (a mesh axis may appear once per array).
+  """
+  if shape is not None and len(shape) != len(logical):
+    raise ValueError(f"{where or 'array'}: {len(logical)} logical axes {tuple(logical)} for shape {tuple(shape)}")
+  used, spec = set(), []
+  for dim, name in enumerate(logical):
+    kept, size = [], shape[dim] if shape is not None else None
+    for axis in _mesh_axes_for(name, rules):
+      if axis in used or mesh.shape[axis] == 1:
+        continue
+      split = math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]
+      if size is not None and size % split:
+        log.info("%s: dim %d (%s, size %d) is not divisible by mesh axis %r (%d-way split); not splitting it there",
+                 where or "array", dim, name, size, axis, split)
+        continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*spec)
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def logical_to_mesh(axes_tree, mesh: Mesh, shapes=None, rules: Mapping[str, Any] = RULES):
+  """Tree of logical-axis tuples (e.g. decoder.logical_axes(graph)) -> tree of NamedSharding.
+
+  `shapes` is a matching tree of arrays or ShapeDtypeStructs; with it, axes that do not
+  divide a dimension are dropped (see logical_to_spec).
+  """
+  def one(path, logical, shaped=None):
+    where = jax.tree_util.keystr(path)
+    shape = None if shaped is None else shaped.shape
+    return NamedSharding(mesh, logical_to_spec(logical, mesh, shape, rules, where))
+  if shapes is None:
+    return jax.tree_util.tree_map_with_path(one, axes_tree, is_leaf=_is_axes)
+  return jax.tree_util.tree_map_with_path(one, axes_tree, shapes, is_leaf=_is_axes)
+
+
+def shard_params(params, logical_axes_tree, mesh: Mesh, rules: Mapping[str, Any] = RULES):
+  """Places `params` on `mesh` by the rules; returns (sharded params, their shardings)."""
+  shardings = logical_to_mesh(logical_axes_tree, mesh, shapes=params, rules=rules)
+  return jax.device_put(params, shardings), shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data x fsdp; every other dimension whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def like_params(tree, params, param_shardings, mesh: Mesh):
+  """Shardings for a tree that holds params-shaped subtrees (optax state, gradients).
+
+  Every subtree with the params' structure gets `param_shardings` (when shapes agree);
+  anything else (step counters, scalars) is replicated.
+  """
+  params_def = jax.tree_util.tree_structure(params)
+  param_shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+
+  def is_params_like(x):
+    if jax.tree_util.tree_structure(x) != params_def:
+      return False
+    return [np.shape(y) for y in jax.tree.leaves(x)] == param_shapes
+
+  def assign(x):
+    return param_shardings if is_params_like(x) else replicated(mesh)
+  return jax.tree.map(assign, tree, is_leaf=is_params_like)
+
+
+def replicated_fraction(shardings, params, warn_above: float = 0.5) -> float:
+  """Fraction of parameter bytes that every device holds in full.
+
+  Warns (naming the largest replicated arrays) when the fraction exceeds `warn_above` on
+  a mesh meant to split parameters (fsdp or tensor > 1); with data parallelism alone,
+  replication is the intent.
+  """
+  total, replicated_bytes, culprits = 0, 0, []
+  for (path, x), sharding in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings)):
+    nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+    total += nbytes
+    if sharding.is_fully_replicated:
+      replicated_bytes += nbytes
+      culprits.append((nbytes, jax.tree_util.keystr(path)))
+  fraction = replicated_bytes / total if total else 0.0
+  mesh = next((s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)), None)
+  splits_params = mesh is not None and (mesh.shape.get("fsdp", 1) > 1 or mesh.shape.get("tensor", 1) > 1)
+  if splits_params and fraction > warn_above:
+    largest = ", ".join(f"{name} ({nbytes / 2**20:.1f} MiB)" for nbytes, name in sorted(culprits, reverse=True)[:5])
+    log.warning("%.0f%% of parameter bytes are replicated on every device (mesh %s); largest: %s",
+                100 * fraction, dict(mesh.shape), largest)
+  return fraction

@@ -1,0 +1,90 @@
+"""Defaults shared by every config file in configs/ (each file overrides what it needs).
+
+Values are the authors' P3O code defaults (see P3O_SPEC.md) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pipeline"   # sft | rm | rl | eval | pipeline
+  c.task = "demo"        # demo | tldr | hh
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      hf="",               # HF dir or hub id of the SFT/initial policy ("" = build from arch)
+      tokenizer="",        # defaults to model.hf
+      reward_hf="",        # HF dir or hub id of a trained reward model (skips the rm stage)
+      dtype="float32", param_dtype="float32"))
+  c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
+
+  c.data = ml_collections.ConfigDict(dict(
+      sft="", preference="", prompts="",       # hub ids or local paths
+      sft_split="train", preference_split="train", prompts_split="train", eval_split="test",
+      max_prompt_len=64, max_len=256, truncate_prompts=False))
+  c.data.demo = ml_collections.ConfigDict()
+
+  c.sampler = ml_collections.ConfigDict(dict(
+      max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0))
+
+  optim = lambda lr: ml_collections.ConfigDict(dict(
+      lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0, warmup_steps=0,
+      schedule="constant"))
+  c.sft = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, optim=optim(1e-5)))
+  c.rm = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, pairs_per_prompt=1, num_prompts=0,
+                                        optim=optim(1e-5)))
+  c.optim = optim(6e-6)  # the RL optimizer
+
+  c.rl = ml_collections.ConfigDict(dict(
+      algo="p3o",            # p3o | ppo | online_dpo
+      iterations=1000,       # rollout + update rounds
+      prompts_per_rollout=64,
+      k=2,                   # responses per prompt (p3o: any K >= 2; online_dpo: 2)
+      inner_epochs=4,
+      num_minibatches=8,     # per epoch; prompts_per_rollout must divide evenly
+      # P3O (P3O_SPEC.md)
+      variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False,
+      clip_per_token=False, normalise="pair",
+      # rewards
+      reward_clip=10.0, reward_scaling=True,
+      missing_eos_penalty=0.0,  # subtracted from the score of a response without EOS (0: off)
+      # PPO (trlx as the paper ran it)
+      gamma=1.0, lam=0.95, vf_coef=0.1, cliprange_value=0.2, critic="head",
+      kl_init=0.05, kl_target=6.0, kl_horizon=10000, adaptive_kl=True, whiten_advantages=True,
+      # online DPO
+      dpo_beta=0.1))
+
+  c.eval = ml_collections.ConfigDict(dict(every=50, num_prompts=256, judge=""))
+  c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
+  c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True))
+  c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax"))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+def parse_arg(arg: str | None) -> dict:
+  """'runlocal,algo=ppo' -> {'runlocal': True, 'algo': 'ppo'}."""
+  out = {}
+  for part in (arg or "").split(","):
+    if part.strip():
+      key, _, value = part.partition("=")
+      out[key.strip()] = value.strip() if value else True
+  return out
+
+
+def apply_args(c: ml_collections.ConfigDict, args: dict) -> None:
+  """Shortcuts usable in `--config=file.py:algo=ppo,variant=v1,k=4,algos=p3o+ppo`."""
+  for key, value in args.items():
+    if key == "runlocal":
+      continue
+    if key in ("algo", "variant"):
+      c.rl[key] = value
+    elif key == "k":
+      c.rl.k = int(value)
+    elif key == "algos":
+      c.pipeline.algos = tuple(value.split("+"))
+    else:
+      raise ValueError(f"unknown config argument {key!r}; expected runlocal, algo, variant, k or algos")

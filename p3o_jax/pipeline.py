@@ -1,0 +1,253 @@
+"""The stages: sft -> rm -> rl -> eval, each reading the previous stage's output from workdir.
+
+    <workdir>/data/         the demo task's files and tokenizer (demo only)
+    <workdir>/sft/hf/       SFT policy, Hugging Face format (also the RL reference)
+    <workdir>/rm/hf/        reward model, *ForSequenceClassification format
+    <workdir>/rl/<algo>/hf/ trained policy per algorithm; metrics.jsonl holds the frontier
+    <workdir>/eval/         report.md, frontier.png, win_rate.png
+
+A stage's input can also come from the config instead (model.hf for the policy,
+model.reward_hf for the reward model), so each stage runs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import AutoTokenizer
+
+from p3o_jax import supervised
+from p3o_jax.data import batching, hub, synthetic
+from p3o_jax.eval import frontier, report, winrate
+from p3o_jax.metrics_log import MetricsLogger
+from p3o_jax.models import decoder, hf
+from p3o_jax.rl import loop
+from p3o_jax.rl.loop import Policy
+from p3o_jax.rl.rollout import ModelReward, Roller, TextReward, decode_rows
+
+log = logging.getLogger(__name__)
+STAGES = ("sft", "rm", "rl", "eval")
+
+
+@dataclasses.dataclass
+class Task:
+  """Texts for every stage, and the gold reward when the task has one."""
+  tokenizer: object
+  sft_prompts: list[str]
+  sft_completions: list[str]
+  rl_prompts: list[str]
+  eval_prompts: list[str]
+  preferences: dict | None = None           # {'prompt', 'chosen', 'rejected'} lists (hub tasks)
+  gold: Callable | None = None              # gold(prompts, responses) -> [N] (demo)
+
+
+def load_task(config, workdir: str) -> Task:
+  if config.task == "demo":
+    d = config.data.demo
+    task = synthetic.make_demo_task(
+        config.seed, d.n_train_prompts, d.n_eval_prompts, n_sft=d.n_sft, ops=tuple(d.ops),
+        min_digits=d.min_digits, max_digits=d.max_digits, noise_frac=d.noise_frac,
+        token_noise=d.token_noise, length_noise=d.length_noise)
+    synthetic.save_demo_task(task, os.path.join(workdir, "data"))
+    return Task(synthetic.build_tokenizer(), task.sft_prompts, task.sft_completions, task.train_prompts,
+                task.eval_prompts, gold=synthetic.gold_reward)
+  data = config.data
+  tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.hf)
+  sft = hub.load_sft(data.sft, data.sft_split) if data.sft else None
+  prefs = hub.load_preferences(data.preference, data.preference_split) if data.preference else None
+  prompts = hub.load_prompts(data.prompts, data.prompts_split)
+  eval_prompts = hub.load_prompts(data.prompts, data.eval_split)
+  return Task(tokenizer, sft["prompt"] if sft else [], sft["completion"] if sft else [],
+              list(prompts["prompt"]), list(eval_prompts["prompt"])[: config.eval.num_prompts],
+              preferences=None if prefs is None else {k: list(prefs[k]) for k in ("prompt", "chosen", "rejected")})
+
+
+def _logger(config, directory: str) -> MetricsLogger:
+  return MetricsLogger(directory, use_tensorboard=config.log.tensorboard, use_wandb=config.log.wandb,
+                       wandb_project=config.log.wandb_project, config=config)
+
+
+def _queries(config, tokenizer, prompts):
+  return batching.tokenize_prompts(tokenizer, prompts, config.data.max_prompt_len)
+
+
+def _ids(tokenizer):
+  return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
+
+
+def load_policy(config, path: str) -> Policy:
+  cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  return Policy(cfg, graph, params)
+
+
+def with_scalar_head(policy: Policy, seed: int) -> Policy:
+  """The policy's backbone with a fresh scalar head and no LM head (reward model / critic)."""
+  cfg = policy.cfg.replace(lm_head=False, scalar_head=True, scalar_head_bias=False)
+  graph, params = decoder.create(cfg, seed)
+  params = {k: policy.params.get(k, v) if k not in ("scalar_kernel", "lm_head") else v for k, v in params.items()}
+  params["scalar_kernel"] = jnp.zeros_like(params["scalar_kernel"])
+  return Policy(cfg, graph, params)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def run_sft(config, workdir: str, task: Task, stop=None) -> str:
+  out = os.path.join(workdir, "sft")
+  tok = task.tokenizer
+  if config.model.hf:
+    policy = load_policy(config, config.model.hf)
+  else:
+    arch = dict(config.model.arch)
+    cfg = decoder.DecoderConfig(vocab_size=len(tok), dtype=config.model.dtype,
+                                param_dtype=config.model.param_dtype, **arch)
+    graph, params = decoder.create(cfg, config.seed)
+    policy = Policy(cfg, graph, params)
+  if not task.sft_prompts:
+    raise ValueError("the sft stage needs SFT data: set config.data.sft")
+  max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
+
+  def make_batch(idx):
+    return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
+                              max_len, config.data.max_prompt_len)
+
+  with _logger(config, out) as logger:
+    params, metrics = supervised.fit(
+        "sft", supervised.sft_loss_fn(policy.graph), policy.params, make_batch, len(task.sft_prompts),
+        stage_cfg=config.sft, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
+        log_every=config.log.every, stop=stop)
+    logger.summary("sft", metrics)
+  path = os.path.join(out, "hf")
+  hf.save(path, policy.cfg, params, tokenizer=tok)
+  return path
+
+
+def sample_preferences(config, workdir: str, task: Task) -> dict:
+  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip."""
+  policy = load_policy(config, os.path.join(workdir, "sft", "hf"))
+  tok = task.tokenizer
+  eos, pad = _ids(tok)
+  n = config.rm.num_prompts or len(task.rl_prompts)
+  prompts = task.rl_prompts[:n]
+  k = 2 * config.rm.pairs_per_prompt
+  gold = TextReward(task.gold, tok)
+  roller = Roller(policy.graph, policy.params, gold, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad)
+  queries, masks = _queries(config, tok, prompts)
+  rng = np.random.default_rng(config.seed)
+  out = {"prompt": [], "chosen": [], "rejected": []}
+  chunk = 64
+  for start in range(0, n, chunk):
+    exp = roller(policy.params, queries[start:start + chunk], masks[start:start + chunk],
+                 jax.random.key(config.seed + start), k)
+    _, responses = decode_rows(tok, exp.query, exp.query_mask, exp.response, exp.response_mask)
+    scores = exp.scores.reshape(-1, 2)
+    a_wins = synthetic.bradley_terry_label(scores[:, 0], scores[:, 1], rng, config.data.demo.bt_temperature)
+    for p, (ra, rb), win in zip(np.repeat(prompts[start:start + chunk], k // 2),
+                                np.asarray(responses).reshape(-1, 2), a_wins):
+      out["prompt"].append(str(p))
+      out["chosen"].append(ra if win else rb)
+      out["rejected"].append(rb if win else ra)
+  return out
+
+
+def run_rm(config, workdir: str, task: Task, stop=None) -> str:
+  out = os.path.join(workdir, "rm")
+  tok = task.tokenizer
+  prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
+  base = load_policy(config, config.model.hf or os.path.join(workdir, "sft", "hf"))
+  model = with_scalar_head(base, config.seed)
+  max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
+
+  def make_batch(idx):
+    pick = lambda key: [prefs[key][i] for i in idx]
+    return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), max_len,
+                                     config.data.max_prompt_len)
+
+  with _logger(config, out) as logger:
+    params, metrics = supervised.fit(
+        "rm", supervised.reward_loss_fn(model.graph), model.params, make_batch, len(prefs["prompt"]),
+        stage_cfg=config.rm, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
+        log_every=config.log.every, stop=stop)
+    logger.summary("rm", metrics)
+  path = os.path.join(out, "hf")
+  hf.save(path, model.cfg, params, tokenizer=tok)
+  return path
+
+
+def _reward_path(config, workdir):
+  return config.model.reward_hf or os.path.join(workdir, "rm", "hf")
+
+
+def _make_roller_factory(config, graph, ref_params, reward, gold, tok):
+  eos, pad = _ids(tok)
+  penalty = config.rl.missing_eos_penalty or None
+  return functools.partial(lambda value_fn: Roller(
+      graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
+      missing_eos_penalty=penalty, value_fn=value_fn, gold=gold))
+
+
+def run_rl(config, workdir: str, task: Task, stop=None) -> str:
+  algo = config.rl.algo
+  out = os.path.join(workdir, "rl", algo)
+  tok = task.tokenizer
+  policy = load_policy(config, config.model.hf if config.model.hf and not os.path.isdir(
+      os.path.join(workdir, "sft", "hf")) else os.path.join(workdir, "sft", "hf"))
+  ref_params = jax.tree.map(jnp.copy, policy.params)  # the update donates the policy's buffers
+  rm_cfg, rm_graph, rm_params = hf.load(_reward_path(config, workdir), head="score",
+                                        dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  reward = ModelReward(rm_graph, rm_params)
+  gold = TextReward(task.gold, tok) if task.gold else None
+  factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok)
+  critic = Policy(rm_cfg, rm_graph, jax.tree.map(jnp.copy, rm_params))
+  with _logger(config, out) as logger:
+    params, record = loop.train(
+        config, out, policy, ref_params, factory, train_queries=_queries(config, tok, task.rl_prompts),
+        eval_queries=_queries(config, tok, task.eval_prompts), logger=logger, critic=critic, stop=stop)
+    logger.summary(f"rl/{algo}", record)
+  path = os.path.join(out, "hf")
+  hf.save(path, policy.cfg, params, tokenizer=tok)
+  return path
+
+
+def run_eval(config, workdir: str, task: Task) -> str:
+  """Frontier from the RL logs; head-to-head win rates of every final policy on held-out
+  prompts, by the reward model (and by the gold reward, as the judge, on the demo)."""
+  out = os.path.join(workdir, "eval")
+  tok = task.tokenizer
+  eos, pad = _ids(tok)
+  policies = {"sft": os.path.join(workdir, "sft", "hf")}
+  rl_root = os.path.join(workdir, "rl")
+  for algo in sorted(os.listdir(rl_root)) if os.path.isdir(rl_root) else []:
+    if os.path.isfile(os.path.join(rl_root, algo, "hf", "config.json")):
+      policies[algo] = os.path.join(rl_root, algo, "hf")
+  _, rm_graph, rm_params = hf.load(_reward_path(config, workdir), head="score")
+  reward = ModelReward(rm_graph, rm_params)
+  gold = TextReward(task.gold, tok) if task.gold else None
+  ref = load_policy(config, policies["sft"])
+  queries, masks = _queries(config, tok, task.eval_prompts)
+  rewards, golds, summary = {}, {}, {}
+  for name, path in policies.items():
+    policy = load_policy(config, path)
+    roller = Roller(policy.graph, ref.params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
+                    gold=gold)
+    exp = roller(policy.params, queries, masks, jax.random.key(config.seed + 7), 1)
+    rewards[name] = exp.scores
+    summary[f"{name}/reward"], summary[f"{name}/kl"] = float(exp.scores.mean()), float(exp.seq_kl.mean())
+    if exp.gold is not None:
+      golds[name] = exp.gold
+      summary[f"{name}/gold_reward"] = float(exp.gold.mean())
+  names, matrix = winrate.win_rate_matrix(rewards)
+  judge = winrate.win_rate_matrix(golds)[1] if golds else None
+  logs = [os.path.join(rl_root, a, "metrics.jsonl") for a in policies if a != "sft"]
+  points = frontier.load_frontier([p for p in logs if os.path.isfile(p)]) if logs else []
+  path = report.write_report(out, points, names, matrix, judge_matrix=judge)
+  with _logger(config, out) as logger:
+    logger.log(0, summary)
+    logger.summary("eval", summary)
+  return path

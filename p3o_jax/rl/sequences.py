@@ -1,0 +1,68 @@
+"""Teacher-forced quantities on (query, response) rows, shared by rollout and every trainer.
+
+A row is a left-padded query [N, P] followed by a right-padded response [N, R]. Positions
+come from the concatenated mask, so left padding and padding after EOS are both handled
+(PITFALLS 2, 3). Log-probs use logits / temperature, exactly as the sampler does (PITFALLS 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from p3o_jax.models import decoder
+
+
+def _concat(query, query_mask, response, response_mask):
+  tokens = jnp.concatenate([query, response], axis=1)
+  mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)
+  return tokens, mask
+
+
+def response_logprobs_and_hidden(graph, params, query, query_mask, response, response_mask,
+                                 temperature: float = 1.0):
+  """Per-token log p(response_t | query, response_<t) [N, R] (0 at padding), the model, and
+  the hidden states at the positions that predict each response token [N, R, D]."""
+  tokens, mask = _concat(query, query_mask, response, response_mask)
+  model, hidden = decoder.forward(graph, params, tokens, mask)
+  P = query.shape[1]
+  hidden = hidden[:, P - 1:-1]  # position t predicts token t + 1
+  logits = model.logits(hidden) / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  logp = jnp.take_along_axis(logp, response[..., None], axis=-1)[..., 0]
+  return logp * response_mask, model, hidden
+
+
+def response_logprobs(graph, params, query, query_mask, response, response_mask, temperature=1.0):
+  return response_logprobs_and_hidden(graph, params, query, query_mask, response, response_mask,
+                                      temperature)[0]
+
+
+def response_entropy(model, hidden, response_mask, temperature=1.0):
+  """Mean per-token entropy of the policy over the response (masked)."""
+  logp = jax.nn.log_softmax(model.logits(hidden) / temperature, axis=-1)
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  return (entropy * response_mask).sum() / jnp.maximum(response_mask.sum(), 1)
+
+
+def last_token_index(mask):
+  """Index of the rightmost real token of each row (the reward is read there)."""
+  T = mask.shape[-1]
+  return T - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=-1)
+
+
+def sequence_scores(graph, params, tokens, mask):
+  """Scalar head read at the last real token of each row: [N] (reward models)."""
+  model, hidden = decoder.forward(graph, params, tokens, mask)
+  scores = model.scalar(hidden)
+  return jnp.take_along_axis(scores, last_token_index(mask)[:, None], axis=1)[:, 0]
+
+
+def response_scores(graph, params, query, query_mask, response, response_mask):
+  tokens, mask = _concat(query, query_mask, response, response_mask)
+  return sequence_scores(graph, params, tokens, mask)
+
+
+def response_values(model, hidden):
+  """Value head on the hidden states that precede each response token: [N, R]."""
+  return model.scalar(hidden)

@@ -1,0 +1,95 @@
+"""SFT and Bradley-Terry reward-model training: one plain loop, two pure losses.
+
+    loss_fn(params, batch) -> (loss, metrics)     pure, knows the model only through `graph`
+    fit(...)                                      jitted step, data order, logging, checkpoints
+
+Batches are built on the host by a `make_batch(indices) -> dict of arrays` callable, so the
+loop knows nothing of tokenizers or datasets. The data order comes from `EpochIterator`,
+whose position is checkpointed with the state: a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p3o_jax import checkpoint, losses, train_state
+from p3o_jax.data.batching import EpochIterator
+from p3o_jax.models import decoder
+from p3o_jax.rl import sequences
+
+log = logging.getLogger(__name__)
+
+
+def sft_loss_fn(graph):
+  """batch: tokens [B, T], mask [B, T] (attention), loss_mask [B, T] (completion tokens)."""
+  def loss_fn(params, batch):
+    logp = decoder.token_logprobs(graph, params, batch["tokens"], batch["mask"])
+    return losses.sft(logp, batch["loss_mask"][:, 1:])
+  return loss_fn
+
+
+def reward_loss_fn(graph):
+  """batch: chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each [B, T]."""
+  def loss_fn(params, batch):
+    chosen = sequences.sequence_scores(graph, params, batch["chosen_tokens"], batch["chosen_mask"])
+    rejected = sequences.sequence_scores(graph, params, batch["rejected_tokens"], batch["rejected_mask"])
+    return losses.bradley_terry(chosen, rejected)
+  return loss_fn
+
+
+def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray], dict], num_examples: int, *,
+        stage_cfg, seed: int, workdir: str, logger, ckpt_cfg, log_every: int = 1,
+        stop=None) -> tuple[dict, dict]:
+  """Train `params` for stage_cfg.steps steps of stage_cfg.batch_size examples.
+
+  Resumes from `<workdir>/ckpt` when it holds a checkpoint. Returns (params, last metrics).
+  """
+  tx = train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps)
+  state = train_state.create(params, tx)
+  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0)
+  order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=ckpt_cfg.keep)
+  start = 0
+  if ckpt_cfg.resume and ckpt.latest_step() is not None:
+    restored = ckpt.restore(jax.tree.map(checkpoint_abstract, state))
+    state, start = restored.state, restored.step
+    order.restore(restored.meta["data"])
+    log.info("%s: resumed from step %d", name, start)
+
+  metrics, t0, tokens = {}, time.time(), 0
+  bar = logger.progress(stage_cfg.steps, desc=name, initial=start)
+  postfix = {}
+  for step in range(start, stage_cfg.steps):
+    batch = make_batch(next(order))
+    batch_tokens = int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("mask") and "loss" not in k))
+    tokens += batch_tokens
+    state, metrics = step_fn(state, jax.tree.map(jnp.asarray, batch))
+    done = step + 1
+    if done % log_every == 0 or done == stage_cfg.steps:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      if not np.isfinite(metrics["loss/total"]):
+        raise FloatingPointError(f"{name}: non-finite loss at step {done}: {metrics}")
+      elapsed = time.time() - t0
+      logger.log(done, {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/tokens_per_s": tokens / elapsed})
+      postfix = {"loss": metrics["loss/total"]}
+    bar.advance(1, tokens=batch_tokens, **postfix)
+    stopping = stop is not None and stop.requested
+    if done % ckpt_cfg.every == 0 or done == stage_cfg.steps or stopping:
+      ckpt.save(done, state, meta={"data": order.state()})
+    if stopping:
+      log.warning("%s: stop requested; saved step %d", name, done)
+      break
+  bar.close()
+  ckpt.close()
+  return state.params, {k: float(v) for k, v in metrics.items()}
+
+
+def checkpoint_abstract(x):
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)

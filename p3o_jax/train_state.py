@@ -1,0 +1,64 @@
+"""Train state and optimizer: optax does the work, this file only wires the config to it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(NamedTuple):
+  step: jax.Array        # int32 scalar: optimizer updates applied so far
+  params: Any            # plain dict of arrays (see models.decoder.split)
+  opt_state: Any
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warmup + (constant | cosine | linear) decay and global-norm clipping.
+
+  `optim` is the config's `optim` block: lr, b1, b2, weight_decay, grad_clip,
+  warmup_steps, schedule.
+  """
+  warmup = min(int(optim.get("warmup_steps", 0)), max(total_steps - 1, 0))
+  kind = optim.get("schedule", "constant")
+  decay_steps = max(total_steps - warmup, 1)
+  if kind == "constant":
+    decay = optax.constant_schedule(optim.lr)
+  elif kind == "cosine":
+    decay = optax.cosine_decay_schedule(optim.lr, decay_steps)
+  elif kind == "linear":
+    decay = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+  else:
+    raise ValueError(f"optim.schedule={kind!r}; expected constant, cosine or linear")
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup]) if warmup else decay
+  parts = []
+  if optim.get("grad_clip", 0) and optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.get("eps", 1e-8),
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*parts)
+
+
+def create(params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
+  """One optimizer update; returns the new state and grad/update norms for the metrics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  norms = {"optim/grad_norm": optax.global_norm(grads), "optim/update_norm": optax.global_norm(updates)}
+  return TrainState(state.step + 1, params, opt_state), norms
+
+
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation):
+  """Turns `loss_fn(params, batch) -> (loss, metrics)` into a pure `(state, batch) -> (state, metrics)`."""
+
+  def step(state: TrainState, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    state, norms = apply_gradients(state, grads, tx)
+    return state, {**metrics, **norms, "loss/total": loss}
+
+  return step

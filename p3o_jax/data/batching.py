@@ -1,0 +1,173 @@
+"""Text -> padded numpy batches, and an epoch iterator whose position can be saved and restored.
+
+Shape letters: B rows, P prompt length, L sequence length.
+
+Everything is LEFT padded, so for every row the last column holds the last real token: the
+sampler continues from there, and the reward model reads its score at position -1
+(`Decoder.scalar(hidden)[:, -1]`). Masks carry the truth; pad ids are never used to find
+padding (the pad id may equal EOS). Positions come from the mask
+(`decoder.positions_from_mask`).
+
+Prompts and responses are tokenized separately and concatenated as ids, so the boundary between
+them is exact: prompts with the tokenizer's special tokens (a Llama BOS), responses without, then
+`eos_token_id` appended to each response.
+
+Truncation, when prompt + response + EOS does not fit in L: the prompt loses tokens from its
+start (the end of a TL;DR post or the last HH turns stay), never below one token; a response
+longer than what is left loses its end, EOS included (such a row teaches no stopping).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def pad_token_id(tokenizer) -> int:
+  """The id used to fill padding: pad, or EOS for tokenizers without one (GPT-2, Pythia)."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  if pad is None:
+    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token")
+  return int(pad)
+
+
+def _eos_id(tokenizer) -> int:
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f"{type(tokenizer).__name__} has no EOS token; responses must end with one")
+  return int(tokenizer.eos_token_id)
+
+
+def _ids(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+  if isinstance(texts, str):
+    raise TypeError("expected a list of texts, got a single string")
+  if not len(texts):
+    return []
+  return tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 [B, L], mask bool [B, L]), each sequence right-aligned; L = longest if None."""
+  longest = max((len(s) for s in seqs), default=0)
+  length = longest if length is None else length
+  if longest > length:
+    row = next(i for i, s in enumerate(seqs) if len(s) > length)
+    raise ValueError(f"row {row} has {len(seqs[row])} tokens, more than the padded length {length}")
+  tokens = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, s in enumerate(seqs):
+    if len(s):
+      tokens[i, length - len(s):] = s
+      mask[i, length - len(s):] = True
+  return tokens, mask
+
+
+def tokenize_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int,
+                     truncate_side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+  """Prompts as (tokens int32 [B, P], mask bool [B, P]), P = max_prompt_len, left padded.
+
+  truncate_side 'left' drops the start of a long prompt (keeps "TL;DR:" / the last turn).
+  """
+  if truncate_side not in ("left", "right"):
+    raise ValueError(f"truncate_side must be 'left' or 'right', got {truncate_side!r}")
+  ids = _ids(tokenizer, texts, add_special_tokens=True)
+  for i, row in enumerate(ids):
+    if not row:
+      raise ValueError(f"prompt {i} ({texts[i][:40]!r}) has no tokens")
+  ids = [row[-max_prompt_len:] if truncate_side == "left" else row[:max_prompt_len] for row in ids]
+  return left_pad(ids, max_prompt_len, pad_token_id(tokenizer))
+
+
+def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len):
+  """Per row: (prompt ids + response ids + [eos], truncated to max_len; number of prompt ids kept)."""
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+  eos = _eos_id(tokenizer)
+  rows = []
+  for i, (p, r) in enumerate(zip(_ids(tokenizer, prompts, True), _ids(tokenizer, responses, False))):
+    if not p:
+      raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) has no tokens; the first response token "
+                       "needs one to be predicted from")
+    r = r + [eos]
+    budget = max(max_len - len(r), 1)
+    if max_prompt_len is not None:
+      budget = min(budget, max_prompt_len)
+    p = p[-budget:]
+    rows.append((p + r[:max_len - len(p)], len(p)))
+  return rows
+
+
+def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_len: int,
+              max_prompt_len: int | None = None) -> dict[str, np.ndarray]:
+  """Teacher-forcing batch, left padded to L = max_len.
+
+  Returns tokens int32 [B, L], mask bool [B, L] (real tokens), loss_mask bool [B, L]: True where
+  tokens[b, t] is a completion token or its EOS, i.e. a target; it is predicted by the logits at
+  t - 1, so a loss reads `logprob(tokens[:, 1:] | logits[:, :-1])` under `loss_mask[:, 1:]`.
+  """
+  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len)
+  tokens, mask = left_pad([ids for ids, _ in rows], max_len, pad_token_id(tokenizer))
+  loss_mask = mask.copy()
+  for i, (ids, n_prompt) in enumerate(rows):
+    loss_mask[i, :max_len - len(ids) + n_prompt] = False
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def preference_batch(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                     max_len: int, max_prompt_len: int | None = None) -> dict[str, np.ndarray]:
+  """Reward-model batch: prompt + response + EOS, left padded, so the score is read at column -1.
+
+  Returns chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each [B, L] with L = max_len.
+  EOS is appended because RL scores sampled responses that end in EOS; the reward model should
+  see the same ending it was trained on.
+  """
+  pad = pad_token_id(tokenizer)
+  out = {}
+  for name, responses in (("chosen", chosen), ("rejected", rejected)):
+    rows = _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len)
+    out[f"{name}_tokens"], out[f"{name}_mask"] = left_pad([ids for ids, _ in rows], max_len, pad)
+  return out
+
+
+class EpochIterator:
+  """Endless batches of indices into a dataset of n rows, reshuffled every epoch.
+
+  Epoch e visits `np.random.default_rng(seed + e).permutation(n)` in slices of batch_size; a
+  last slice shorter than batch_size is dropped (static shapes). The whole position is
+  `state()` = {'epoch', 'position'} (plain ints, JSON-safe); `restore(state)` continues with
+  exactly the batches an uninterrupted iterator would have produced.
+  """
+
+  def __init__(self, n: int, batch_size: int, seed: int):
+    if batch_size < 1 or n < batch_size:
+      raise ValueError(f"need 1 <= batch_size <= n, got batch_size={batch_size}, n={n}")
+    self.n, self.batch_size, self.seed = n, batch_size, seed
+    self.epoch, self.position = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng(self.seed + epoch).permutation(self.n)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    if self.position + self.batch_size > self.n:
+      self.epoch, self.position = self.epoch + 1, 0
+      self._order = self._permutation(self.epoch)
+    batch = self._order[self.position:self.position + self.batch_size]
+    self.position += self.batch_size
+    return batch
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "position": int(self.position)}
+
+  def restore(self, state: dict) -> "EpochIterator":
+    if set(state) != {"epoch", "position"}:
+      raise ValueError(f"iterator state has keys {sorted(state)}; expected ['epoch', 'position']")
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if epoch < 0 or not 0 <= position <= self.n:
+      raise ValueError(f"iterator state {state} is out of range for n={self.n}")
+    self.epoch, self.position = epoch, position
+    self._order = self._permutation(epoch)
+    return self

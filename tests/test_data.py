@@ -1,0 +1,268 @@
+"""Data layer: demo task and gold reward, hub-schema loaders on local fixtures, batching, resume."""
+import json
+import math
+import os
+
+import datasets
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from p3o_jax.data import batching, hub, synthetic
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+datasets.disable_progress_bars()
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+  return synthetic.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+  """A byte-level BPE like GPT-2's, but adding a BOS like Llama's, with no pad token."""
+  core = tokenizers.Tokenizer(models.BPE())
+  core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  core.decoder = decoders.ByteLevel()
+  texts = [r["prompt"] + r["completion"] for r in read_jsonl(os.path.join(DATA, "tldr", "train.jsonl"))]
+  core.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+  return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+
+
+# ----------------------------------------------------------------------------- demo task
+
+def test_demo_tokenizer_round_trips_text_and_autotokenizer(demo_tok, tmp_path):
+  task = synthetic.make_demo_task(0, 50, 10, ops=synthetic.OPS)
+  texts = task.sft_prompts + task.sft_completions + task.eval_prompts
+  ids = demo_tok(texts, add_special_tokens=False)["input_ids"]
+  assert [demo_tok.decode(i) for i in ids] == texts
+  assert all(len(i) == len(t.split()) for i, t in zip(ids, texts))  # one id per word, no <unk>
+  assert demo_tok.unk_token_id not in {x for row in ids for x in row}
+  demo_tok.save_pretrained(tmp_path)
+  loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+  assert loaded(texts, add_special_tokens=False)["input_ids"] == ids
+  assert (loaded.pad_token_id, loaded.eos_token_id) == (demo_tok.pad_token_id, demo_tok.eos_token_id)
+  assert loaded.pad_token_id != loaded.eos_token_id and len(loaded) == len(synthetic.VOCAB)
+
+
+def test_gold_reward_formula():
+  prompts = ["sort 3 1 2 =", "sort 3 1 2 =", "reverse 1 2 3 4 =", "copy 5 5 0 =", "copy 5 =", "sort 2 1 ="]
+  responses = ["1 2 3", "1 2", "4 3 9 1 <eos> 7 7", "5 5 0 0 0 0 0 0", "5 5 5 5 5 5", "<pad> 2"]
+  want = [1.0, 2 / 3 - 0.5 * 1 / 3, 3 / 4, 3 / 3 - 0.5 * 5 / 3, max(1 - 0.5 * 5, -1.0), 1 / 2]
+  np.testing.assert_allclose(synthetic.gold_reward(prompts, responses), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="not a demo-task prompt"):
+    synthetic.gold_reward(["hello ="], ["1"])
+
+
+def test_gold_reward_ranks_clean_over_noisy_over_random():
+  task = synthetic.make_demo_task(0, 1000, 10)
+  prompts = task.sft_prompts
+  clean = synthetic.gold_reward(prompts, task.sft_clean_completions)
+  noisy = synthetic.gold_reward(prompts, task.sft_completions)
+  rand = synthetic.gold_reward(prompts, synthetic.random_responses(prompts, np.random.default_rng(0)))
+  corrupted = np.array([a != b for a, b in zip(task.sft_completions, task.sft_clean_completions)])
+  assert np.all(clean == 1.0)
+  assert clean.mean() > noisy.mean() > rand.mean() + 0.3
+  assert noisy[corrupted].mean() < 0.7  # the corrupted demos are bad, not just slightly off
+  # About noise_frac of the demos differ (a corruption can leave a demo unchanged by chance).
+  assert 0.45 < corrupted.mean() <= 0.65
+
+
+def test_make_demo_task_is_deterministic_and_splits_are_disjoint():
+  a, b, c = (synthetic.make_demo_task(s, 200, 50, n_sft=300) for s in (3, 3, 4))
+  assert a == b and a != c
+  assert (len(a.sft_prompts), len(a.train_prompts), len(a.eval_prompts)) == (300, 200, 50)
+  assert not set(a.sft_prompts) & set(a.train_prompts)
+  assert not (set(a.sft_prompts) | set(a.train_prompts)) & set(a.eval_prompts)
+  assert [synthetic.target(p) for p in a.sft_prompts] == a.sft_clean_completions
+  with pytest.raises(ValueError, match="noise_frac"):
+    synthetic.make_demo_task(0, 10, 10, noise_frac=1.5)
+
+
+def test_bradley_terry_label_matches_sigmoid():
+  rng = np.random.default_rng(0)
+  diffs = np.repeat(np.array([-0.3, -0.1, 0.0, 0.05, 0.2]), 20000)
+  labels = synthetic.bradley_terry_label(diffs, np.zeros_like(diffs), rng, temperature=0.1)
+  freq = labels.reshape(5, -1).mean(1)
+  np.testing.assert_allclose(freq, 1 / (1 + np.exp(-np.array([-3.0, -1.0, 0.0, 0.5, 2.0]))), atol=0.012)
+  hard = synthetic.bradley_terry_label(np.array([1.0, 0.0]), np.array([0.0, 1.0]), rng, temperature=0)
+  assert hard.tolist() == [True, False]
+  with pytest.raises(ValueError, match="shape"):
+    synthetic.bradley_terry_label(np.zeros(2), np.zeros(3), rng)
+
+
+def test_saved_demo_task_reads_back_through_hub_loaders(tmp_path):
+  task = synthetic.make_demo_task(1, 20, 8)
+  paths = synthetic.save_demo_task(task, str(tmp_path))
+  sft = hub.load_sft(paths["sft"], "train")
+  assert sft["prompt"] == task.sft_prompts and sft["completion"] == task.sft_completions
+  assert hub.load_prompts(paths["prompts"], "test")["prompt"] == task.eval_prompts
+  assert hub.load_prompts(paths["prompts"], "train")["prompt"] == task.train_prompts
+  assert AutoTokenizer.from_pretrained(paths["tokenizer"]).eos_token == synthetic.EOS
+
+
+# ----------------------------------------------------------------------------- hub loaders
+
+@pytest.mark.parametrize("source, split, completion_of", [
+    ("tldr", "train", lambda r: r["completion"]),                          # dir, split by file name
+    ("tldr/validation.jsonl", "validation", lambda r: r["completion"]),
+    ("openai_summarize_tldr.jsonl", "train", lambda r: " " + r["label"]),
+    ("tldr_preference/train.jsonl", "train", lambda r: r["chosen"]),
+    ("tldr_preference_trl_style.jsonl", "train", lambda r: r["chosen"][-1]["content"]),
+])
+def test_tldr_sft_and_prompt_records(source, split, completion_of):
+  path = os.path.join(DATA, source)
+  raw = read_jsonl(path if path.endswith(".jsonl") else os.path.join(path, f"{split}.jsonl"))
+  sft = hub.load_sft(path, split)
+  assert sft.column_names == ["prompt", "completion"]
+  assert sft["prompt"] == [r["prompt"] for r in raw]
+  assert sft["completion"] == [completion_of(r) for r in raw]
+  assert hub.load_prompts(path, split)["prompt"] == [r["prompt"] for r in raw]
+
+
+@pytest.mark.parametrize("source", ["tldr_preference/train.jsonl", "tldr_preference_trl_style.jsonl"])
+def test_tldr_preference_records(source):
+  raw = read_jsonl(os.path.join(DATA, source))
+  prefs = hub.load_preferences(os.path.join(DATA, source), "train")
+  assert prefs.column_names == ["prompt", "chosen", "rejected"]
+  text = lambda v: v if isinstance(v, str) else v[-1]["content"]
+  assert prefs["chosen"] == [text(r["chosen"]) for r in raw]
+  assert prefs["rejected"] == [text(r["rejected"]) for r in raw]
+
+
+def test_hh_rlhf_transcripts_split_at_last_shared_assistant_turn():
+  raw = read_jsonl(os.path.join(DATA, "hh_rlhf", "train.jsonl"))
+  prefs = hub.load_preferences(os.path.join(DATA, "hh_rlhf"), "train")
+  for row, rec in zip(raw, prefs):
+    assert rec["prompt"].endswith("\n\nAssistant:") and rec["prompt"].startswith("\n\nHuman:")
+    assert rec["prompt"] + rec["chosen"] == row["chosen"]
+    assert rec["prompt"] + rec["rejected"] == row["rejected"]
+    assert "\n\nAssistant:" not in rec["chosen"] and "\n\nHuman:" not in rec["chosen"]
+  assert hub.load_sft(os.path.join(DATA, "hh_rlhf"), "train")["completion"] == prefs["chosen"]
+  with pytest.raises(ValueError, match="row 0: no shared"):
+    hub.preference_records(datasets.Dataset.from_list([{"chosen": "Hi there", "rejected": "Bye"}]))
+
+
+def test_rm_static_parquet_in_hub_layout():
+  root = os.path.join(DATA, "rm_static")
+  train, test = hub.load_split(root, "train"), hub.load_split(root, "test")
+  assert train.column_names == ["prompt", "response", "chosen", "rejected"]
+  hh = read_jsonl(os.path.join(DATA, "hh_rlhf", "train.jsonl"))  # the same dialogues, HH layout
+  prefs = hub.preference_records(datasets.concatenate_datasets([train, test]))
+  assert [p + c for p, c in zip(prefs["prompt"], prefs["chosen"])] == [r["chosen"] for r in hh]
+  assert hub.sft_records(test)["completion"] == test["chosen"]
+
+
+def test_save_to_disk_directory_loads_like_a_hub_id(tmp_path):
+  ds = datasets.Dataset.from_list(read_jsonl(os.path.join(DATA, "tldr", "train.jsonl")))
+  ds.save_to_disk(str(tmp_path / "one"))
+  datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "dict"))
+  assert hub.load_sft(str(tmp_path / "one"), "train")["completion"] == ds["completion"]
+  assert hub.load_sft(str(tmp_path / "dict"), "validation")["prompt"] == ds["prompt"]
+
+
+def test_unknown_schema_errors_name_found_and_expected_columns():
+  ds = datasets.Dataset.from_list([{"question": "q", "answer": "a"}])
+  for fn in (hub.sft_records, hub.preference_records, hub.prompt_records):
+    with pytest.raises(ValueError, match=r"columns found \['answer', 'question'\]; expected one of .*prompt"):
+      fn(ds)
+  chat = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}])
+  with pytest.raises(ValueError, match="row 0: prompt is list.*chat template"):
+    hub.sft_records(chat)
+  with pytest.raises(ValueError, match="expected a file ending"):
+    hub.load_split(os.path.join(DATA, "make_fixtures.py"), "train")
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_left_pad_against_a_plain_reference():
+  seqs = [[5, 6, 7], [], [9], [1, 2, 3, 4]]
+  tokens, mask = batching.left_pad(seqs, 6, pad_id=0)
+  assert tokens.dtype == np.int32 and mask.dtype == bool and tokens.shape == (4, 6)
+  for row, s in enumerate(seqs):
+    assert tokens[row].tolist() == [0] * (6 - len(s)) + s
+    assert mask[row].tolist() == [False] * (6 - len(s)) + [True] * len(s)
+  assert batching.left_pad(seqs, None, pad_id=0)[0].shape == (4, 4)
+  with pytest.raises(ValueError, match="row 3 has 4 tokens"):
+    batching.left_pad(seqs, 3, pad_id=0)
+
+
+def test_tokenize_prompts_truncates_and_pads_left(bpe_tok):
+  texts = [r["prompt"] for r in read_jsonl(os.path.join(DATA, "tldr", "train.jsonl"))] + ["Hi"]
+  full = bpe_tok(texts)["input_ids"]
+  assert all(ids[0] == bpe_tok.bos_token_id for ids in full)
+  P = 24
+  for side, cut in (("right", lambda ids: ids[:P]), ("left", lambda ids: ids[-P:])):
+    tokens, mask = batching.tokenize_prompts(bpe_tok, texts, P, truncate_side=side)
+    assert tokens.shape == (len(texts), P)
+    for row, ids in enumerate(full):
+      assert tokens[row][mask[row]].tolist() == cut(ids)
+  assert bpe_tok.pad_token_id is None and batching.pad_token_id(bpe_tok) == bpe_tok.eos_token_id
+  assert tokens[-1][~mask[-1]].tolist() == [bpe_tok.eos_token_id] * int((~mask[-1]).sum())
+  assert bpe_tok.decode(tokens[0][mask[0]]).endswith("TL;DR:")  # left truncation keeps the end
+
+
+def test_sft_batch_masks_completion_and_eos(demo_tok, bpe_tok):
+  rows = read_jsonl(os.path.join(DATA, "tldr", "train.jsonl"))
+  prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+  L = 120
+  batch = batching.sft_batch(bpe_tok, prompts, completions, max_len=L)
+  eos = bpe_tok.eos_token_id
+  for row, (p, c) in enumerate(zip(prompts, completions)):
+    p_ids = bpe_tok(p)["input_ids"]
+    c_ids = bpe_tok(c, add_special_tokens=False)["input_ids"] + [eos]
+    budget = L - len(c_ids)
+    assert batch["tokens"][row][batch["mask"][row]].tolist() == p_ids[-budget:] + c_ids
+    assert batch["tokens"][row][batch["loss_mask"][row]].tolist() == c_ids
+    assert batch["tokens"][row, -1] == eos
+  assert (batch["loss_mask"] <= batch["mask"]).all()
+  lengths = [len(bpe_tok(p)["input_ids"] + bpe_tok(c)["input_ids"]) for p, c in zip(prompts, completions)]
+  assert min(lengths) < L < max(lengths)  # some rows padded, some truncated
+
+  # A completion too long for the budget keeps one prompt token and loses its own end (and EOS).
+  task = synthetic.make_demo_task(0, 4, 1)
+  short = batching.sft_batch(demo_tok, task.sft_prompts[:2], ["1 2 3 4 5 6 7 8", "1"], max_len=5,
+                             max_prompt_len=3)
+  assert demo_tok.decode(short["tokens"][0][short["loss_mask"][0]]) == "1 2 3 4"
+  assert short["mask"][0].sum() - short["loss_mask"][0].sum() == 1
+  assert demo_tok.decode(short["tokens"][1][short["mask"][1]]) == task.sft_prompts[1].split(" ", 2)[2] + " 1 <eos>"
+
+
+def test_preference_batch_ends_each_row_with_its_last_real_token(demo_tok):
+  prompts, chosen, rejected = ["sort 3 1 2 =", "copy 7 ="], ["1 2 3", "7"], ["3 2", "7 7 7 7"]
+  batch = batching.preference_batch(demo_tok, prompts, chosen, rejected, max_len=10)
+  for name, responses in (("chosen", chosen), ("rejected", rejected)):
+    tokens, mask = batch[f"{name}_tokens"], batch[f"{name}_mask"]
+    assert tokens.shape == mask.shape == (2, 10) and mask[:, -1].all()
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+      assert demo_tok.decode(tokens[row][mask[row]]) == f"{p} {r} <eos>"
+
+
+def test_epoch_iterator_resumes_exactly():
+  n, bs, seed = 23, 5, 7  # 4 full batches per epoch, 3 rows dropped each epoch
+  straight = batching.EpochIterator(n, bs, seed)
+  first = [next(straight) for _ in range(6)]            # crosses an epoch boundary
+  state = json.loads(json.dumps(straight.state()))      # survives a JSON round trip
+  expected = [next(straight) for _ in range(9)]
+  resumed = batching.EpochIterator(n, bs, seed).restore(state)
+  np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(9)]), np.stack(expected))
+  # Each epoch is one permutation from default_rng(seed + epoch), read in order.
+  fresh = batching.EpochIterator(n, bs, seed)
+  for epoch in range(3):
+    got = np.concatenate([next(fresh) for _ in range(n // bs)])
+    np.testing.assert_array_equal(got, np.random.default_rng(seed + epoch).permutation(n)[:n // bs * bs])
+  assert not np.array_equal(first[0], first[4])
+  with pytest.raises(ValueError, match="expected \\['epoch', 'position'\\]"):
+    batching.EpochIterator(n, bs, seed).restore({"epoch": 0})
+  with pytest.raises(ValueError, match="batch_size"):
+    batching.EpochIterator(3, 5, 0)

@@ -1,0 +1,544 @@
+"""Hugging Face checkpoints in and out for `decoder.Decoder`, without torch.
+
+    cfg, graph, params = hf.load("EleutherAI/pythia-160m")         # hub id or local dir
+    cfg, graph, params = hf.load(rm_dir, head="score")             # *ForSequenceClassification
+    hf.save(out_dir, cfg, params, tokenizer=tok)                   # transformers loads it back
+
+Weights are read with `safetensors` into NumPy (single file or sharded index) and written back
+with `safetensors.numpy`; `pytorch_model.bin` is never read. Each family has ONE table, `_rules`,
+that pairs an HF tensor with the parameter(s) it holds and how it is laid out. Load and save both
+walk that table, so the two directions cannot drift apart.
+
+HF layouts (shape letters as in decoder.py):
+  torch Linear weight   [out, in]          -> transposed, then reshaped to ours
+  GPT-2 Conv1D weight   [in, out]          -> reshaped only
+  GPT-2 c_attn          [D, 3*H*K]         out dim is [q | k | v] blocks: [3, H, K]
+  NeoX query_key_value  [3*H*K, D]         out dim is interleaved per head: [H, 3, K]
+
+Heads (`head=`):
+  None     the causal LM head (`lm_head.weight` / `embed_out.weight`, or tied embeddings).
+  'score'  a reward model: `score.weight` [1, D] of *ForSequenceClassification becomes the scalar
+           head (no bias) and there is no LM head. Read the reward with
+           `decoder.last_token_scalar`, which picks the same token as HF on left or right padding.
+  'value'  a critic: no LM head, scalar head with a bias. The kernel is taken from `score.weight`
+           when the checkpoint has one (a critic started from a reward model), the bias starts at 0.
+  A scalar head absent from the checkpoint starts as N(0, init_std) with seed `seed`.
+
+Export: an LM-head model saves as *ForCausalLM (GPT2LMHeadModel for gpt2); a scalar head without
+bias and no LM head saves as *ForSequenceClassification with num_labels=1. A value head (with a
+bias) has no HF equivalent and is refused: save the critic with the orbax checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from p3o_jax.models import decoder
+from p3o_jax.models.decoder import DecoderConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2")
+BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "llama": "model.", "qwen2": "model."}
+EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "llama": "embed_tokens.weight",
+              "qwen2": "embed_tokens.weight"}
+CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
+                 "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+# Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
+IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
+                     r"\.attention\.bias|\.attention\.masked_bias)$")
+HEAD_TENSORS = ("lm_head.weight", "embed_out.weight", "score.weight")
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model"]
+
+
+# ----------------------------------------------------------------------------- config
+
+def _rope(hf: dict, default_theta: float, default_pct: float) -> tuple[float, float]:
+  """(theta, rotary fraction) from transformers-5 `rope_parameters` or the older flat keys."""
+  params = hf.get("rope_parameters") or {}
+  if params and all(isinstance(v, dict) for v in params.values()):  # nested per layer type
+    distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
+    if len(distinct) > 1:
+      raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
+    params = next(iter(params.values()))
+  scaling = hf.get("rope_scaling") or {}
+  for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind != "default":
+      raise ValueError(f"{where} of type {kind!r} ({p}) is not supported; only plain RoPE is")
+  theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
+  pct = params.get("partial_rotary_factor",
+                   hf.get("partial_rotary_factor", hf.get("rotary_pct", default_pct)))
+  return float(theta), float(pct)
+
+
+def _activation(name: str) -> str:
+  if name not in decoder.ACTIVATIONS:
+    raise ValueError(f"hidden activation {name!r} is not supported; expected one of {tuple(decoder.ACTIVATIONS)}")
+  return name
+
+
+def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
+  """A transformers config dict (config.json) -> DecoderConfig; `overrides` replace fields."""
+  hf = dict(hf_config)
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED:
+    raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+
+  if model_type == "gpt2":
+    for key, bad in (("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+                     ("add_cross_attention", True)):
+      if hf.get(key, not bad) == bad:
+        raise ValueError(f"gpt2 config with {key}={bad} is not supported")
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],
+              num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+              max_position_embeddings=hf.get("n_positions", 1024), norm="layernorm",
+              norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+              activation=_activation(hf.get("activation_function", "gelu_new")), position="learned",
+              qkv_bias=True, out_bias=True, mlp_bias=True,
+              tie_embeddings=hf.get("tie_word_embeddings", True))
+  elif model_type == "gpt_neox":
+    theta, pct = _rope(hf, 10000.0, 0.25)  # transformers' GPTNeoXConfig defaults
+    bias = hf.get("attention_bias", True)
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+              max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="layernorm",
+              norm_eps=hf.get("layer_norm_eps", 1e-5), mlp="gelu",
+              activation=_activation(hf.get("hidden_act", "gelu")), position="rotary", rotary_pct=pct,
+              rope_theta=theta, parallel_residual=hf.get("use_parallel_residual", True),
+              qkv_bias=bias, out_bias=bias, mlp_bias=True,
+              tie_embeddings=hf.get("tie_word_embeddings", False))
+  else:  # llama, qwen2
+    if hf.get("mlp_bias"):
+      raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
+    if model_type == "qwen2" and (hf.get("use_sliding_window")
+                                  or "sliding_attention" in (hf.get("layer_types") or ())):
+      raise ValueError("qwen2 sliding-window attention (use_sliding_window=True) is not supported")
+    theta, pct = _rope(hf, 10000.0, 1.0)
+    if pct != 1.0:
+      raise ValueError(f"{model_type} with partial_rotary_factor={pct} is not supported")
+    heads = hf["num_attention_heads"]
+    attention_bias = hf.get("attention_bias", False)
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+              head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+              intermediate_size=hf["intermediate_size"],
+              max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+              norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+              activation=_activation(hf.get("hidden_act", "silu")), position="rotary", rope_theta=theta,
+              qkv_bias=True if model_type == "qwen2" else attention_bias,
+              out_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=False,
+              tie_embeddings=hf.get("tie_word_embeddings", False))
+  kw.update(model_type=model_type, init_std=hf.get("initializer_range", 0.02))
+  kw.update(overrides)
+  return DecoderConfig(**kw)
+
+
+def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
+  """DecoderConfig -> a config.json dict that transformers 4.x and 5.x both read.
+
+  Raises ValueError when `cfg` is not expressible in its `model_type` (checked by reading the
+  dict back with `config_from_hf` and comparing the architecture fields).
+  """
+  mt = cfg.model_type
+  if mt not in SUPPORTED:
+    raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+  common = dict(model_type=mt, architectures=[architecture], vocab_size=cfg.vocab_size,
+                tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+                torch_dtype=cfg.param_dtype, use_cache=True)
+  if mt == "gpt2":
+    arch = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                n_inner=cfg.mlp_width, n_positions=cfg.max_position_embeddings,
+                n_ctx=cfg.max_position_embeddings, activation_function=cfg.activation,
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                scale_attn_weights=True)
+  elif mt == "gpt_neox":
+    arch = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_width,
+                hidden_act=cfg.activation, max_position_embeddings=cfg.max_position_embeddings,
+                layer_norm_eps=cfg.norm_eps, rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
+                use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.qkv_bias,
+                hidden_dropout=0.0, attention_dropout=0.0)
+  else:
+    arch = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+                intermediate_size=cfg.mlp_width, hidden_act=cfg.activation,
+                max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, attention_dropout=0.0)
+    if mt == "llama":
+      arch.update(head_dim=cfg.dim_per_head, attention_bias=cfg.qkv_bias, mlp_bias=False)
+    else:
+      arch.update(use_sliding_window=False)
+  hf = {**common, **arch}
+  # The round trip must reproduce every architecture field, or the export would be wrong.
+  back = config_from_hf(hf)
+  keep = ("lm_head", "scalar_head", "scalar_head_bias", "dtype", "param_dtype", "init_std")
+  diffs = [f"{f.name}={getattr(cfg, f.name)!r} (would be {getattr(back, f.name)!r})"
+           for f in dataclasses.fields(cfg) if f.name not in keep
+           and _normal(cfg, f.name) != _normal(back, f.name)]
+  if diffs:
+    raise ValueError(f"this DecoderConfig cannot be saved as model_type {mt!r}: {', '.join(diffs)}")
+  return hf
+
+
+def _normal(cfg: DecoderConfig, name: str):
+  """Field value with defaults resolved, so None and what it stands for compare equal."""
+  resolved = {"num_kv_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
+              "intermediate_size": cfg.mlp_width}
+  if name in ("rotary_pct", "rope_theta") and cfg.position == "learned":
+    return None  # unused without rotary embeddings
+  return resolved.get(name, getattr(cfg, name))
+
+
+# ----------------------------------------------------------------------------- the mapping table
+
+Path = tuple  # a key path into the params dict, e.g. ("layers", 0, "attn", "q_kernel")
+
+
+class Rule(NamedTuple):
+  """One HF tensor <-> one or more of our params.
+
+  HF array -> (transpose if `transpose`) -> reshape to `fused` and split along `axis` into the
+  `ours` params (or reshape to the single param's shape). Saving runs it backwards.
+  """
+  hf_name: str
+  ours: tuple[Path, ...]
+  hf_shape: tuple[int, ...]
+  transpose: bool = False
+  fused: tuple[int, ...] | None = None
+  axis: int = 0
+  base: bool = True  # inside the base model (HF name gets the family prefix)
+
+
+def _rules(cfg: DecoderConfig) -> list[Rule]:
+  """The mapping table of cfg.model_type: every parameter of `decoder.Decoder(cfg)` once."""
+  D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.mlp_width
+  H, G, K = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+  mt = cfg.model_type
+  rules: list[Rule] = []
+  add = lambda *a, **k: rules.append(Rule(*a, **k))
+
+  def norm(hf_prefix, ours):
+    add(f"{hf_prefix}.weight", (ours + ("scale",),), (D,))
+    if cfg.norm == "layernorm":
+      add(f"{hf_prefix}.bias", (ours + ("bias",),), (D,))
+
+  if mt == "gpt2":
+    add("wte.weight", (("embed",),), (V, D))
+    add("wpe.weight", (("pos_embed",),), (cfg.max_position_embeddings, D))
+    for i in range(cfg.num_layers):
+      h, L = f"h.{i}", ("layers", i)
+      a, m = L + ("attn",), L + ("mlp",)
+      norm(f"{h}.ln_1", L + ("attn_norm",))
+      add(f"{h}.attn.c_attn.weight", (a + ("q_kernel",), a + ("k_kernel",), a + ("v_kernel",)),
+          (D, 3 * H * K), fused=(D, 3, H, K), axis=1)
+      add(f"{h}.attn.c_attn.bias", (a + ("q_bias",), a + ("k_bias",), a + ("v_bias",)),
+          (3 * H * K,), fused=(3, H, K), axis=0)
+      add(f"{h}.attn.c_proj.weight", (a + ("o_kernel",),), (H * K, D))
+      add(f"{h}.attn.c_proj.bias", (a + ("o_bias",),), (D,))
+      norm(f"{h}.ln_2", L + ("mlp_norm",))
+      add(f"{h}.mlp.c_fc.weight", (m + ("up_kernel",),), (D, F))
+      add(f"{h}.mlp.c_fc.bias", (m + ("up_bias",),), (F,))
+      add(f"{h}.mlp.c_proj.weight", (m + ("down_kernel",),), (F, D))
+      add(f"{h}.mlp.c_proj.bias", (m + ("down_bias",),), (D,))
+    norm("ln_f", ("final_norm",))
+    lm_head_name = "lm_head.weight"
+
+  elif mt == "gpt_neox":
+    add("embed_in.weight", (("embed",),), (V, D))
+    for i in range(cfg.num_layers):
+      h, L = f"layers.{i}", ("layers", i)
+      a, m = L + ("attn",), L + ("mlp",)
+      norm(f"{h}.input_layernorm", L + ("attn_norm",))
+      add(f"{h}.attention.query_key_value.weight", (a + ("q_kernel",), a + ("k_kernel",), a + ("v_kernel",)),
+          (3 * H * K, D), transpose=True, fused=(D, H, 3, K), axis=2)
+      if cfg.qkv_bias:
+        add(f"{h}.attention.query_key_value.bias", (a + ("q_bias",), a + ("k_bias",), a + ("v_bias",)),
+            (3 * H * K,), fused=(H, 3, K), axis=1)
+      add(f"{h}.attention.dense.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
+      if cfg.out_bias:
+        add(f"{h}.attention.dense.bias", (a + ("o_bias",),), (D,))
+      norm(f"{h}.post_attention_layernorm", L + ("mlp_norm",))
+      add(f"{h}.mlp.dense_h_to_4h.weight", (m + ("up_kernel",),), (F, D), transpose=True)
+      add(f"{h}.mlp.dense_h_to_4h.bias", (m + ("up_bias",),), (F,))
+      add(f"{h}.mlp.dense_4h_to_h.weight", (m + ("down_kernel",),), (D, F), transpose=True)
+      add(f"{h}.mlp.dense_4h_to_h.bias", (m + ("down_bias",),), (D,))
+    norm("final_layer_norm", ("final_norm",))
+    lm_head_name = "embed_out.weight"
+
+  else:  # llama, qwen2
+    add("embed_tokens.weight", (("embed",),), (V, D))
+    for i in range(cfg.num_layers):
+      h, L = f"layers.{i}", ("layers", i)
+      a, m = L + ("attn",), L + ("mlp",)
+      norm(f"{h}.input_layernorm", L + ("attn_norm",))
+      for name, n in (("q", H), ("k", G), ("v", G)):
+        add(f"{h}.self_attn.{name}_proj.weight", (a + (f"{name}_kernel",),), (n * K, D), transpose=True)
+        if cfg.qkv_bias:
+          add(f"{h}.self_attn.{name}_proj.bias", (a + (f"{name}_bias",),), (n * K,))
+      add(f"{h}.self_attn.o_proj.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
+      if cfg.out_bias:
+        add(f"{h}.self_attn.o_proj.bias", (a + ("o_bias",),), (D,))
+      norm(f"{h}.post_attention_layernorm", L + ("mlp_norm",))
+      add(f"{h}.mlp.gate_proj.weight", (m + ("gate_kernel",),), (F, D), transpose=True)
+      add(f"{h}.mlp.up_proj.weight", (m + ("up_kernel",),), (F, D), transpose=True)
+      add(f"{h}.mlp.down_proj.weight", (m + ("down_kernel",),), (D, F), transpose=True)
+    norm("norm", ("final_norm",))
+    lm_head_name = "lm_head.weight"
+
+  if cfg.lm_head and not cfg.tie_embeddings:
+    add(lm_head_name, (("lm_head",),), (V, D), transpose=True, base=False)
+  if cfg.scalar_head:
+    add("score.weight", (("scalar_kernel",),), (1, D), transpose=True, base=False)
+  return rules
+
+
+def _from_hf(rule: Rule, array: np.ndarray, shapes: dict) -> list[np.ndarray]:
+  """HF tensor -> our arrays, in the order of rule.ours."""
+  if rule.transpose:
+    array = array.T
+  if rule.fused is None:
+    return [array.reshape(shapes[rule.ours[0]])]
+  array = array.reshape(rule.fused)
+  return [np.take(array, j, axis=rule.axis).reshape(shapes[p]) for j, p in enumerate(rule.ours)]
+
+
+def _to_hf(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
+  """Our arrays -> the HF tensor (exact inverse of _from_hf)."""
+  stored = rule.hf_shape[::-1] if rule.transpose else rule.hf_shape
+  if rule.fused is None:
+    out = arrays[0].reshape(stored)
+  else:
+    parts = [a.reshape(rule.fused[:rule.axis] + rule.fused[rule.axis + 1:]) for a in arrays]
+    out = np.stack(parts, axis=rule.axis).reshape(stored)
+  return np.ascontiguousarray(out.T if rule.transpose else out)
+
+
+def _leaf_shapes(params: dict) -> dict:
+  """{key path tuple: shape} for every leaf of a params dict."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _check_table(rules: list[Rule], shapes: dict, exclude=()) -> None:
+  covered = [p for r in rules for p in r.ours]
+  missing = set(shapes) - set(covered) - set(exclude)
+  if missing or len(covered) != len(set(covered)) or not set(covered) <= set(shapes):
+    raise AssertionError(f"mapping table out of step with the decoder: missing {sorted(missing)}, "
+                         f"covered {sorted(set(covered) - set(shapes))} extra")
+
+
+def _set(tree: dict, path: Path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: Path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+# ----------------------------------------------------------------------------- load
+
+def _resolve(path_or_hub_id: str, revision: str | None) -> str:
+  path = os.path.expanduser(str(path_or_hub_id))
+  if os.path.isdir(path):
+    return path
+  looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.exists(path)
+  if looks_local:
+    raise FileNotFoundError(f"{path_or_hub_id!r} is not a directory (expected a Hugging Face model dir)")
+  from huggingface_hub import snapshot_download  # only for hub ids
+  return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
+
+
+class _Tensors:
+  """Tensor name -> lazily read NumPy array, over one safetensors file or a sharded index."""
+
+  def __init__(self, path: str):
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self.files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+    elif os.path.exists(single):
+      with safe_open(single, framework="np") as f:
+        self.files = {name: single for name in f.keys()}
+    else:
+      present = sorted(os.listdir(path))
+      hint = (" (pytorch_model.bin is not read: convert it to safetensors, e.g. with "
+              "`model.save_pretrained(dir, safe_serialization=True)`)") if any(
+                  n.startswith("pytorch_model") for n in present) else ""
+      raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}; "
+                              f"found {present}")
+    self._open: dict[str, Any] = {}
+
+  def names(self) -> set[str]:
+    return set(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    file = self.files[name]
+    if file not in self._open:
+      self._open[file] = safe_open(file, framework="np")
+    return self._open[file].get_tensor(name)
+
+
+def _base_prefix(names: set[str], cfg: DecoderConfig) -> str:
+  """The prefix of base-model tensors in this checkpoint ('' for bare GPT-2 style files)."""
+  embed = EMBED_NAME[cfg.model_type]
+  for prefix in (BASE_PREFIX[cfg.model_type], ""):
+    if prefix + embed in names:
+      return prefix
+  raise ValueError(f"no embedding tensor {BASE_PREFIX[cfg.model_type] + embed!r} (or {embed!r}) in the "
+                   f"checkpoint; is model_type {cfg.model_type!r} right? First names: {sorted(names)[:8]}")
+
+
+def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32",
+         head: str | None = None, revision: str | None = None, seed: int = 0,
+         **overrides) -> tuple[DecoderConfig, decoder.Graph, dict]:
+  """An HF checkpoint (local dir or hub id) -> (cfg, graph, params) for `decoder.merge`.
+
+  head: None (LM head), 'score' (reward model) or 'value' (critic); see the module docstring.
+  overrides: extra DecoderConfig fields (e.g. max_position_embeddings).
+  """
+  if head not in (None, "score", "value"):
+    raise ValueError(f"head={head!r}; expected None, 'score' or 'value'")
+  path = _resolve(path_or_hub_id, revision)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"no config.json in {path}")
+  with open(config_file) as f:
+    hf_config = json.load(f)
+  heads = dict(lm_head=head is None, scalar_head=head is not None, scalar_head_bias=head == "value")
+  cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **heads, **overrides)
+
+  tensors = _Tensors(path)
+  names = tensors.names()
+  prefix = _base_prefix(names, cfg)
+  graph, abstract_params = decoder.abstract(cfg)
+  shapes = _leaf_shapes(abstract_params)
+  rules = _rules(cfg)
+  _check_table(rules, shapes, exclude=[("scalar_bias",)])
+
+  to_param = lambda a: jnp.asarray(a, dtype=decoder.DTYPES[param_dtype])
+  params: dict = {}
+  used = set()
+  for rule in rules:
+    name = (prefix if rule.base else "") + rule.hf_name
+    if name not in names:
+      if rule.hf_name == "score.weight":  # a fresh scalar head on a causal-LM checkpoint
+        log.info("no score.weight in %s: scalar head starts from N(0, %g)", path, cfg.init_std)
+        init = cfg.init_std * jax.random.normal(jax.random.key(seed), shapes[("scalar_kernel",)])
+        _set(params, ("scalar_kernel",), to_param(init))
+        continue
+      hint = (" (the checkpoint has score.weight: load a reward model with head='score')"
+              if rule.hf_name in HEAD_TENSORS and "score.weight" in names else "")
+      raise ValueError(f"tensor {name!r} is missing from {path}{hint}")
+    array = tensors.get(name)
+    if tuple(array.shape) != rule.hf_shape:
+      raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {rule.hf_shape} "
+                       f"from config.json")
+    used.add(name)
+    for p, value in zip(rule.ours, _from_hf(rule, array, shapes)):
+      _set(params, p, to_param(value))
+  if cfg.scalar_head_bias:
+    _set(params, ("scalar_bias",), jnp.zeros(shapes[("scalar_bias",)], decoder.DTYPES[param_dtype]))
+
+  left = {n for n in names - used if not IGNORED.search(n)}
+  unused_heads = {n for n in left if n in HEAD_TENSORS}
+  if unused_heads:
+    log.info("not loaded (head=%r): %s", head, sorted(unused_heads))
+  if cfg.tie_embeddings:  # some tied checkpoints also store the (identical) LM head
+    unused_heads |= {n for n in left if n.endswith("lm_head.weight") or n.endswith("embed_out.weight")}
+  unexpected = left - unused_heads
+  if unexpected:
+    raise ValueError(f"unexpected tensors in {path} (config.json does not describe them): "
+                     f"{sorted(unexpected)}")
+  return cfg, graph, params
+
+
+# ----------------------------------------------------------------------------- save
+
+def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
+         config_overrides: dict | None = None) -> None:
+  """Write `path` as an HF model dir: config.json + model.safetensors (+ tokenizer).
+
+  config_overrides: extra config.json keys (e.g. pad_token_id, eos_token_id); pad/bos/eos ids are
+  taken from `tokenizer` when it is given and they are not overridden. The directory is written
+  to a temporary sibling and renamed into place, so a reader never sees half a checkpoint.
+  """
+  if cfg.scalar_head and cfg.lm_head:
+    raise ValueError("cannot save a model with both an LM head and a scalar head as one HF model; "
+                     "save cfg.replace(scalar_head=False) with the scalar params dropped")
+  if cfg.scalar_head and cfg.scalar_head_bias:
+    raise ValueError("a scalar head with a bias (value head) has no Hugging Face format; "
+                     "save it with the orbax checkpoint, or drop the bias to export a reward model")
+  if not (cfg.lm_head or cfg.scalar_head):
+    raise ValueError("the model has neither an LM head nor a scalar head; nothing to export as")
+  architecture = (SEQ_CLS_CLASS if cfg.scalar_head else CAUSAL_LM_CLASS)[cfg.model_type]
+  hf_config = config_to_hf(cfg, architecture)
+  if cfg.scalar_head:
+    hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  if tokenizer is not None:
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+      if getattr(tokenizer, key, None) is not None:
+        hf_config[key] = getattr(tokenizer, key)
+  hf_config.update(config_overrides or {})
+
+  params = jax.device_get(params)
+  expected = _leaf_shapes(decoder.abstract(cfg)[1])
+  got = _leaf_shapes(params)
+  if got != expected:
+    bad = sorted(set(got) ^ set(expected)) or [p for p in expected if got[p] != expected[p]]
+    raise ValueError(f"params do not match cfg at {bad[:5]}: expected "
+                     f"{[expected.get(p) for p in bad[:5]]}, got {[got.get(p) for p in bad[:5]]}")
+  prefix = BASE_PREFIX[cfg.model_type]
+  tensors = {}
+  for rule in _rules(cfg):
+    arrays = [np.asarray(_get(params, p)) for p in rule.ours]
+    tensors[(prefix if rule.base else "") + rule.hf_name] = _to_hf(rule, arrays)
+
+  path = os.path.abspath(os.path.expanduser(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+    _swap_into_place(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+  """Rename tmp to path; an existing path is moved aside first and removed after."""
+  if not os.path.exists(path):
+    os.replace(tmp, path)
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+  os.rmdir(old)
+  os.replace(path, old)
+  os.replace(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Tiny random Hugging Face models (transformers + torch, CPU), saved to a directory for tests.
+
+Every parameter is redrawn with a large std (norm scales around 1, biases non-zero) so that a
+wrong transpose, a missing bias or a swapped head would change the logits visibly.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 128
+PAD_ID = 0  # never drawn as a real token in tests
+EOS_ID = 1
+IDS = dict(pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+
+CONFIGS = {
+    # GPT-2: learned positions, Conv1D weights, fused [q|k|v], tied LM head.
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **IDS),
+    # Pythia style: parallel residual; head_dim 16 with rotary_pct 0.25 rotates 4 of 16 features.
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=500.0,
+        use_parallel_residual=True, max_position_embeddings=64, tie_word_embeddings=False, **IDS),
+    # GQA (4 query heads, 2 kv heads), head_dim 24 != hidden/heads, untied.
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, intermediate_size=96, rope_theta=500.0,
+        rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False, **IDS),
+    # q/k/v biases, one kv head.
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, intermediate_size=96, rope_theta=2000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=64, tie_word_embeddings=False, **IDS),
+    "qwen2_tied": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, rope_theta=10000.0,
+        max_position_embeddings=64, tie_word_embeddings=True, **IDS),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():  # tied weights appear once
+      noise = std * torch.randn(p.shape, generator=gen)
+      is_norm_scale = p.ndim == 1 and name.endswith("weight")
+      p.copy_(1.0 + noise if is_norm_scale else noise)
+
+
+def build(kind: str, directory, *, seq_cls: bool = False, seed: int = 0, std: float = 0.1,
+          max_shard_size: str | None = None) -> torch.nn.Module:
+  """Make a tiny random `kind` model (CausalLM, or SequenceClassification with one label),
+  save it to `directory` as safetensors, and return it in eval mode with eager attention."""
+  config = CONFIGS[kind]()
+  config._attn_implementation = "eager"
+  if seq_cls:
+    config.num_labels = 1
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(config)
+  _randomize(model, seed, std)
+  model.eval()
+  kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+  model.save_pretrained(str(directory), **kwargs)
+  return model
+
+
+def hf_inputs(tokens, padding_mask):
+  """torch kwargs the way HF generate builds them for a padded batch."""
+  ids = torch.as_tensor(tokens, dtype=torch.long)
+  mask = torch.as_tensor(padding_mask, dtype=torch.long)
+  positions = (mask.cumsum(-1) - 1).clamp(min=0)
+  return dict(input_ids=ids, attention_mask=mask, position_ids=positions)

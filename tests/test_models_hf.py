@@ -1,0 +1,291 @@
+"""Hugging Face import/export parity: our decoder against transformers on the same tiny weights.
+
+Reference: the transformers model itself (torch, CPU, fp32, eager attention), called the way HF
+generate calls it on a left-padded batch (attention_mask and position_ids = cumsum(mask) - 1).
+Logits are compared at real-token positions only.
+"""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import hf_fixtures as fx  # noqa: E402
+from p3o_jax.models import decoder, hf  # noqa: E402
+
+ATOL = 1e-4
+LENGTHS = (8, 6, 4)  # ragged, left padded to T
+T = 8
+PROMPT = 5           # the cache test prefills 5 columns and decodes the last 3 one by one
+
+
+def _batch(left: bool = True, seed: int = 0):
+  mask = np.array([[0] * (T - n) + [1] * n if left else [1] * n + [0] * (T - n) for n in LENGTHS],
+                  np.int32)
+  rng = np.random.default_rng(seed)
+  tokens = np.where(mask == 1, rng.integers(2, fx.VOCAB, mask.shape), fx.PAD_ID)
+  return tokens, mask
+
+
+def _max_err(ours, ref, mask):
+  return float(np.abs(np.asarray(ours) - np.asarray(ref))[mask.astype(bool)].max())
+
+
+def _hf_logits(model, tokens, mask):
+  with torch.no_grad():
+    return model(**fx.hf_inputs(tokens, mask)).logits.numpy()
+
+
+def _our_logits(graph, params, tokens, mask):
+  def logits(params, tokens, mask):
+    model, hidden = decoder.forward(graph, params, tokens, mask)
+    return model.logits(hidden)
+  return jax.jit(logits)(params, tokens, mask)
+
+
+def _our_scores(graph, params, tokens, mask):
+  def scores(params, tokens, mask):
+    model, hidden = decoder.forward(graph, params, tokens, mask)
+    return decoder.last_token_scalar(model.scalar(hidden), mask)
+  return jax.jit(scores)(params, tokens, mask)
+
+
+@pytest.fixture(scope="module", params=sorted(fx.CONFIGS))
+def causal(request, tmp_path_factory):
+  """One tiny *ForCausalLM per family, its HF logits, and our load of it."""
+  directory = tmp_path_factory.mktemp(request.param)
+  model = fx.build(request.param, directory)
+  tokens, mask = _batch()
+  cfg, graph, params = hf.load(str(directory))
+  return SimpleNamespace(kind=request.param, dir=directory, model=model, tokens=tokens, mask=mask,
+                         ref=_hf_logits(model, tokens, mask), cfg=cfg, graph=graph, params=params)
+
+
+def test_logits_match_transformers_on_left_padded_batch(causal):
+  ours = _our_logits(causal.graph, causal.params, causal.tokens, causal.mask)
+  assert causal.cfg.model_type == causal.kind.removesuffix("_tied")
+  assert _max_err(ours, causal.ref, causal.mask) < ATOL
+  # The weights are random enough that logits are far from flat: a mapping error would show.
+  assert np.std(causal.ref[causal.mask.astype(bool)]) > 0.3
+
+
+def test_kv_cache_decoding_matches_full_forward(causal):
+  cfg, graph, params = causal.cfg, causal.graph, causal.params
+  tokens, mask = jnp.asarray(causal.tokens), jnp.asarray(causal.mask)
+  positions = decoder.positions_from_mask(mask)
+  B = tokens.shape[0]
+  slots = jnp.arange(T)
+
+  @jax.jit
+  def prefill(params, cache):
+    # Query t sees cache slots s <= t that hold real tokens; slots past the prompt are empty.
+    attend = (slots[None, None, :] <= jnp.arange(PROMPT)[None, :, None]) & mask[:, None, :].astype(bool)
+    model = decoder.merge(graph, params)
+    hidden, cache = model(tokens[:, :PROMPT], positions[:, :PROMPT], attend, cache=cache, cache_index=0)
+    return model.logits(hidden), cache
+
+  @jax.jit
+  def step(params, cache, t):
+    token = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
+    position = jax.lax.dynamic_slice_in_dim(positions, t, 1, axis=1)
+    attend = ((slots <= t)[None, :] & mask.astype(bool))[:, None, :]  # [B, 1, S] key-valid slots
+    model = decoder.merge(graph, params)
+    hidden, cache = model(token, position, attend, cache=cache, cache_index=t)
+    return model.logits(hidden), cache
+
+  logits, cache = prefill(params, decoder.init_cache(cfg, B, T))
+  chunks = [logits]
+  for t in range(PROMPT, T):
+    logits, cache = step(params, cache, jnp.int32(t))
+    chunks.append(logits)
+  cached = jnp.concatenate(chunks, axis=1)
+  full = _our_logits(graph, params, tokens, mask)
+  assert _max_err(cached, full, causal.mask) < ATOL
+  assert _max_err(cached, causal.ref, causal.mask) < ATOL
+
+
+def test_export_loads_unchanged_in_transformers(causal, tmp_path):
+  out = tmp_path / "export"
+  hf.save(str(out), causal.cfg, causal.params)
+  assert sorted(os.listdir(tmp_path)) == ["export"]  # the temporary dir was renamed into place
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")
+  assert type(exported).__name__ == hf.CAUSAL_LM_CLASS[causal.cfg.model_type]
+  exported_logits = _hf_logits(exported.eval(), causal.tokens, causal.mask)
+  assert _max_err(exported_logits, causal.ref, causal.mask) < 1e-5
+  # And back in: the same params, bit for bit.
+  cfg, _, params = hf.load(str(out))
+  assert cfg == causal.cfg
+  jax.tree.map(np.testing.assert_array_equal, params, causal.params)
+
+
+def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
+  cfg, _, params = hf.load(str(causal.dir), head="score", seed=3)
+  assert not cfg.lm_head and cfg.scalar_head and "lm_head" not in params
+  assert params["scalar_kernel"].shape == (cfg.hidden_size, 1)
+  np.testing.assert_array_equal(params["layers"][1]["attn"]["q_kernel"],
+                                causal.params["layers"][1]["attn"]["q_kernel"])
+
+
+# ----------------------------------------------------------------------------- reward models
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
+def reward(request, tmp_path_factory):
+  directory = tmp_path_factory.mktemp(f"{request.param}_rm")
+  model = fx.build(request.param, directory, seq_cls=True, seed=1)
+  cfg, graph, params = hf.load(str(directory), head="score")
+  return SimpleNamespace(kind=request.param, dir=directory, model=model, cfg=cfg, graph=graph, params=params)
+
+
+def _hf_scores(model, tokens, mask):
+  with torch.no_grad():
+    return model(**fx.hf_inputs(tokens, mask)).logits[:, 0].numpy()
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_reward_matches_sequence_classification(reward, left):
+  tokens, mask = _batch(left=left, seed=2)
+  ref = _hf_scores(reward.model, tokens, mask)
+  ours = _our_scores(reward.graph, reward.params, tokens, mask)
+  assert not reward.cfg.lm_head and reward.cfg.scalar_head and not reward.cfg.scalar_head_bias
+  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+  assert np.ptp(ref) > 0.1  # scores differ between rows, so a wrong read position would show
+
+
+def test_reward_export_and_value_head(reward, tmp_path):
+  tokens, mask = _batch(seed=4)
+  ref = _hf_scores(reward.model, tokens, mask)
+  hf.save(str(tmp_path / "rm"), reward.cfg, reward.params, config_overrides={"pad_token_id": fx.PAD_ID})
+  exported = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / "rm"), attn_implementation="eager").eval()
+  np.testing.assert_allclose(_hf_scores(exported, tokens, mask), ref, atol=1e-5, rtol=0)
+  # A critic started from the reward model: same kernel, zero bias -> the same values.
+  cfg, graph, params = hf.load(str(reward.dir), head="value")
+  assert cfg.scalar_head_bias and float(params["scalar_bias"][0]) == 0.0
+  np.testing.assert_allclose(_our_scores(graph, params, tokens, mask), ref, atol=ATOL, rtol=0)
+  with pytest.raises(ValueError, match="value head"):
+    hf.save(str(tmp_path / "critic"), cfg, params)
+
+
+def test_score_positions_match_a_loop():
+  rng = np.random.default_rng(0)
+  masks = [_batch(left=True)[1], _batch(left=False)[1], (rng.random((4, 7)) < 0.5).astype(np.int32)]
+  for mask in masks:
+    expected = [max([t for t in range(mask.shape[1]) if mask[b, t]], default=0) for b in range(len(mask))]
+    np.testing.assert_array_equal(decoder.score_positions(jnp.asarray(mask)), expected)
+    scalars = rng.normal(size=mask.shape).astype(np.float32)
+    np.testing.assert_array_equal(decoder.last_token_scalar(jnp.asarray(scalars), jnp.asarray(mask)),
+                                  scalars[np.arange(len(mask)), expected])
+
+
+# ----------------------------------------------------------------------------- configs & bad input
+
+def _hf_dict(kind: str) -> dict:
+  return fx.CONFIGS[kind]().to_dict()
+
+
+def test_rope_and_eps_names_in_both_config_formats():
+  new_style = _hf_dict("gpt_neox")  # transformers 5: rope_parameters dict
+  assert "rope_parameters" in new_style
+  legacy = {k: v for k, v in new_style.items() if k != "rope_parameters"}
+  legacy.update(rotary_pct=0.25, rotary_emb_base=500.0, layer_norm_eps=1e-3)
+  a, b = hf.config_from_hf(new_style), hf.config_from_hf(legacy)
+  assert (a.rotary_pct, a.rope_theta, a.parallel_residual) == (0.25, 500.0, True)
+  assert (b.rotary_pct, b.rope_theta, b.norm_eps) == (0.25, 500.0, 1e-3)
+  llama = hf.config_from_hf({**_hf_dict("llama"), "rope_parameters": None, "rope_theta": 123.0})
+  assert (llama.rope_theta, llama.kv_heads, llama.dim_per_head) == (123.0, 2, 24)
+  assert hf.config_from_hf(_hf_dict("gpt2")).norm_eps == 1e-5
+  qwen = hf.config_from_hf(_hf_dict("qwen2"), dtype="bfloat16")
+  assert (qwen.qkv_bias, qwen.out_bias, qwen.dtype) == (True, False, "bfloat16")
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, llama, qwen2"):
+    hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "linear"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "llama3"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("llama", {"hidden_act": "quick_gelu"}, "quick_gelu"),
+])
+def test_unsupported_features_raise(kind, change, message):
+  with pytest.raises(ValueError, match=message):
+    hf.config_from_hf({**_hf_dict(kind), **change})
+
+
+@pytest.fixture(scope="module")
+def llama_files(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("llama_files")
+  model = fx.build("llama", directory, seed=5)
+  return SimpleNamespace(dir=directory, model=model, tensors=load_file(str(directory / "model.safetensors")))
+
+
+def _copy_with(src, dst, tensors):
+  shutil.copytree(src, dst)
+  os.remove(dst / "model.safetensors")
+  save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+  return str(dst)
+
+
+def test_directory_without_safetensors_names_the_path(llama_files, tmp_path):
+  shutil.copy(llama_files.dir / "config.json", tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    hf.load(str(tmp_path))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="pytorch_model.bin is not read"):
+    hf.load(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    hf.load(str(tmp_path / "absent"))
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(llama_files, tmp_path):
+  name = "model.layers.1.self_attn.k_proj.weight"  # expected (2 * 24, 64)
+  tensors = {**llama_files.tensors, name: llama_files.tensors[name][:24]}
+  path = _copy_with(llama_files.dir, tmp_path / "bad", tensors)
+  with pytest.raises(ValueError, match=r"k_proj.weight'.*\(24, 64\).*\(48, 64\)"):
+    hf.load(path)
+
+
+def test_missing_and_unexpected_tensors_are_named(llama_files, tmp_path):
+  gone = "model.layers.0.mlp.up_proj.weight"
+  tensors = {k: v for k, v in llama_files.tensors.items() if k != gone}
+  with pytest.raises(ValueError, match=f"'{gone}' is missing"):
+    hf.load(_copy_with(llama_files.dir, tmp_path / "missing", tensors))
+  extra = "model.layers.0.mlp.up_proj.bias"
+  tensors = {**llama_files.tensors, extra: np.zeros(96, np.float32),
+             "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(12, np.float32)}  # ignored buffer
+  with pytest.raises(ValueError, match=r"unexpected tensors.*up_proj.bias") as info:
+    hf.load(_copy_with(llama_files.dir, tmp_path / "extra", tensors))
+  assert "inv_freq" not in str(info.value)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(llama_files, tmp_path):
+  llama_files.model.save_pretrained(str(tmp_path), max_shard_size="40KB")
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  assert len({v for v in json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"].values()}) > 1
+  _, _, sharded = hf.load(str(tmp_path), param_dtype="bfloat16")
+  _, _, single = hf.load(str(llama_files.dir))
+  assert sharded["embed"].dtype == jnp.bfloat16
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), sharded, single)
+
+
+def test_save_refuses_configs_the_family_cannot_express(tmp_path):
+  cfg = hf.config_from_hf(_hf_dict("gpt_neox")).replace(num_kv_heads=2)
+  with pytest.raises(ValueError, match="num_kv_heads=2"):
+    hf.config_to_hf(cfg, "GPTNeoXForCausalLM")
+  _, params = decoder.create(cfg.replace(num_layers=1))
+  with pytest.raises(ValueError, match="gpt_neox"):
+    hf.save(str(tmp_path / "x"), cfg.replace(num_layers=1), params)
+  assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,409 @@
+"""Config validation: every error names the field, and typos in overrides get a suggestion.
+
+    config = FLAGS.config
+    config_checks.validate(config)      # raises ConfigError listing every bad field
+
+    app.run(main, flags_parser=config_checks.flags_parser)
+    # --config.rl.bta=0.1  ->  --config.rl.bta: unknown field 'rl.bta'; did you mean 'rl.beta'?
+
+`SCHEMA` below is the table of known fields. A key is a dotted suffix of config paths: its
+check applies to every field whose path equals it or ends with `.<key>` (so `optim.lr`
+covers `optim.lr`, `sft.optim.lr` and `rm.optim.lr`; `arch.num_layers` covers
+`model.arch.num_layers`); the longest matching key wins. Only fields present in the config
+are checked, so partial configs (tests, a single stage) validate too; each check also
+checks the type (an int field must hold an int, not 2.5 or True).
+
+`CROSS_CHECKS` holds the rules that relate several fields (batch arithmetic, algorithm
+constraints); each runs only when all its fields are present.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import re
+import sys
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+ALGOS = ("p3o", "ppo", "online_dpo")
+VARIANTS = ("v1", "v2")
+KL_SOURCES = ("theta", "old")   # losses.p3o: current params (detached) or the rollout policy
+STAGES = ("sft", "rm", "rl", "eval", "pipeline")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """One or more config fields are invalid; the message has one line per problem."""
+
+
+# ----------------------------------------------------------------------------- checks
+# A check takes the value and returns None when fine, else what is wrong ("must be > 0, got -1").
+
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def number(*, gt=None, ge=None, lt=None, le=None, integer=False) -> Check:
+  """A real (or, with integer=True, an int) within the given bounds."""
+  def check(v):
+    if integer and not _is_int(v):
+      return f"must be an int, got {type(v).__name__} {v!r}"
+    if not integer and not _is_number(v):
+      return f"must be a number, got {type(v).__name__} {v!r}"
+    if not math.isfinite(v):
+      return f"must be finite, got {v}"
+    for bound, ok, sign in ((gt, lambda: v > gt, ">"), (ge, lambda: v >= ge, ">="),
+                            (lt, lambda: v < lt, "<"), (le, lambda: v <= le, "<=")):
+      if bound is not None and not ok():
+        return f"must be {sign} {bound}, got {v}"
+    return None
+  return check
+
+
+def integer(**bounds) -> Check:
+  return number(integer=True, **bounds)
+
+
+def one_of(*options) -> Check:
+  def check(v):
+    return None if v in options else f"must be one of {', '.join(map(repr, options))}; got {v!r}"
+  return check
+
+
+def boolean(v):
+  return None if isinstance(v, bool) else f"must be True or False, got {type(v).__name__} {v!r}"
+
+
+def string(v):
+  return None if isinstance(v, str) else f"must be a string, got {type(v).__name__} {v!r}"
+
+
+def mesh_size(v):
+  if _is_int(v) and (v == -1 or v >= 1):
+    return None
+  return f"must be a positive int or -1 (use the remaining devices), got {v!r}"
+
+
+def names_from(*options) -> Check:
+  """A tuple / list of names, each one of `options` (e.g. pipeline.algos)."""
+  def check(v):
+    if isinstance(v, str) or not isinstance(v, (tuple, list)) or not v:
+      return f"must be a non-empty tuple of names from {options}, got {v!r}"
+    bad = [x for x in v if x not in options]
+    return f"has unknown names {bad}; known: {', '.join(options)}" if bad else None
+  return check
+
+
+positive = number(gt=0)
+non_negative = number(ge=0)
+probability = number(ge=0, le=1)
+positive_int = integer(ge=1)
+non_negative_int = integer(ge=0)
+
+
+# ----------------------------------------------------------------------------- the schema
+
+SCHEMA: dict[str, Check] = {
+    # run
+    "seed": integer(),
+    "stage": one_of(*STAGES),
+    "task": string,
+    # model
+    "model.hf": string,
+    "model.tokenizer": string,
+    "model.reward_hf": string,
+    "model.dtype": one_of(*DTYPES),
+    "model.param_dtype": one_of(*DTYPES),
+    "arch.vocab_size": positive_int,
+    "arch.hidden_size": positive_int,
+    "arch.num_layers": positive_int,
+    "arch.num_heads": positive_int,
+    "arch.num_kv_heads": positive_int,
+    "arch.intermediate_size": positive_int,
+    "arch.max_position_embeddings": positive_int,
+    # data
+    "data.max_prompt_len": positive_int,
+    "data.max_len": positive_int,
+    "data.truncate_prompts": boolean,
+    # sampler
+    "sampler.max_new_tokens": positive_int,
+    "sampler.min_new_tokens": non_negative_int,
+    "sampler.temperature": positive,
+    "sampler.top_k": non_negative_int,             # 0: off
+    "sampler.top_p": number(gt=0, le=1),
+    # optimizers (optim, sft.optim, rm.optim)
+    "optim.lr": positive,
+    "optim.b1": number(ge=0, lt=1),
+    "optim.b2": number(ge=0, lt=1),
+    "optim.eps": positive,
+    "optim.weight_decay": non_negative,
+    "optim.grad_clip": non_negative,               # 0: off
+    "optim.warmup_steps": non_negative_int,
+    "optim.schedule": one_of(*SCHEDULES),
+    # supervised stages
+    "sft.steps": positive_int,
+    "sft.batch_size": positive_int,
+    "rm.steps": positive_int,
+    "rm.batch_size": positive_int,
+    "rm.pairs_per_prompt": positive_int,
+    "rm.num_prompts": non_negative_int,            # 0: all
+    # RL: rollout and update sizes
+    "rl.algo": one_of(*ALGOS),
+    "rl.iterations": positive_int,
+    "rl.prompts_per_rollout": positive_int,
+    "rl.k": integer(ge=2),
+    "rl.inner_epochs": positive_int,
+    "rl.num_minibatches": positive_int,
+    "rl.minibatch_size": positive_int,             # in responses (sequences)
+    # RL: P3O
+    "rl.variant": one_of(*VARIANTS),
+    "rl.beta": non_negative,
+    "rl.eps": positive,
+    "rl.c": number(ge=1),
+    "rl.kl_source": one_of(*KL_SOURCES),
+    "rl.whiten_delta": boolean,
+    "rl.clip_per_token": boolean,
+    "rl.normalise": one_of("pair", "token"),
+    # RL: rewards
+    "rl.reward_clip": positive,
+    "rl.reward_scaling": boolean,
+    "rl.missing_eos_penalty": non_negative,
+    # RL: PPO
+    "rl.gamma": probability,
+    "rl.lam": probability,
+    "rl.vf_coef": non_negative,
+    "rl.cliprange_value": positive,
+    "rl.critic": one_of("head", "separate"),
+    "rl.kl_init": non_negative,
+    "rl.kl_target": positive,
+    "rl.target_kl": positive,
+    "rl.kl_horizon": positive_int,
+    "rl.horizon": positive_int,
+    "rl.adaptive_kl": boolean,
+    "rl.whiten_advantages": boolean,
+    # RL: online DPO
+    "rl.dpo_beta": positive,
+    # eval, pipeline
+    "eval.every": positive_int,
+    "eval.num_prompts": positive_int,
+    "pipeline.algos": names_from(*ALGOS),
+    # checkpoints, logging, mesh
+    "ckpt.every": positive_int,
+    "ckpt.keep": positive_int,
+    "ckpt.resume": boolean,
+    "log.every": positive_int,
+    "log.tensorboard": boolean,
+    "log.wandb": boolean,
+    "mesh.data": mesh_size,
+    "mesh.fsdp": mesh_size,
+    "mesh.tensor": mesh_size,
+}
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+# Each: (fields it needs, check(values...) -> problem or None). Runs when all fields exist.
+
+def _divides_rollout(prompts, num_minibatches):
+  if prompts % num_minibatches:
+    return (f"rl.prompts_per_rollout={prompts} must be divisible by rl.num_minibatches={num_minibatches} "
+            f"(each minibatch takes whole prompts with all their responses)")
+  return None
+
+
+def _minibatch_size(prompts, k, minibatch):
+  if (prompts * k) % minibatch:
+    return (f"rl.prompts_per_rollout * rl.k = {prompts} * {k} = {prompts * k} responses must be divisible "
+            f"by rl.minibatch_size={minibatch}")
+  if minibatch % k:
+    return f"rl.minibatch_size={minibatch} must be a multiple of rl.k={k} (a prompt's responses stay together)"
+  return None
+
+
+def _dpo_pairs(algo, k):
+  return f"rl.algo='online_dpo' compares two responses: rl.k must be 2, got {k}" if algo == "online_dpo" and k != 2 else None
+
+
+def _new_tokens(min_new, max_new):
+  return f"sampler.min_new_tokens={min_new} must be <= sampler.max_new_tokens={max_new}" if min_new > max_new else None
+
+
+def _fits_positions(prompt_len, new_tokens, max_positions):
+  if prompt_len + new_tokens > max_positions:
+    return (f"data.max_prompt_len + sampler.max_new_tokens = {prompt_len} + {new_tokens} exceeds "
+            f"model.arch.max_position_embeddings={max_positions}")
+  return None
+
+
+def _one_fill(data, fsdp, tensor):
+  if [data, fsdp, tensor].count(-1) > 1:
+    return f"at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1; got {data}, {fsdp}, {tensor}"
+  return None
+
+
+CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[..., "str | None"]]] = [
+    (("rl.prompts_per_rollout", "rl.num_minibatches"), _divides_rollout),
+    (("rl.prompts_per_rollout", "rl.k", "rl.minibatch_size"), _minibatch_size),
+    (("rl.algo", "rl.k"), _dpo_pairs),
+    (("sampler.min_new_tokens", "sampler.max_new_tokens"), _new_tokens),
+    (("data.max_prompt_len", "sampler.max_new_tokens", "model.arch.max_position_embeddings"), _fits_positions),
+    (("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_fill),
+]
+
+
+# ----------------------------------------------------------------------------- walking configs
+
+def _is_mapping(x) -> bool:
+  return hasattr(x, "items") and callable(x.items)
+
+
+def flatten(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted path, value) for every leaf of a ConfigDict / FrozenConfigDict / dict."""
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if _is_mapping(value):
+      yield from flatten(value, path + ".")
+    else:
+      yield path, value
+
+
+def all_paths(config, prefix: str = "") -> list[str]:
+  """Every dotted path, leaves and sub-configs alike (what an override may name)."""
+  out = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    out.append(path)
+    if _is_mapping(value):
+      out.extend(all_paths(value, path + "."))
+  return out
+
+
+def rule_for(path: str) -> "tuple[str, Check] | None":
+  """The SCHEMA entry whose key is the longest dotted suffix of `path`."""
+  best = None
+  for key, check in SCHEMA.items():
+    if (path == key or path.endswith("." + key)) and (best is None or len(key) > len(best[0])):
+      best = (key, check)
+  return best
+
+
+def problems(config) -> list[str]:
+  """Every problem found, one line each, naming the field."""
+  values = dict(flatten(config))
+  found = []
+  for path, value in values.items():
+    rule = rule_for(path)
+    if rule is not None:
+      problem = rule[1](value)
+      if problem:
+        found.append(f"{path} {problem}")
+  bad_fields = {line.split(" ", 1)[0] for line in found}
+  for fields, check in CROSS_CHECKS:
+    if all(f in values for f in fields) and not bad_fields.intersection(fields):
+      problem = check(*(values[f] for f in fields))
+      if problem:
+        found.append(problem)
+  return found
+
+
+def validate(config) -> None:
+  """Raises ConfigError listing every invalid field; logs RL sampling settings that bias log-probs."""
+  found = problems(config)
+  if found:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(found))
+  values = dict(flatten(config))
+  if values.get("rl.algo") is not None:
+    if values.get("sampler.top_k", 0) != 0 or values.get("sampler.top_p", 1.0) != 1.0:
+      log.warning("sampler.top_k=%s, sampler.top_p=%s truncate the sampling distribution; RL importance "
+                  "ratios assume the untruncated one (use top_k=0, top_p=1 for RL)",
+                  values.get("sampler.top_k"), values.get("sampler.top_p"))
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def suggest_key(config, dotted_key: str) -> str | None:
+  """The existing dotted path closest to `dotted_key` (difflib), or None."""
+  paths = all_paths(config)
+  matches = difflib.get_close_matches(dotted_key, paths, n=1, cutoff=0.6)
+  if not matches:  # a typo in the last component alone: compare names under the same parent
+    parent, _, name = dotted_key.rpartition(".")
+    siblings = [p for p in paths if p.rpartition(".")[0] == parent]
+    names = difflib.get_close_matches(name, [p.rpartition(".")[2] for p in siblings], n=1, cutoff=0.5)
+    matches = [f"{parent}.{names[0]}" if parent else names[0]] if names else []
+  return matches[0] if matches else None
+
+
+def override_keys(argv, flag_name: str = "config") -> list[tuple[str, str]]:
+  """(argument as typed, dotted key) for each `--config.a.b=v`, `--config.a.b v`, `--noconfig.a.b`."""
+  pattern = re.compile(rf"^--?(?:no)?{re.escape(flag_name)}\.([^=]+)")
+  out = []
+  for arg in argv:
+    match = pattern.match(arg)
+    if match:
+      out.append((arg.split("=", 1)[0], match.group(1)))
+  return out
+
+
+def check_overrides(config, argv, flag_name: str = "config") -> None:
+  """Raises ConfigError for each override in `argv` that names no field of `config`."""
+  known = set(all_paths(config))
+  found = []
+  for typed, key in override_keys(argv, flag_name):
+    if key in known:
+      continue
+    guess = suggest_key(config, key)
+    hint = f"did you mean '{guess}'?" if guess else _fields_under(config, key)
+    found.append(f"{typed}: unknown field '{key}'; {hint}")
+  if found:
+    raise ConfigError("\n".join(found))
+
+
+def _fields_under(config, key: str) -> str:
+  parts, node, prefix = key.split("."), config, []
+  for part in parts[:-1]:
+    if not (_is_mapping(node) and part in node and _is_mapping(node[part])):
+      break
+    node, prefix = node[part], prefix + [part]
+  where = ".".join(prefix) or "the top level"
+  return f"fields at {where}: {', '.join(sorted(node.keys()))}"
+
+
+def config_file_from_argv(argv, flag_name: str = "config") -> str | None:
+  """The value of `--config=path[:arg]` (or `--config path[:arg]`) in argv, if any."""
+  for i, arg in enumerate(argv):
+    for prefix in (f"--{flag_name}=", f"-{flag_name}="):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+    if arg in (f"--{flag_name}", f"-{flag_name}") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def flags_parser(argv, flag_name: str = "config"):
+  """`app.run(main, flags_parser=flags_parser)`: checks config overrides, then parses as absl does.
+
+  ml_collections only raises a bare AttributeError deep inside flag parsing for an unknown
+  override; this loads the config file first and exits with a one-line message per typo.
+  """
+  from absl import app, flags
+
+  path = config_file_from_argv(argv, flag_name)
+  if path is not None and flag_name in flags.FLAGS:
+    # The config flag's own parser loads the file and calls get_config(arg), as parsing will.
+    config = flags.FLAGS[flag_name].parser.parse(path)
+    try:
+      check_overrides(config, argv, flag_name)
+    except ConfigError as e:
+      print(f"FATAL config error:\n{e}", file=sys.stderr)
+      sys.exit(1)
+  return app.parse_flags_with_usage(argv)

@@ -161,3 +161,20 @@ def test_signal_sets_stop_flag_and_handlers_are_restored():
   finally:
     stop.uninstall()
   assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_restore_onto_a_mesh(tmp_path, train_state):
+  """Saved from one device, restored straight into (data, fsdp, tensor) shardings."""
+  from p3o_jax import sharding
+  save_steps(tmp_path, train_state, [10])
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  graph, _ = decoder.abstract(CFG)
+  param_shardings = sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=train_state["params"])
+  abstract = abstract_of(train_state)
+  abstract["params"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract["params"], param_shardings)
+  with Checkpointer(tmp_path) as ckpt:
+    restored = ckpt.restore(abstract)
+  q = restored.state["params"]["layers"][0]["attn"]["q_kernel"]
+  assert q.sharding == param_shardings["layers"][0]["attn"]["q_kernel"] and len(q.addressable_shards) == 8
+  assert_bitwise_equal(restored.state, train_state)

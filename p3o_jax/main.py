@@ -25,6 +25,8 @@ from p3o_jax import checkpoint, config_checks, pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs, exports and plots go.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
+                                 "(multi-host TPU pods and SLURM GPU jobs; it reads the cluster itself).")
 
 
 def run(config, workdir: str) -> dict[str, str]:
@@ -71,6 +73,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
   run(_CONFIG.value, _WORKDIR.value)
 
 

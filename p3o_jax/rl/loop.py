@@ -53,7 +53,7 @@ def rollout_metrics(exp: Experience, kl_coef: float, eos_id: int) -> dict:
   return out
 
 
-def evaluate(roller: Roller, params, queries, query_masks, rng, algo: str, step: int) -> dict:
+def evaluate(roller: Roller, params, queries, query_masks, rng, step: int) -> dict:
   """One sample per held-out prompt: the KL-reward frontier point at this step."""
   exp = roller(params, queries, query_masks, rng, k=1)
   record = {frontier.KL_KEY: float(exp.seq_kl.mean()), frontier.REWARD_KEY: float(exp.scores.mean()),
@@ -120,6 +120,10 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
       moments = RunningMoments(**meta["reward_moments"])
     log.info("rl: resumed from iteration %d", start)
 
+  eval_key = jax.random.key(config.seed + 1)  # the same held-out samples' keys at every eval
+  if start == 0:  # the frontier's first point: the initial policy
+    record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, 0)
+    logger.log(0, {**record, "algo": algo})
   bar = logger.progress(rl.iterations, desc=f"rl/{algo}", initial=start)
   record, t0, tokens = {}, time.time(), 0
   for it in range(start, rl.iterations):
@@ -148,15 +152,9 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
     metrics["objective/kl_coef"] = kl.value
     kl.update(metrics["objective/kl"], rl.prompts_per_rollout * k)
     done = it + 1
-    if done % config.eval.every == 0 or done == rl.iterations or it == start == 0:
-      step_for_eval = 0 if it == start == 0 else done
-      if step_for_eval == 0:  # the starting point of the frontier, before any update
-        record = evaluate(roller, policy.params, *eval_queries, jax.random.key(config.seed + 1), algo, 0)
-        logger.log(0, {**record, "algo": algo})
-      if done % config.eval.every == 0 or done == rl.iterations:
-        record = evaluate(roller, policy_params(state.params), *eval_queries,
-                          jax.random.key(config.seed + 1), algo, done)
-        logger.log(done, {**record, "algo": algo})
+    if done % config.eval.every == 0 or done == rl.iterations:
+      record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, done)
+      logger.log(done, {**record, "algo": algo})
     logger.log(done, metrics)
     bar.advance(1, tokens=exp.num_response_tokens, score=metrics["objective/scores"], kl=metrics["objective/kl"])
     stopping = stop is not None and stop.requested

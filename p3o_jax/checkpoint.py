@@ -189,11 +189,16 @@ class Checkpointer:
 
   # --------------------------------------------------------------------------- save
 
-  def save(self, step: int, state, meta: dict | None = None) -> None:
+  def save(self, step: int, state, meta: dict | None = None) -> bool:
     """Starts writing `state` and `meta` as `step`; returns once arrays are copied to host.
 
-    Raises NonFiniteError (naming the leaf) if any floating leaf holds a NaN or Inf.
+    Returns False (and writes nothing) when `step` is already saved, e.g. a periodic save
+    followed by a preemption save at the same step. Raises NonFiniteError (naming the leaf)
+    if any floating leaf holds a NaN or Inf.
     """
+    if int(step) in self._manager.all_steps():
+      log.info("checkpoint step %d already exists; not saving it again", step)
+      return False
     bad = first_non_finite(state)
     if bad is not None:
       raise NonFiniteError(f"refusing to save checkpoint step {step}: leaf '{bad}' has NaN or Inf values")
@@ -202,6 +207,7 @@ class Checkpointer:
         meta=ocp.args.JsonSave(to_jsonable(meta or {})),
     )
     self._manager.save(int(step), args=args, force=True)
+    return True
 
   def wait_until_finished(self) -> None:
     if not self._closed:

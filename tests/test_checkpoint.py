@@ -71,10 +71,14 @@ def test_round_trip_is_exact_and_keeps_int_layer_keys(tmp_path, train_state):
   np.testing.assert_array_equal(jax.random.normal(restored.state["rng"], (3,)), jax.random.normal(train_state["rng"], (3,)))
 
 
-def test_keeps_last_n(tmp_path, train_state):
+def test_keeps_last_n_and_skips_a_step_saved_twice(tmp_path, train_state):
   save_steps(tmp_path, train_state, [1, 2, 3, 4], keep=2)
   with Checkpointer(tmp_path, keep=2) as ckpt:
     assert ckpt.all_steps() == [3, 4]
+    assert ckpt.save(4, train_state) is False   # e.g. periodic save, then preemption save
+    assert ckpt.save(5, train_state) is True
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [4, 5]
 
 
 def abstract_of(state):

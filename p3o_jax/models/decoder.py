@@ -337,6 +337,22 @@ def positions_from_mask(padding_mask):
   return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def score_positions(padding_mask):
+  """[B, T] padding mask -> [B] int index of the last real token (the rightmost 1).
+
+  This is the token HF *ForSequenceClassification reads on left- or right-padded batches.
+  A row with no real token gives 0.
+  """
+  T = padding_mask.shape[-1]
+  return jnp.max(jnp.where(padding_mask.astype(bool), jnp.arange(T), 0), axis=-1)
+
+
+def last_token_scalar(scalars, padding_mask):
+  """Reward / value at the last real token: scalars [B, T], padding_mask [B, T] -> [B]."""
+  index = score_positions(padding_mask)
+  return jnp.take_along_axis(scalars, index[:, None], axis=-1)[:, 0]
+
+
 def causal_mask(padding_mask):
   """[B, T] padding mask -> [B, T, T] bool: causal and never attending to padding keys."""
   T = padding_mask.shape[-1]

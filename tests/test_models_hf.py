@@ -45,18 +45,18 @@ def _hf_logits(model, tokens, mask):
     return model(**fx.hf_inputs(tokens, mask)).logits.numpy()
 
 
-def _our_logits(graph, params, tokens, mask):
+def _jitted_logits(graph):
   def logits(params, tokens, mask):
     model, hidden = decoder.forward(graph, params, tokens, mask)
     return model.logits(hidden)
-  return jax.jit(logits)(params, tokens, mask)
+  return jax.jit(logits)
 
 
-def _our_scores(graph, params, tokens, mask):
+def _jitted_scores(graph):
   def scores(params, tokens, mask):
     model, hidden = decoder.forward(graph, params, tokens, mask)
     return decoder.last_token_scalar(model.scalar(hidden), mask)
-  return jax.jit(scores)(params, tokens, mask)
+  return jax.jit(scores)
 
 
 @pytest.fixture(scope="module", params=sorted(fx.CONFIGS))
@@ -67,11 +67,12 @@ def causal(request, tmp_path_factory):
   tokens, mask = _batch()
   cfg, graph, params = hf.load(str(directory))
   return SimpleNamespace(kind=request.param, dir=directory, model=model, tokens=tokens, mask=mask,
-                         ref=_hf_logits(model, tokens, mask), cfg=cfg, graph=graph, params=params)
+                         ref=_hf_logits(model, tokens, mask), cfg=cfg, graph=graph, params=params,
+                         logits=_jitted_logits(graph)(params, tokens, mask))
 
 
 def test_logits_match_transformers_on_left_padded_batch(causal):
-  ours = _our_logits(causal.graph, causal.params, causal.tokens, causal.mask)
+  ours = causal.logits
   assert causal.cfg.model_type == causal.kind.removesuffix("_tied")
   assert _max_err(ours, causal.ref, causal.mask) < ATOL
   # The weights are random enough that logits are far from flat: a mapping error would show.
@@ -108,8 +109,7 @@ def test_kv_cache_decoding_matches_full_forward(causal):
     logits, cache = step(params, cache, jnp.int32(t))
     chunks.append(logits)
   cached = jnp.concatenate(chunks, axis=1)
-  full = _our_logits(graph, params, tokens, mask)
-  assert _max_err(cached, full, causal.mask) < ATOL
+  assert _max_err(cached, causal.logits, causal.mask) < ATOL
   assert _max_err(cached, causal.ref, causal.mask) < ATOL
 
 
@@ -142,7 +142,8 @@ def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
   cfg, graph, params = hf.load(str(directory), head="score")
-  return SimpleNamespace(kind=request.param, dir=directory, model=model, cfg=cfg, graph=graph, params=params)
+  return SimpleNamespace(kind=request.param, dir=directory, model=model, cfg=cfg, graph=graph, params=params,
+                         scores=_jitted_scores(graph))
 
 
 def _hf_scores(model, tokens, mask):
@@ -154,7 +155,7 @@ def _hf_scores(model, tokens, mask):
 def test_reward_matches_sequence_classification(reward, left):
   tokens, mask = _batch(left=left, seed=2)
   ref = _hf_scores(reward.model, tokens, mask)
-  ours = _our_scores(reward.graph, reward.params, tokens, mask)
+  ours = reward.scores(reward.params, tokens, mask)
   assert not reward.cfg.lm_head and reward.cfg.scalar_head and not reward.cfg.scalar_head_bias
   np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
   assert np.ptp(ref) > 0.1  # scores differ between rows, so a wrong read position would show
@@ -167,10 +168,10 @@ def test_reward_export_and_value_head(reward, tmp_path):
   exported = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(tmp_path / "rm"), attn_implementation="eager").eval()
   np.testing.assert_allclose(_hf_scores(exported, tokens, mask), ref, atol=1e-5, rtol=0)
-  # A critic started from the reward model: same kernel, zero bias -> the same values.
-  cfg, graph, params = hf.load(str(reward.dir), head="value")
-  assert cfg.scalar_head_bias and float(params["scalar_bias"][0]) == 0.0
-  np.testing.assert_allclose(_our_scores(graph, params, tokens, mask), ref, atol=ATOL, rtol=0)
+  # A critic started from the reward model: the same kernel and a zero bias.
+  cfg, _, params = hf.load(str(reward.dir), head="value")
+  assert cfg.scalar_head_bias and not cfg.lm_head and float(params["scalar_bias"][0]) == 0.0
+  np.testing.assert_array_equal(params["scalar_kernel"], reward.params["scalar_kernel"])
   with pytest.raises(ValueError, match="value head"):
     hf.save(str(tmp_path / "critic"), cfg, params)
 
@@ -285,7 +286,6 @@ def test_save_refuses_configs_the_family_cannot_express(tmp_path):
   cfg = hf.config_from_hf(_hf_dict("gpt_neox")).replace(num_kv_heads=2)
   with pytest.raises(ValueError, match="num_kv_heads=2"):
     hf.config_to_hf(cfg, "GPTNeoXForCausalLM")
-  _, params = decoder.create(cfg.replace(num_layers=1))
   with pytest.raises(ValueError, match="gpt_neox"):
-    hf.save(str(tmp_path / "x"), cfg.replace(num_layers=1), params)
+    hf.save(str(tmp_path / "x"), cfg, params={})  # the config is checked before any params
   assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,309 @@
+"""Jitted sampling: prefill each prompt once, decode K responses per prompt with a KV cache.
+
+Shape letters: B prompts, K samples per prompt, R = B*K rows, P prompt bucket length,
+N max new tokens, S = P + N cache length, V vocab.
+
+    tokens, mask = pad_prompts(token_lists, bucket=64, pad_id=pad)
+    out = generate(graph, params, tokens, mask, rng, max_new_tokens=128, num_samples=2,
+                   eos_id=eos, pad_id=pad)
+    out.tokens, out.logprobs, out.mask   # [R, N], row b*K + k is sample k of prompt b
+
+How it runs (one jitted function per static setting and shape):
+  1. Prefill the left-padded prompts [B, P] into a cache of length P; keep the logits of the
+     last position only (left padding puts every prompt's last real token there).
+  2. Repeat the cache and those logits K times on the batch axis and pad the cache to S.
+  3. Sample token 0 from the prefill logits, then `lax.while_loop`: feed the previous token at
+     cache slot P + step - 1 (position = real prompt length + step - 1), sample the next one.
+     The loop ends after N tokens or as soon as every row has emitted EOS.
+
+Log-probabilities. `logprobs` is log softmax(logits / T) at the sampled token, in float32: the
+temperature-scaled policy that `decoder.token_logprobs(..., temperature=T)` computes, so sampler
+and trainer agree. It is NOT the log-probability under the distribution actually sampled from
+when top-k, top-p or min_new_tokens change that distribution (truncation, EOS suppressed): use
+T=1, top_k=0, top_p=1 for on-policy RL, or correct for the kept mass yourself.
+
+The KV cache is created inside the jitted function and carried by the while loop, whose buffers
+XLA updates in place (`dynamic_update_slice`), so no cache crosses the jit boundary and there is
+nothing to donate.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p3o_jax.models import decoder
+
+log = logging.getLogger(__name__)
+
+NEG_INF = -jnp.inf
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array         # [R, N] int32 response tokens; pad_id after the first EOS
+  logprobs: jax.Array       # [R, N] float32 log softmax(logits / T) of each token; 0 where mask is 0
+  mask: jax.Array           # [R, N] int32, 1 up to and including the first EOS
+  lengths: jax.Array        # [R] int32 number of response tokens (EOS included)
+  finished: jax.Array       # [R] bool, True where the row emitted EOS
+  prompt_tokens: jax.Array  # [R, P] the prompts, each repeated K times
+  prompt_mask: jax.Array    # [R, P] int32
+  num_steps: jax.Array      # [] int32 token positions actually decoded (< N after an early stop)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def bucket_length(longest: int, bucket: int | Sequence[int] | None = None) -> int:
+  """The padded prompt length: `bucket` itself (int), the smallest of several buckets that
+  fits `longest` (the largest one when none does), or the next power of two (None)."""
+  if bucket is None:
+    return max(1, 1 << max(0, longest - 1).bit_length())
+  if isinstance(bucket, int):
+    return bucket
+  buckets = sorted(bucket)
+  return next((b for b in buckets if b >= longest), buckets[-1])
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int | Sequence[int] | None = None,
+                pad_id: int = 0, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token lists to one bucket length -> (tokens [B, P] int32, mask [B, P] int32).
+
+  A prompt longer than the bucket is an error, or, with truncate=True, loses its oldest
+  tokens (a warning is logged).
+  """
+  if not prompts:
+    raise ValueError("pad_prompts got no prompts")
+  lengths = [len(p) for p in prompts]
+  for i, n in enumerate(lengths):
+    if n == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+  length = bucket_length(max(lengths), bucket)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for i, prompt in enumerate(prompts):
+    if len(prompt) > length:
+      if not truncate:
+        raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the bucket length "
+                         f"{length}; raise the bucket or pass truncate=True")
+      log.warning("prompt %d truncated from the left: %d -> %d tokens", i, len(prompt), length)
+      prompt = prompt[len(prompt) - length:]
+    tokens[i, length - len(prompt):] = np.asarray(prompt, np.int32)
+    mask[i, length - len(prompt):] = 1
+  return tokens, mask
+
+
+# ----------------------------------------------------------------------------- token choice
+
+def _nucleus_keep(sorted_logits, top_p):
+  """[R, C] logits sorted descending -> bool keep mask: the smallest prefix with mass >= top_p.
+
+  A token is kept when the mass strictly before it is < top_p, so the top token always is.
+  """
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  return mass_before < top_p
+
+
+def _below(x):
+  """The largest float32 strictly below x (x > 0): keeps a search target inside the total."""
+  return jnp.nextafter(x, jnp.zeros_like(x))
+
+
+def inverse_cdf(weights, u, block: int = 256):
+  """Sample index i of each row with probability weights[i] / sum(weights), given u ~ U[0, 1).
+
+  weights: [R, C] >= 0 with a positive entry per row; u: [R]. Returns [R] int32: the first
+  index whose running sum exceeds u * total. Two levels (block sums, then one block) keep the
+  scans short, and one uniform per row replaces the C Gumbel draws of `categorical`, which
+  dominate a decode step's cost on CPU at LM vocabulary sizes. An index of zero weight is never
+  returned: the target is kept strictly below each total, and the chosen index is where the
+  running sum strictly increases.
+  """
+  R, C = weights.shape
+  block = min(block, C)
+  num_blocks = -(-C // block)
+  w = jnp.pad(weights, ((0, 0), (0, num_blocks * block - C))).reshape(R, num_blocks, block)
+  block_mass = w.sum(-1)                                      # [R, num_blocks]
+  cum = jnp.cumsum(block_mass, axis=-1)
+  target = jnp.minimum(u * cum[:, -1], _below(cum[:, -1]))
+  b = jnp.sum(cum <= target[:, None], axis=-1)               # first block whose running sum > target
+  before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
+  in_block = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [R, block]
+  cum_in = jnp.cumsum(in_block, axis=-1)
+  rest = jnp.minimum(target - before, _below(cum_in[:, -1]))
+  j = jnp.sum(cum_in <= rest[:, None], axis=-1)
+  return (b * block + j).astype(jnp.int32)
+
+
+def _choose(logits, probs, key, *, greedy: bool, top_k: int, use_top_p: bool, top_p):
+  """Pick one token per row. logits: [R, V] float32, temperature-scaled, -inf where forbidden;
+  probs: [R, V] the matching unnormalised exp(logits - max)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
+  if top_k == 0 and not use_top_p:
+    return inverse_cdf(probs, u)
+  # Work on the candidates in descending order: the top-k (cheap partial sort) or the whole
+  # vocabulary (top-p only), then map the chosen rank back to its token id.
+  k = top_k or logits.shape[-1]
+  cand_logits, cand_ids = jax.lax.top_k(logits, k)  # [R, C]
+  cand_probs = jnp.exp(cand_logits - cand_logits[:, :1])
+  if use_top_p:
+    cand_probs = jnp.where(_nucleus_keep(cand_logits, top_p), cand_probs, 0.0)
+  rank = inverse_cdf(cand_probs, u)
+  return jnp.take_along_axis(cand_ids, rank[:, None], axis=-1)[:, 0]
+
+
+class _Loop(NamedTuple):
+  step: jax.Array      # [] int32 index of the next token to write
+  token: jax.Array     # [R] int32 the last written token (input of the next forward)
+  tokens: jax.Array    # [R, N] int32
+  logprobs: jax.Array  # [R, N] float32
+  lengths: jax.Array   # [R] int32
+  done: jax.Array      # [R] bool
+  cache: list          # per layer LayerCache, each [R, S, G, Kh]
+
+
+# ----------------------------------------------------------------------------- the jitted sampler
+
+def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_top_p: bool,
+               greedy: bool, eos_id: int, pad_id: int):
+  """The pure function that `generate` jits; static settings are closed over."""
+  N, K = max_new_tokens, num_samples
+
+  def run(params, prompt_tokens, prompt_mask, rng, temperature, top_p, min_new_tokens):
+    model = decoder.merge(graph, params)
+    B, P = prompt_tokens.shape
+    prompt_valid = prompt_mask.astype(bool)
+    prompt_len = prompt_valid.sum(-1).astype(jnp.int32)
+
+    # 1. Prefill once per prompt; logits of the last (always real) position only.
+    cache = decoder.init_cache(model.cfg, B, P)
+    hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid),
+                          decoder.causal_mask(prompt_valid), cache, 0)
+    first_logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
+
+    # 2. Broadcast to K samples per prompt (row b*K + k) and grow the cache to S = P + N.
+    rep = lambda x: jnp.repeat(x, K, axis=0)
+    grow = lambda x: jnp.pad(rep(x), ((0, 0), (0, N), (0, 0), (0, 0)))
+    cache = [decoder.LayerCache(grow(c.k), grow(c.v)) for c in cache]
+    first_logits, prompt_len, prompt_valid = rep(first_logits), rep(prompt_len), rep(prompt_valid)
+    R = B * K
+    slots = jnp.arange(P + N)
+    key_valid_prompt = jnp.pad(prompt_valid, ((0, 0), (0, N)))  # [R, S]; generated slots added per step
+    is_eos = jnp.arange(first_logits.shape[-1]) == eos_id
+
+    def emit(state: _Loop, logits) -> _Loop:
+      """Sample token `state.step` from [R, V] logits and write it (pad once a row is done)."""
+      step = state.step
+      scaled = logits.astype(jnp.float32) / temperature
+      peak = jnp.max(scaled, axis=-1, keepdims=True)
+      probs = jnp.exp(scaled - peak)  # one exp over V serves both log Z and the sampler
+      log_z = jnp.log(probs.sum(-1)) + peak[:, 0]
+      forbid = is_eos & (step < min_new_tokens)
+      token = _choose(jnp.where(forbid, NEG_INF, scaled), jnp.where(forbid, 0.0, probs),
+                      jax.random.fold_in(rng, step), greedy=greedy, top_k=top_k,
+                      use_top_p=use_top_p, top_p=top_p)
+      logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
+      live = ~state.done
+      out_token = jnp.where(live, token, pad_id)
+      return _Loop(
+          step=step + 1,
+          token=out_token,
+          tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, out_token, step, axis=1),
+          logprobs=jax.lax.dynamic_update_index_in_dim(
+              state.logprobs, jnp.where(live, logprob, 0.0), step, axis=1),
+          lengths=state.lengths + live.astype(jnp.int32),
+          done=state.done | (live & (token == eos_id)),
+          cache=state.cache)
+
+    def keep_going(state: _Loop):
+      return (state.step < N) & ~jnp.all(state.done)
+
+    def decode_step(state: _Loop) -> _Loop:
+      # Feed the token written at step - 1: cache slot P + step - 1, position prompt_len + step - 1.
+      prev = state.step - 1
+      key_valid = key_valid_prompt | ((slots >= P) & (slots <= P + prev))[None, :]
+      hidden, cache = model(state.token[:, None], (prompt_len + prev)[:, None],
+                            key_valid[:, None, :], state.cache, P + prev)
+      return emit(state._replace(cache=cache), model.logits(hidden)[:, 0])
+
+    # 3. Token 0 from the prefill, then one forward per further token.
+    state = _Loop(step=jnp.int32(0), token=jnp.zeros((R,), jnp.int32),
+                  tokens=jnp.full((R, N), pad_id, jnp.int32),
+                  logprobs=jnp.zeros((R, N), jnp.float32),
+                  lengths=jnp.zeros((R,), jnp.int32), done=jnp.zeros((R,), bool), cache=cache)
+    state = jax.lax.while_loop(keep_going, decode_step, emit(state, first_logits))
+
+    return SampleOutput(
+        tokens=state.tokens, logprobs=state.logprobs,
+        mask=(jnp.arange(N)[None, :] < state.lengths[:, None]).astype(jnp.int32),
+        lengths=state.lengths, finished=state.done,
+        prompt_tokens=rep(prompt_tokens), prompt_mask=rep(prompt_mask).astype(jnp.int32),
+        num_steps=state.step)
+
+  return run
+
+
+_COMPILED: dict = {}
+
+
+def _graph_key(graph: decoder.Graph):
+  """Hashable identity of a graph: its graphdef plus every parameter's shape and dtype."""
+  leaves, treedef = jax.tree_util.tree_flatten(graph.template)
+  return graph.graphdef, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
+
+
+def _compiled(graph: decoder.Graph, **static):
+  key = (_graph_key(graph), tuple(sorted(static.items())))
+  if key not in _COMPILED:
+    _COMPILED[key] = jax.jit(_sample_fn(graph, **static))
+  return _COMPILED[key]
+
+
+def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng, *,
+             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, eos_id: int,
+             pad_id: int, greedy: bool = False) -> SampleOutput:
+  """Sample `num_samples` responses for each LEFT-padded prompt.
+
+  prompt_tokens, prompt_mask: [B, P] (see `pad_prompts`); rng: a PRNG key.
+  Returns a SampleOutput with R = B * num_samples rows, prompt-major (row b*K + k).
+
+  Compiled once per (model, shapes, max_new_tokens, num_samples, top_k, greedy, whether
+  top_p < 1, eos_id, pad_id); temperature, top_p and min_new_tokens are traced and may change
+  freely. top_k=0 and top_p=1 mean no truncation; with greedy=True the argmax is taken
+  (log-probs are still reported under logits / temperature).
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
+                     "must both be [B, P]")
+  if max_new_tokens < 1 or num_samples < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
+  if not 0 <= min_new_tokens <= max_new_tokens:
+    raise ValueError(f"min_new_tokens={min_new_tokens} must lie in [0, max_new_tokens={max_new_tokens}]")
+  if not greedy and not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must lie in (0, 1]")
+  vocab_size = graph.template["embed"].shape[0]
+  if not 0 <= top_k <= vocab_size:
+    raise ValueError(f"top_k={top_k} must lie in [0, vocab_size={vocab_size}] (0 disables it)")
+  if not 0 <= eos_id < vocab_size:
+    raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
+  if not isinstance(prompt_mask, jax.core.Tracer):
+    last_col = np.asarray(prompt_mask[:, -1])
+    if not last_col.all():
+      raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
+                       "end in padding (use pad_prompts)")
+  run = _compiled(graph, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
+                  top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
+                  eos_id=int(eos_id), pad_id=int(pad_id))
+  return run(params, prompt_tokens, prompt_mask, rng, jnp.float32(temperature if temperature > 0 else 1.0),
+             jnp.float32(top_p), jnp.int32(min_new_tokens))

@@ -354,8 +354,16 @@ def override_keys(argv, flag_name: str = "config") -> list[tuple[str, str]]:
   return out
 
 
-def check_overrides(config, argv, flag_name: str = "config") -> None:
-  """Raises ConfigError for each override in `argv` that names no field of `config`."""
+def check_overrides(config, argv=None, flag_name: str = "config") -> None:
+  """Raises ConfigError for each override in `argv` that names no field of `config`.
+
+  `check_overrides(sys.argv)` (argv alone) loads the config file that argv names with the
+  registered `--config` flag's parser first; it does nothing when argv names no config file.
+  """
+  if argv is None:
+    argv, config = config, load_config_from_argv(config, flag_name)
+    if config is None:
+      return
   known = set(all_paths(config))
   found = []
   for typed, key in override_keys(argv, flag_name):
@@ -389,18 +397,27 @@ def config_file_from_argv(argv, flag_name: str = "config") -> str | None:
   return None
 
 
+def load_config_from_argv(argv, flag_name: str = "config"):
+  """The config that `--config=path[:arg]` in argv names, loaded by the registered flag's parser
+  (it imports the file and calls get_config(arg), as flag parsing will); None without one."""
+  from absl import flags
+
+  path = config_file_from_argv(argv, flag_name)
+  if path is None or flag_name not in flags.FLAGS:
+    return None
+  return flags.FLAGS[flag_name].parser.parse(path)
+
+
 def flags_parser(argv, flag_name: str = "config"):
   """`app.run(main, flags_parser=flags_parser)`: checks config overrides, then parses as absl does.
 
   ml_collections only raises a bare AttributeError deep inside flag parsing for an unknown
   override; this loads the config file first and exits with a one-line message per typo.
   """
-  from absl import app, flags
+  from absl import app
 
-  path = config_file_from_argv(argv, flag_name)
-  if path is not None and flag_name in flags.FLAGS:
-    # The config flag's own parser loads the file and calls get_config(arg), as parsing will.
-    config = flags.FLAGS[flag_name].parser.parse(path)
+  config = load_config_from_argv(argv, flag_name)
+  if config is not None:
     try:
       check_overrides(config, argv, flag_name)
     except ConfigError as e:

@@ -112,9 +112,10 @@ def load_config_file(name, arg=None):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize("arg", [None, "runlocal", "algo=ppo", "algo=online_dpo,runlocal"])
-def test_shipped_demo_config_is_valid(arg):
-  config_checks.validate(load_config_file("demo.py", arg))
+@pytest.mark.parametrize("name, arg", [("demo.py", None), ("demo.py", "runlocal"), ("demo.py", "algo=ppo"),
+                                       ("demo.py", "algo=online_dpo,runlocal"), ("tldr.py", None), ("hh.py", None)])
+def test_shipped_configs_are_valid(name, arg):
+  config_checks.validate(load_config_file(name, arg))
 
 
 def test_unknown_override_suggests_the_close_field():
@@ -150,3 +151,13 @@ def test_flags_parser_reports_typo_before_absl(tmp_path):
   assert "--config.rl.bta: unknown field 'rl.bta'; did you mean 'rl.beta'?" in bad.stderr
   good = run("--config.rl.beta=0.2")
   assert good.returncode == 0 and "beta 0.2" in good.stdout
+
+
+def test_check_overrides_from_argv_alone_uses_the_entry_points_config_flag():
+  """`check_overrides(sys.argv)` as p3o_jax.main.entry() calls it: the config comes from argv."""
+  from p3o_jax import main  # noqa: F401 - registers the --config flag
+  demo = f"--config={REPO / 'configs' / 'demo.py'}:runlocal"
+  with pytest.raises(ConfigError, match=r"--config.rl.bta: unknown field 'rl.bta'; did you mean 'rl.beta'\?"):
+    config_checks.check_overrides(["main.py", demo, "--config.rl.bta=0.1"])
+  config_checks.check_overrides(["main.py", demo, "--config.rl.beta=0.1"])
+  config_checks.check_overrides(["main.py", "--config.rl.bta=0.1"])  # no config file named: absl reports it

@@ -115,7 +115,7 @@ def test_kv_cache_decoding_matches_full_forward(causal):
 
 def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   out = tmp_path / "export"
-  hf.save(str(out), causal.cfg, causal.params)
+  hf.save(str(out), causal.cfg, causal.params, config_overrides=fx.IDS)
   assert sorted(os.listdir(tmp_path)) == ["export"]  # the temporary dir was renamed into place
   exported = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")
   assert type(exported).__name__ == hf.CAUSAL_LM_CLASS[causal.cfg.model_type]
@@ -289,3 +289,48 @@ def test_save_refuses_configs_the_family_cannot_express(tmp_path):
   with pytest.raises(ValueError, match="gpt_neox"):
     hf.save(str(tmp_path / "x"), cfg, params={})  # the config is checked before any params
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_save_writes_the_tokenizer_and_its_special_ids(llama_files, tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["<pad>", "</s>"] + [f"w{i}" for i in range(fx.VOCAB - 2)]
+  backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                   eos_token="</s>")
+  cfg, _, params = hf.load(str(llama_files.dir))
+  hf.save(str(tmp_path / "out"), cfg, params, tokenizer=tokenizer)
+  hf.save(str(tmp_path / "out"), cfg, params, tokenizer=tokenizer)  # overwrite in place
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+  config = json.load(open(tmp_path / "out" / "config.json"))
+  assert (config["pad_token_id"], config["eos_token_id"]) == (0, 1)
+  reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  assert reloaded("w5 w7")["input_ids"] == tokenizer("w5 w7")["input_ids"] == [7, 9]
+
+
+def test_hub_id_goes_through_snapshot_download(llama_files, monkeypatch):
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+    calls.append((repo_id, revision, allow_patterns))
+    return str(llama_files.dir)
+
+  import huggingface_hub
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  cfg, _, _ = hf.load("some-org/tiny-llama", revision="abc123")
+  repo_id, revision, patterns = calls[0]
+  assert (repo_id, revision, cfg.model_type) == ("some-org/tiny-llama", "abc123", "llama")
+  assert {"config.json", "*.safetensors", "model.safetensors.index.json"} <= set(patterns)
+  assert not any("bin" in p for p in patterns)
+
+
+def test_gpt2_without_prefix_and_with_mask_buffers(tmp_path):
+  """Original GPT-2 files name tensors without 'transformer.' and carry attn.bias buffers."""
+  fx.build("gpt2", tmp_path / "src", seed=6)
+  tensors = load_file(str(tmp_path / "src" / "model.safetensors"))
+  bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  bare.update({f"h.{i}.attn.bias": np.ones((1, 1, 64, 64), np.float32) for i in range(2)})
+  assert "wte.weight" in bare and not any(k.startswith("transformer.") for k in bare)
+  _, _, from_bare = hf.load(_copy_with(tmp_path / "src", tmp_path / "bare", bare))
+  _, _, from_prefixed = hf.load(str(tmp_path / "src"))
+  jax.tree.map(np.testing.assert_array_equal, from_bare, from_prefixed)

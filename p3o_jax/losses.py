@@ -191,8 +191,8 @@ def p3o(
     d loss / d logp_i = -rho_i rho_j Delta / 2,   d loss / d logp_j = +rho_i rho_j Delta / 2
   (per pair, before the normaliser): the negated importance-sampled pairwise policy
   gradient. (The unclipped V1 loss VALUE is identically 0, since w_j rho_i = rho_i rho_j =
-  w_i rho_j; only its gradient carries the update.) Only reward differences enter, so adding any delta(x) to all K rewards of a
-  prompt changes neither the loss nor its gradient.
+  w_i rho_j; only its gradient carries the update.) Only reward differences enter, so
+  adding any delta(x) to all K rewards of a prompt changes neither loss nor gradient.
 
   K > 2 is the natural generalisation the spec names: the mean of L_ij over all K(K-1)/2
   pairs. At rho = 1 (and beta = 0) its negated gradient is

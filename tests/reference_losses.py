@@ -153,7 +153,8 @@ def p3o(logp, old_logp, ref_logp, rewards, *, beta, variant, eps, c, kl_source="
 
 def gae(rewards, values, mask, gamma, lam):
   """Per row: keep the real tokens, run textbook GAE on them (episode ends after the last)."""
-  rewards, values, mask = np.asarray(rewards, np.float64), np.asarray(values, np.float64), np.asarray(mask, bool)
+  rewards, values = np.asarray(rewards, np.float64), np.asarray(values, np.float64)
+  mask = np.asarray(mask, bool)
   adv = np.zeros_like(rewards)
   for b in range(rewards.shape[0]):
     idx = [t for t in range(rewards.shape[1]) if mask[b, t]]

@@ -316,9 +316,12 @@ def test_p3o_micro_batches_with_global_normaliser_sum_to_full_batch(normalise):
                                                    **kw)[0])(logp)
   total = losses.p3o_normaliser(mask, token_mask, normalise)
   parts = [slice(0, 2), slice(2, 4)]
-  micro = [jax.value_and_grad(lambda lp, s=s: losses.p3o(lp, old[s], refp[s], rewards[s], mask=mask[s],
-                                                         token_mask=token_mask[s], normaliser=total, **kw)[0])(logp[s])
-           for s in parts]
+
+  def micro_loss(lp, s):
+    return losses.p3o(lp, old[s], refp[s], rewards[s], mask=mask[s], token_mask=token_mask[s],
+                      normaliser=total, **kw)[0]
+
+  micro = [jax.value_and_grad(micro_loss)(logp[s], s) for s in parts]
   np.testing.assert_allclose(sum(m[0] for m in micro), full[0], rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(np.concatenate([m[1] for m in micro]), full[1], rtol=RTOL, atol=ATOL)
 
@@ -447,10 +450,12 @@ def test_sft_and_sequence_helpers_match_numpy():
   loss, metrics = losses.sft(nan_logp, jnp.asarray(mask))
   want = ref.sft(token_logp, mask)
   chex.assert_trees_all_close((loss, metrics["sft/nll"], metrics["sft/ppl"]),
-                              (f32(want["loss"]), f32(want["sft/nll"]), f32(want["sft/ppl"])), rtol=RTOL, atol=ATOL)
+                              (f32(want["loss"]), f32(want["sft/nll"]), f32(want["sft/ppl"])),
+                              rtol=RTOL, atol=ATOL)
   seq = [sum(token_logp[b, t] for t in range(5) if mask[b, t]) for b in range(3)]
   kl = [sum(token_logp[b, t] - ref_logp[b, t] for t in range(5) if mask[b, t]) for b in range(3)]
-  chex.assert_trees_all_close(losses.sequence_logprob(nan_logp, jnp.asarray(mask)), f32(seq), rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(losses.sequence_logprob(nan_logp, jnp.asarray(mask)), f32(seq),
+                              rtol=RTOL, atol=ATOL)
   chex.assert_trees_all_close(losses.sequence_kl(f32(token_logp), f32(ref_logp), jnp.asarray(mask)), f32(kl),
                               rtol=RTOL, atol=ATOL)
 

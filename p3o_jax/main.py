@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -80,9 +79,9 @@ def main(argv):
 
 
 def entry():
-  config_checks.check_overrides(sys.argv)  # unknown --config.x keys -> a "did you mean" error
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  # Unknown --config.x keys exit with a "did you mean" line instead of a deep traceback.
+  app.run(main, flags_parser=config_checks.flags_parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""End to end on the demo config: every algorithm runs, resume is exact, bad config is named,
+a corrupt checkpoint is skipped, and the entry point prints where its outputs are."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs import demo
+from p3o_jax import main, pipeline
+from p3o_jax.config_checks import ConfigError
+from p3o_jax.metrics_log import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**rl):
+  c = demo.get_config("runlocal")
+  c.sft.steps = c.rm.steps = 2
+  c.rm.num_prompts = 8
+  c.rl.iterations = 3
+  c.rl.prompts_per_rollout = 4
+  c.rl.num_minibatches = 2
+  c.rl.inner_epochs = 2
+  c.eval.every = 3
+  c.eval.num_prompts = 4
+  c.ckpt.every = 1
+  c.log.tensorboard = False
+  for key, value in rl.items():
+    c.rl[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  """SFT and reward model trained once (2 steps each) for every RL test in this module."""
+  workdir = str(tmp_path_factory.mktemp("base"))
+  config = tiny_config()
+  task = pipeline.load_task(config, workdir)
+  pipeline.run_sft(config, workdir, task)
+  pipeline.run_rm(config, workdir, task)
+  return workdir
+
+
+def fresh(base_workdir, tmp_path):
+  for stage in ("sft", "rm"):
+    shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
+  return str(tmp_path)
+
+
+def run_rl(config, workdir, stop=None):
+  config.stage = "rl"
+  task = pipeline.load_task(config, workdir)
+  return pipeline.run_rl(config, workdir, task, stop)
+
+
+def iteration_rows(workdir, algo):
+  return [r for r in read_jsonl(os.path.join(workdir, "rl", algo, "metrics.jsonl")) if "loss/total" in r]
+
+
+@pytest.mark.parametrize("rl", [
+    dict(algo="p3o", variant="v1"),
+    dict(algo="p3o", variant="v2"),
+    dict(algo="p3o", variant="v2", k=4),
+    dict(algo="ppo"),
+    dict(algo="online_dpo"),
+], ids=["p3o-v1", "p3o-v2", "p3o-k4", "ppo", "online_dpo"])
+def test_three_iterations_of_each_algorithm(base_workdir, tmp_path, rl):
+  workdir = fresh(base_workdir, tmp_path)
+  config = tiny_config(**rl)
+  export = run_rl(config, workdir)
+  rows = iteration_rows(workdir, rl["algo"])
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for row in rows:
+    for name in ("loss/total", "objective/kl", "objective/scores", "objective/rlhf_reward", "gold/reward",
+                 "optim/grad_norm"):
+      assert np.isfinite(row[name]), (name, row)
+  # PITFALLS 1: old log-probs come from the trainer's forward, so the first ratio is 1.
+  if "val/ratio_first_minibatch" in rows[0]:
+    np.testing.assert_allclose(rows[0]["val/ratio_first_minibatch"], 1.0, atol=1e-5)
+  assert os.path.isfile(os.path.join(export, "model.safetensors"))
+
+
+class StopAfter:
+  """Stands in for the SIGTERM flag: reads as requested once n iterations have finished."""
+
+  def __init__(self, n):
+    self.n, self.reads = n, 0
+
+  @property
+  def requested(self):
+    self.reads += 1
+    return self.reads >= self.n
+
+
+def _final_params(export):
+  return load_file(os.path.join(export, "model.safetensors"))
+
+
+VOLATILE = ("time", "elapsed", "rl/tokens_per_s")
+
+
+def test_stop_and_resume_is_bitwise(base_workdir, tmp_path):
+  straight = fresh(base_workdir, tmp_path / "straight")
+  export_a = run_rl(tiny_config(iterations=4), straight)
+
+  resumed = fresh(base_workdir, tmp_path / "resumed")
+  run_rl(tiny_config(iterations=4), resumed, stop=StopAfter(2))
+  assert [r["step"] for r in iteration_rows(resumed, "p3o")] == [1, 2]
+  export_b = run_rl(tiny_config(iterations=4), resumed)
+
+  a, b = _final_params(export_a), _final_params(export_b)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  rows_a = {r["step"]: r for r in iteration_rows(straight, "p3o")}
+  rows_b = {r["step"]: r for r in iteration_rows(resumed, "p3o")}
+  assert sorted(rows_b) == [1, 2, 3, 4]
+  for step in (3, 4):
+    for name, value in rows_a[step].items():
+      if name not in VOLATILE:
+        assert rows_b[step][name] == value, (step, name)
+
+
+def test_corrupt_latest_checkpoint_falls_back(base_workdir, tmp_path, caplog):
+  workdir = fresh(base_workdir, tmp_path)
+  run_rl(tiny_config(iterations=2), workdir)
+  ckpt = os.path.join(workdir, "rl", "p3o", "ckpt")
+  latest = os.path.join(ckpt, "2")
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with caplog.at_level("WARNING"):
+    run_rl(tiny_config(iterations=3), workdir)
+  assert "step 2 is unreadable" in caplog.text and "falling back to step 1" in caplog.text
+  assert [r["step"] for r in iteration_rows(workdir, "p3o")][-2:] == [2, 3]
+
+
+def test_config_errors_name_the_field():
+  config = tiny_config()
+  with pytest.raises(ConfigError, match=r"did you mean 'rl.beta'"):
+    from p3o_jax import config_checks
+    config_checks.check_overrides(config, ["prog", "--config.rl.bta=0.1"])
+  for field, value, pattern in (("optim.lr", -1.0, "optim.lr"), ("rl.k", 1, "rl.k"),
+                                ("rl.algo", "reinforce", "rl.algo")):
+    bad = tiny_config()
+    section, name = field.split(".")
+    bad[section][name] = value
+    with pytest.raises(ConfigError, match=pattern):
+      main.run(bad, "/nonexistent/should-not-be-created")
+  assert not os.path.exists("/nonexistent/should-not-be-created")
+
+
+def test_unknown_override_on_the_command_line_suggests_the_match():
+  proc = subprocess.run(
+      [sys.executable, "-m", "p3o_jax.main", "--config=configs/demo.py:runlocal", "--workdir=/tmp/unused",
+       "--config.rl.bta=0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "did you mean 'rl.beta'" in proc.stderr
+
+
+def test_pipeline_prints_where_outputs_are(tmp_path, capsys):
+  config = tiny_config()
+  config.rl.iterations = 1
+  main.run(config, str(tmp_path))
+  out = capsys.readouterr().out
+  for name in ("sft policy (HF)", "reward model (HF)", "p3o policy (HF)", "report", "plots"):
+    assert name in out
+  assert os.path.isfile(os.path.join(tmp_path, "eval", "report.md"))
+  assert os.path.isfile(os.path.join(tmp_path, "eval", "frontier.png"))
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    assert json.load(f)["rl"]["algo"] == "p3o"

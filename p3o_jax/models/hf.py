@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,9 +180,9 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
                 num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
                 intermediate_size=cfg.mlp_width, hidden_act=cfg.activation,
                 max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, attention_dropout=0.0)
+                rope_theta=cfg.rope_theta, head_dim=cfg.dim_per_head, attention_dropout=0.0)
     if mt == "llama":
-      arch.update(head_dim=cfg.dim_per_head, attention_bias=cfg.qkv_bias, mlp_bias=False)
+      arch.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     else:
       arch.update(use_sliding_window=False)
   hf = {**common, **arch}

@@ -5,6 +5,9 @@
     prefs = preference_records(load_split("Anthropic/hh-rlhf", "test"))  # {prompt, chosen, rejected}
     prompts = prompt_records(ds)                          # Dataset{prompt}
 
+Extra keyword arguments go to `datasets.load_dataset`, e.g. `data_dir="helpful-base"` for one
+subset of Anthropic/hh-rlhf.
+
 Supported schemas (detected from the column names; extra columns are dropped):
 
 | source                             | columns                            | SFT completion | prefs |

@@ -24,8 +24,8 @@ Gold reward of response y (m words) for target t (n words), in [-1, 1]:
     gold = #{i < min(n, m): y_i == t_i} / n  -  length_penalty * |m - n| / n
 
 With the defaults (sort, 3-6 digits, noise 0.6 / 0.4 / 0.3) the clean targets score 1.0, the
-noisy demonstrations about 0.71 on average (the ones that differ from the target about 0.47), and random digit
-strings about -0.16. A 2-layer, d=64 policy (~100k parameters) after 300 SFT steps samples at
+noisy demonstrations about 0.71 on average (those that differ from the target about 0.47),
+random digit strings about -0.16. A 2-layer, d=64 policy (~100k parameters) after 300 SFT steps samples at
 about 0.63 (its greedy answer scores about 0.99): the room RL is meant to win back.
 
 Responses are scored as decoded text: words split on whitespace, everything from the first EOS

@@ -49,7 +49,7 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
   """One optimizer update; returns the new state and grad/update norms for the metrics."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  norms = {"optim/grad_norm": optax.global_norm(grads), "optim/update_norm": optax.global_norm(updates)}
+  norms = {"optim/grad_norm": optax.tree.norm(grads), "optim/update_norm": optax.tree.norm(updates)}
   return TrainState(state.step + 1, params, opt_state), norms
 
 

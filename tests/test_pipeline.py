@@ -23,6 +23,7 @@ def tiny_config(**rl):
   c = demo.get_config("runlocal")
   c.sft.steps = c.rm.steps = 2
   c.rm.num_prompts = 8
+  c.sft.batch_size = c.rm.batch_size = 16
   c.rl.iterations = 3
   c.rl.prompts_per_rollout = 4
   c.rl.num_minibatches = 2

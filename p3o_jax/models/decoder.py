@@ -107,7 +107,7 @@ def _param(rngs: nnx.Rngs, cfg: DecoderConfig, shape, axes, init="normal") -> nn
     value = jnp.ones(shape, dtype)
   else:
     value = jnp.zeros(shape, dtype)
-  return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class Norm(nnx.Module):
@@ -295,7 +295,7 @@ class Decoder(nnx.Module):
 # ----------------------------------------------------------------------------- functional use
 
 class Graph(NamedTuple):
-  """Static half of a split model: hashable, closed over by jitted functions."""
+  """Static half of a split model; jitted functions close over it (it is not hashable)."""
   graphdef: Any
   template: Any  # nnx.State with abstract leaves; copied before each merge
 
@@ -313,7 +313,7 @@ def abstract(cfg: DecoderConfig) -> tuple[Graph, dict]:
 
 def split(model: Decoder) -> tuple[Graph, dict]:
   graphdef, state = nnx.split(model, nnx.Param)
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
   template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
   return Graph(graphdef, template), params
 
@@ -326,7 +326,7 @@ def merge(graph: Graph, params: dict) -> Decoder:
 
 def logical_axes(graph: Graph) -> dict:
   """Params-shaped dict of logical axis-name tuples (None entries replicate)."""
-  specs = nnx.get_partition_spec(graph.template).to_pure_dict()
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(graph.template))
   return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 

@@ -123,7 +123,7 @@ class Roller:
         query=np.asarray(query), query_mask=np.asarray(query_mask), response=np.asarray(response),
         response_mask=np.asarray(response_mask), logp_old=np.asarray(logp_old), logp_ref=np.asarray(logp_ref),
         scores=scores, has_eos=has_eos, k=k)
-    if self._value_fn is not None:
+    if self._value_fn is not None and value_params is not None:
       exp.values = np.asarray(self._value_fn(value_params, query, query_mask, response, response_mask))
     if self.gold is not None:
       exp.gold = self.gold(query, query_mask, response, response_mask)

@@ -45,17 +45,10 @@ def response_entropy(model, hidden, response_mask, temperature=1.0):
   return (entropy * response_mask).sum() / jnp.maximum(response_mask.sum(), 1)
 
 
-def last_token_index(mask):
-  """Index of the rightmost real token of each row (the reward is read there)."""
-  T = mask.shape[-1]
-  return T - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=-1)
-
-
 def sequence_scores(graph, params, tokens, mask):
   """Scalar head read at the last real token of each row: [N] (reward models)."""
   model, hidden = decoder.forward(graph, params, tokens, mask)
-  scores = model.scalar(hidden)
-  return jnp.take_along_axis(scores, last_token_index(mask)[:, None], axis=1)[:, 0]
+  return decoder.last_token_scalar(model.scalar(hidden), mask)
 
 
 def response_scores(graph, params, query, query_mask, response, response_mask):

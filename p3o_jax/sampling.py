@@ -113,7 +113,16 @@ def _below(x):
   return jnp.nextafter(x, jnp.zeros_like(x))
 
 
-def inverse_cdf(weights, u, block: int = 256):
+def _block_size(size: int, target: int = 256) -> int:
+  """Scan block for `inverse_cdf`: the whole row when short, else a divisor of `size` near
+  `target` (no padding copy), else `target`."""
+  if size <= 2 * target:
+    return size
+  divisors = [d for d in range(target // 2, 2 * target + 1) if size % d == 0]
+  return min(divisors, key=lambda d: abs(d - target)) if divisors else target
+
+
+def inverse_cdf(weights, u, block: int | None = None):
   """Sample index i of each row with probability weights[i] / sum(weights), given u ~ U[0, 1).
 
   weights: [R, C] >= 0 with a positive entry per row; u: [R]. Returns [R] int32: the first
@@ -124,7 +133,7 @@ def inverse_cdf(weights, u, block: int = 256):
   running sum strictly increases.
   """
   R, C = weights.shape
-  block = min(block, C)
+  block = min(block or _block_size(C), C)
   num_blocks = -(-C // block)
   w = jnp.pad(weights, ((0, 0), (0, num_blocks * block - C))).reshape(R, num_blocks, block)
   block_mass = w.sum(-1)                                      # [R, num_blocks]

@@ -1,0 +1,279 @@
+"""The jitted sampler against independent references.
+
+- log-probs: a teacher-forced forward (`decoder.token_logprobs`) on prompt + response;
+- greedy tokens: transformers `generate` on the same tiny HF weights;
+- top-k / top-p: the allowed set recomputed in NumPy from teacher-forced logits at every step;
+- the sampling distribution: first-token frequencies against softmax(logits / T) in NumPy;
+- EOS, min_new_tokens, early stop and prompt bucketing from their definitions.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import hf_fixtures as fx  # noqa: E402
+from p3o_jax import sampling  # noqa: E402
+from p3o_jax.models import decoder, hf  # noqa: E402
+
+PROMPTS = [[5, 9, 14, 3, 7, 22], [17, 4], [8, 30, 2, 11], [40]]  # ragged, left padded to BUCKET
+BUCKET = 8
+N = 10  # new tokens
+K = 3   # samples per prompt; one value everywhere so most tests share one compiled sampler
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+  """(torch model, graph, params) of one tiny random GPT-NeoX, loaded with hf.load."""
+  directory = tmp_path_factory.mktemp("neox")
+  model = fx.build("gpt_neox", directory)
+  _, graph, params = hf.load(str(directory))
+  return model, graph, params
+
+
+@pytest.fixture(scope="module")
+def logits_fn(neox):
+  """Teacher-forced next-token logits [R, T-1, V] (fp32) of a plain forward on prompt + response."""
+  _, graph, _ = neox
+
+  @jax.jit
+  def fn(params, tokens, mask):
+    model, hidden = decoder.forward(graph, params, tokens, mask)
+    return model.logits(hidden[:, :-1])
+
+  return lambda params, tokens, mask: np.asarray(fn(params, jnp.asarray(tokens), jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return sampling.pad_prompts(PROMPTS, BUCKET, pad_id=fx.PAD_ID)
+
+
+def concat(out):
+  tokens = np.concatenate([np.asarray(out.prompt_tokens), np.asarray(out.tokens)], 1)
+  mask = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.mask)], 1)
+  return tokens, mask
+
+
+def sample(graph, params, prompt_tokens, prompt_mask, seed=0, **kw):
+  kw = dict(max_new_tokens=N, num_samples=K, eos_id=fx.EOS_ID, pad_id=fx.PAD_ID) | kw
+  return sampling.generate(graph, params, prompt_tokens, prompt_mask, jax.random.key(seed), **kw)
+
+
+def check_structure(out, eos_id, pad_id, min_new_tokens=0):
+  """Definitions of mask, lengths, padding and finished, row by row."""
+  tokens, logprobs, mask = np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.mask)
+  n = tokens.shape[1]
+  for row, length in enumerate(np.asarray(out.lengths)):
+    np.testing.assert_array_equal(mask[row], np.arange(n) < length)
+    eos_at = np.flatnonzero(tokens[row, :length] == eos_id)
+    if out.finished[row]:
+      assert eos_at.tolist() == [length - 1], (row, tokens[row])  # exactly one EOS, the last token
+    else:
+      assert length == n and eos_at.size == 0, (row, tokens[row])
+    assert length >= min(min_new_tokens + 1, n)
+    assert (tokens[row, length:] == pad_id).all()
+    assert (logprobs[row, length:] == 0).all()
+    assert (logprobs[row, :length] <= 0).all() and np.isfinite(logprobs[row]).all()
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forced(neox, prompts, temperature):
+  _, graph, params = neox
+  out = sample(graph, params, *prompts, temperature=temperature)
+  # Prompt-major rows: row b*K + k holds prompt b.
+  np.testing.assert_array_equal(out.prompt_tokens, np.repeat(prompts[0], K, axis=0))
+  np.testing.assert_array_equal(out.prompt_mask, np.repeat(prompts[1], K, axis=0))
+  tokens, mask = concat(out)
+  ref = decoder.token_logprobs(graph, params, jnp.asarray(tokens), jnp.asarray(mask), temperature)
+  ref = np.asarray(ref)[:, BUCKET - 1:]  # the log-prob of response token t sits at column P - 1 + t
+  resp_mask = np.asarray(out.mask).astype(bool)
+  np.testing.assert_allclose(np.asarray(out.logprobs)[resp_mask], ref[resp_mask], atol=1e-5, rtol=0)
+  check_structure(out, fx.EOS_ID, fx.PAD_ID)
+  # K samples of one prompt differ (a fresh key per row), and prompts are not all the same.
+  assert len({tuple(r) for r in np.asarray(out.tokens)}) > len(PROMPTS)
+
+
+# ----------------------------------------------------------------------------- greedy vs HF
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "llama"])
+def test_greedy_matches_transformers(kind, prompts, tmp_path):
+  model = fx.build(kind, tmp_path)
+  _, graph, params = hf.load(str(tmp_path))
+  out = sample(graph, params, *prompts, greedy=True)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.as_tensor(prompts[0], dtype=torch.long),
+                         attention_mask=torch.as_tensor(prompts[1], dtype=torch.long),
+                         do_sample=False, max_new_tokens=N, pad_token_id=fx.PAD_ID,
+                         eos_token_id=fx.EOS_ID)
+  ref = ref[:, BUCKET:].numpy()
+  ref = np.pad(ref, ((0, 0), (0, N - ref.shape[1])), constant_values=fx.PAD_ID)  # HF stops early
+  for k in range(K):  # greedy: every sample of a prompt is the same
+    np.testing.assert_array_equal(np.asarray(out.tokens)[k::K], ref)
+  check_structure(out, fx.EOS_ID, fx.PAD_ID)
+
+
+# ----------------------------------------------------------------------------- top-k / top-p
+
+def allowed_tokens(logits, top_k, top_p, slack=1e-4):
+  """Boolean [V]: tokens that top-k then top-p may keep, from one row of scaled logits (NumPy).
+
+  `slack` widens the set by a hair so that float differences between the sampler's logits and
+  the teacher-forced ones cannot flip a token that sits exactly on the boundary.
+  """
+  keep = np.isfinite(logits)
+  if top_k:
+    kth = np.sort(logits)[-top_k]
+    keep &= logits >= kth - slack
+  if top_p < 1:
+    order = np.argsort(-np.where(keep, logits, -np.inf))
+    order = order[keep[order]]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    mass_before = np.cumsum(probs) - probs
+    nucleus = np.zeros_like(keep)
+    nucleus[order[mass_before < top_p + slack]] = True
+    keep &= nucleus
+  return keep
+
+
+def emitted_outside(out, logits_fn, params, temperature, top_k, top_p, min_new_tokens):
+  """How many emitted tokens fall outside the allowed set, and how many steps were checked."""
+  tokens, mask = concat(out)
+  logits = logits_fn(params, tokens, mask)[:, BUCKET - 1:] / temperature
+  outside = checked = 0
+  for row in range(tokens.shape[0]):
+    for t in range(int(out.lengths[row])):
+      step_logits = logits[row, t].copy()
+      if t < min_new_tokens:
+        step_logits[fx.EOS_ID] = -np.inf
+      outside += not allowed_tokens(step_logits, top_k, top_p)[out.tokens[row, t]]
+      checked += 1
+  return outside, checked
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (0, 0.5), (8, 0.6)])
+def test_truncation_never_emits_an_excluded_token(neox, logits_fn, prompts, top_k, top_p):
+  _, graph, params = neox
+  temperature, min_new = 0.8, 3
+  out = sample(graph, params, *prompts, temperature=temperature, top_k=top_k, top_p=top_p,
+               min_new_tokens=min_new)
+  outside, checked = emitted_outside(out, logits_fn, params, temperature, top_k, top_p, min_new)
+  assert outside == 0 and checked >= K * len(PROMPTS) * (min_new + 1)
+  check_structure(out, fx.EOS_ID, fx.PAD_ID, min_new)
+  # The check has teeth: without truncation, the same model emits tokens outside the set.
+  free = sample(graph, params, *prompts, temperature=temperature, min_new_tokens=min_new)
+  assert emitted_outside(free, logits_fn, params, temperature, top_k, top_p, min_new)[0] > 0
+
+
+# ----------------------------------------------------------------------------- distribution
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (6, 0.7)])
+def test_first_token_frequencies_match_the_policy(neox, logits_fn, top_k, top_p):
+  _, graph, params = neox
+  prompt_tokens, prompt_mask = sampling.pad_prompts([[7, 3, 12]], 4, pad_id=fx.PAD_ID)
+  temperature, n = 1.3, 20000
+  out = sample(graph, params, prompt_tokens, prompt_mask, max_new_tokens=1, num_samples=n,
+               temperature=temperature, top_k=top_k, top_p=top_p)
+  logits = logits_fn(params, np.append(prompt_tokens, [[0]], 1),
+                     np.append(prompt_mask, [[1]], 1))[0, -1] / temperature
+  probs = np.where(allowed_tokens(logits, top_k, top_p, slack=0), np.exp(logits - logits.max()), 0)
+  probs /= probs.sum()
+  freq = np.bincount(np.asarray(out.tokens)[:, 0], minlength=probs.size) / n
+  assert (freq[probs == 0] == 0).all()
+  np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n) + 1e-3)
+
+
+def test_inverse_cdf_against_searchsorted():
+  rng = np.random.default_rng(0)
+  R = 400
+  weights = rng.random((R, 1000)).astype(np.float32) * (rng.random((R, 1000)) < 0.7)  # zeros too
+  weights[:, -3:] = 0  # trailing zeros: the largest u must not run past the last positive weight
+  u = rng.random(R).astype(np.float32)
+  u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+  cdf = np.cumsum(weights.astype(np.float64), -1)
+  cdf /= cdf[:, -1:]
+  ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
+  for block in (None, 64, 300):  # one block; blocks of 64 (a divisor); 300 forces padding
+    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=2)(weights, u, block))
+    assert (weights[np.arange(R), idx] > 0).all()
+    gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
+    assert ((idx == ref) | (gap < 1e-5)).all() and (idx == ref).mean() > 0.99
+
+
+# ----------------------------------------------------------------------------- EOS, early stop
+
+def with_eos_bias(params, bias):
+  """Params whose EOS logit is raised by exactly `bias` at every position.
+
+  The final LayerNorm gives h = g * xhat + b with sum(xhat) = 0, so adding w = a / g to the EOS
+  column adds a * sum(b / g) to its logit whatever xhat is; b is shifted so that sum is large.
+  """
+  params = jax.tree.map(lambda a: a, params)
+  g = np.asarray(params["final_norm"]["scale"], np.float64)
+  b = np.asarray(params["final_norm"]["bias"], np.float64) + 1.0
+  params["final_norm"]["bias"] = jnp.asarray(b, jnp.float32)
+  head = np.asarray(params["lm_head"], np.float64)
+  head[:, fx.EOS_ID] += bias / np.sum(b / g) / g
+  params["lm_head"] = jnp.asarray(head, jnp.float32)
+  return params
+
+
+@pytest.mark.parametrize("pad_id", [fx.PAD_ID, fx.EOS_ID])  # pad may equal EOS: masks still right
+def test_nothing_after_eos_and_min_new_tokens(neox, prompts, pad_id):
+  _, graph, params = neox
+  params = with_eos_bias(params, 3.0)
+  min_new = 2
+  out = sample(graph, params, *prompts, min_new_tokens=min_new, pad_id=pad_id)
+  check_structure(out, fx.EOS_ID, pad_id, min_new)
+  lengths, finished = np.asarray(out.lengths), np.asarray(out.finished)
+  assert (finished & (lengths < N)).any() and (lengths > min_new + 1).any()  # EOS mid-sequence
+
+
+def test_early_stop_when_every_row_is_done(neox, prompts):
+  _, graph, params = neox
+  min_new = 3
+  out = sample(graph, with_eos_bias(params, 60.0), *prompts, min_new_tokens=min_new)
+  np.testing.assert_array_equal(out.lengths, min_new + 1)  # EOS as soon as it is allowed
+  assert out.finished.all()
+  assert int(out.num_steps) == min_new + 1 < N
+  check_structure(out, fx.EOS_ID, fx.PAD_ID, min_new)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_pad_prompts_buckets_and_errors(caplog):
+  tokens, mask = sampling.pad_prompts([[3, 4, 5], [6]], 4, pad_id=0)
+  np.testing.assert_array_equal(tokens, [[0, 3, 4, 5], [0, 0, 0, 6]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+  assert sampling.pad_prompts([[1] * 5], None)[0].shape == (1, 8)      # next power of two
+  assert sampling.pad_prompts([[1] * 5], (4, 6, 16))[0].shape == (1, 6)  # smallest bucket that fits
+  with pytest.raises(ValueError, match=r"prompt 1 has 6 tokens, longer than the bucket length 4"):
+    sampling.pad_prompts([[1, 2], [1, 2, 3, 4, 5, 6]], 4)
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    sampling.pad_prompts([[]], 4)
+  with caplog.at_level(logging.WARNING, logger="p3o_jax.sampling"):
+    tokens, mask = sampling.pad_prompts([[1, 2], [1, 2, 3, 4, 5, 6]], 4, pad_id=0, truncate=True)
+  np.testing.assert_array_equal(tokens[1], [3, 4, 5, 6])  # the oldest tokens go
+  assert mask[1].all()
+  assert "prompt 1 truncated from the left: 6 -> 4 tokens" in caplog.text
+
+
+def test_generate_rejects_bad_input(neox):
+  _, graph, params = neox
+  right_padded = np.array([[3, 4, 0]]), np.array([[1, 1, 0]])
+  with pytest.raises(ValueError, match=r"LEFT-padded: rows \[0\]"):
+    sample(graph, params, *right_padded)
+  left = np.array([[0, 3, 4]]), np.array([[0, 1, 1]])
+  with pytest.raises(ValueError, match="temperature"):
+    sample(graph, params, *left, temperature=0.0)
+  with pytest.raises(ValueError, match="top_p"):
+    sample(graph, params, *left, top_p=0.0)
+  with pytest.raises(ValueError, match="min_new_tokens"):
+    sample(graph, params, *left, min_new_tokens=N + 1)

@@ -338,3 +338,9 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> StopRequ
   for signum in signals:
     stop._previous[signum] = signal.signal(signum, stop._handle)  # pylint: disable=protected-access
   return stop
+
+
+def abstract_like(x) -> jax.ShapeDtypeStruct:
+  """The restore target for an array: shape, dtype and (when it has one) its sharding, so
+  orbax restores straight onto the same mesh layout."""
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))

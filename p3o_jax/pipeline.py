@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer
 
-from p3o_jax import supervised
+from p3o_jax import sharding, supervised
 from p3o_jax.data import batching, hub, synthetic
 from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
@@ -120,7 +120,7 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
         "sft", supervised.sft_loss_fn(policy.graph), policy.params, make_batch, len(task.sft_prompts),
-        stage_cfg=config.sft, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
+        params_axes=decoder.logical_axes(policy.graph), mesh_cfg=config.mesh, stage_cfg=config.sft, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
         log_every=config.log.every, stop=stop)
     logger.summary("sft", metrics)
   path = os.path.join(out, "hf")
@@ -172,7 +172,7 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
         "rm", supervised.reward_loss_fn(model.graph), model.params, make_batch, len(prefs["prompt"]),
-        stage_cfg=config.rm, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
+        params_axes=decoder.logical_axes(model.graph), mesh_cfg=config.mesh, stage_cfg=config.rm, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
         log_every=config.log.every, stop=stop)
     logger.summary("rm", metrics)
   path = os.path.join(out, "hf")
@@ -198,9 +198,13 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   tok = task.tokenizer
   policy = load_policy(config, config.model.hf if config.model.hf and not os.path.isdir(
       os.path.join(workdir, "sft", "hf")) else os.path.join(workdir, "sft", "hf"))
-  ref_params = jax.tree.map(jnp.copy, policy.params)  # the update donates the policy's buffers
+  mesh = sharding.mesh_from_config(config.mesh)
+  place = lambda graph, params: sharding.shard_params(jax.tree.map(jnp.copy, params), decoder.logical_axes(graph),
+                                                      mesh)[0]
+  ref_params = place(policy.graph, policy.params)  # a copy: the update donates the policy's buffers
   rm_cfg, rm_graph, rm_params = hf.load(_reward_path(config, workdir), head="score",
                                         dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  rm_params = place(rm_graph, rm_params)
   reward = ModelReward(rm_graph, rm_params)
   gold = TextReward(task.gold, tok) if task.gold else None
   factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok)

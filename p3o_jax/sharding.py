@@ -173,3 +173,39 @@ def replicated_fraction(shardings, params, warn_above: float = 0.5) -> float:
     log.warning("%.0f%% of parameter bytes are replicated on every device (mesh %s); largest: %s",
                 100 * fraction, dict(mesh.shape), largest)
   return fraction
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+  """config.mesh -> Mesh. With no -1 the mesh takes the first data*fsdp*tensor devices, so a
+  single-device run stays single-device on a host that has more."""
+  sizes = dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor)
+  devices = None if -1 in sizes.values() else jax.devices()[: math.prod(sizes.values())]
+  return make_mesh(**sizes, devices=devices)
+
+
+def train_state_shardings(state, params_axes, mesh: Mesh):
+  """Shardings for a TrainState(step, params, opt_state): params by their logical axes,
+  optimizer moments like the params, counters replicated."""
+  param_shardings = logical_to_mesh(params_axes, mesh, shapes=state.params)
+  replicated_fraction(param_shardings, state.params)
+  return type(state)(replicated(mesh), param_shardings,
+                     like_params(state.opt_state, state.params, param_shardings, mesh))
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Puts every array's leading dimension over data x fsdp; an array whose leading size the
+  batch axes do not divide is replicated instead (logged once per shape)."""
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def place(x):
+    if np.ndim(x) and np.shape(x)[0] % split == 0:
+      return jax.device_put(x, batch_sharding(mesh))
+    if split > 1 and np.shape(x)[:1] not in _WARNED_SHAPES:
+      _WARNED_SHAPES.add(np.shape(x)[:1])
+      log.warning("batch dimension %s is not divisible by data x fsdp = %d; replicating it",
+                  np.shape(x)[:1], split)
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(place, batch)
+
+
+_WARNED_SHAPES: set = set()

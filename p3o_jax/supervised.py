@@ -16,10 +16,9 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import checkpoint, losses, train_state
+from p3o_jax import checkpoint, losses, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
@@ -45,20 +44,24 @@ def reward_loss_fn(graph):
 
 
 def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray], dict], num_examples: int, *,
-        stage_cfg, seed: int, workdir: str, logger, ckpt_cfg, log_every: int = 1,
+        params_axes, mesh_cfg, stage_cfg, seed: int, workdir: str, logger, ckpt_cfg, log_every: int = 1,
         stop=None) -> tuple[dict, dict]:
   """Train `params` for stage_cfg.steps steps of stage_cfg.batch_size examples.
 
   Resumes from `<workdir>/ckpt` when it holds a checkpoint. Returns (params, last metrics).
   """
   tx = train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps)
+  mesh = sharding.mesh_from_config(mesh_cfg)
   state = train_state.create(params, tx)
-  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0)
+  state_shardings = sharding.train_state_shardings(state, params_axes, mesh)
+  state = jax.device_put(state, state_shardings)
+  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0,
+                    out_shardings=(state_shardings, sharding.replicated(mesh)))
   order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=ckpt_cfg.keep)
   start = 0
   if ckpt_cfg.resume and ckpt.latest_step() is not None:
-    restored = ckpt.restore(jax.tree.map(checkpoint_abstract, state))
+    restored = ckpt.restore(jax.tree.map(checkpoint.abstract_like, state))
     state, start = restored.state, restored.step
     order.restore(restored.meta["data"])
     log.info("%s: resumed from step %d", name, start)
@@ -70,7 +73,7 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
     batch = make_batch(next(order))
     batch_tokens = int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("mask") and "loss" not in k))
     tokens += batch_tokens
-    state, metrics = step_fn(state, jax.tree.map(jnp.asarray, batch))
+    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
     done = step + 1
     if done % log_every == 0 or done == stage_cfg.steps:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -89,7 +92,3 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
   bar.close()
   ckpt.close()
   return state.params, {k: float(v) for k, v in metrics.items()}
-
-
-def checkpoint_abstract(x):
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import checkpoint, sampling, train_state
+from p3o_jax import checkpoint, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.eval import frontier
+from p3o_jax.models import decoder
 from p3o_jax.rl import trainers
 from p3o_jax.rl.rollout import Experience, Roller, RunningMoments, process_scores
 
@@ -100,8 +101,17 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
     raise ValueError(f"rl.algo={algo!r}; expected one of {trainers.ALGOS}")
   policy_params = (lambda p: p["policy"]) if algo == "ppo" else (lambda p: p)
 
+  mesh = sharding.mesh_from_config(config.mesh)
+  axes = decoder.logical_axes(policy.graph)
+  if algo == "ppo":
+    critic_axes = (decoder.logical_axes(critic_graph) if critic_graph is not None
+                   else {"kernel": ("embed", None), "bias": (None,)})
+    axes = {"policy": axes, "critic": critic_axes}
   state = train_state.create(params, tx)
-  update = trainers.make_update(loss_fn, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches)
+  state_shardings = sharding.train_state_shardings(state, axes, mesh)
+  state = jax.device_put(state, state_shardings)
+  update = trainers.make_update(loss_fn, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
+                                state_shardings=state_shardings)
   queries, query_masks = train_queries
   order = EpochIterator(len(queries), rl.prompts_per_rollout, seed=config.seed)
   moments = RunningMoments() if rl.reward_scaling else None
@@ -112,7 +122,7 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=config.ckpt.keep)
   start = 0
   if config.ckpt.resume and ckpt.latest_step() is not None:
-    restored = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state))
+    restored = ckpt.restore(jax.tree.map(checkpoint.abstract_like, state))
     state, start, meta = restored.state, restored.step, restored.meta
     order.restore(meta["data"])
     kl.value = meta["kl_coef"]
@@ -139,7 +149,7 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
                                    whiten_advantages=rl.whiten_advantages)
     else:
       batch = trainers.online_dpo_prepare(exp, exp.scores)
-    state, step_metrics = update(state, batch, update_key)
+    state, step_metrics = update(state, sharding.shard_batch(batch, mesh), update_key)
     step_metrics = jax.device_get(step_metrics)
     metrics = {name: float(np.mean(v)) for name, v in step_metrics.items()}
     if "val/ratio" in step_metrics:  # PITFALLS 1: exactly 1 on the first minibatch of an update

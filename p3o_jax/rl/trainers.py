@@ -156,10 +156,12 @@ def critic_values_fn(graph, critic_graph):
 
 # ----------------------------------------------------------------------------- the shared update
 
-def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int):
+def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None):
   """(state, batch of G groups, rng) -> (state, metrics[epochs, num_minibatches]), jitted once.
 
   Every epoch reshuffles the groups; G must divide evenly into minibatches (config checks it).
+  With `state_shardings` the new state keeps the old one's layout on the mesh, so the donated
+  buffers are reused and the next call hits the same compiled program.
   """
   step = train_state.make_step(loss_fn, tx)
 
@@ -171,6 +173,9 @@ def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int):
       order = jax.random.permutation(key, G)[: size * num_minibatches].reshape(num_minibatches, size)
       return jax.lax.scan(lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], batch)), state, order)
 
-    return jax.lax.scan(epoch, state, jax.random.split(rng, epochs))
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, epochs))
+    if state_shardings is not None:
+      state = jax.lax.with_sharding_constraint(state, state_shardings)
+    return state, metrics
 
   return jax.jit(update, donate_argnums=0)

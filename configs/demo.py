@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.eval.every = 10
   c.eval.num_prompts = 128
   c.ckpt.every = 20
-  c.pipeline.algos = ("p3o",)
+  c.pipeline.algos = ("p3o", "ppo", "online_dpo")  # the paper's comparison, on one frontier
 
   if "runlocal" in args:
     c.data.demo.n_train_prompts, c.data.demo.n_sft, c.data.demo.n_eval_prompts = 128, 128, 16
@@ -72,5 +72,6 @@ def get_config(arg=None):
     c.eval.every = 2
     c.eval.num_prompts = 16
     c.ckpt.every = 2
+    c.pipeline.algos = ("p3o",)
   common.apply_args(c, args)
   return c

@@ -9,9 +9,9 @@ N max new tokens, S = P + N cache length, V vocab.
     out.tokens, out.logprobs, out.mask   # [R, N], row b*K + k is sample k of prompt b
 
 How it runs (one jitted function per static setting and shape):
-  1. Prefill the left-padded prompts [B, P] into a cache of length P; keep the logits of the
+  1. Prefill the left-padded prompts [B, P] into a cache of length S; keep the logits of the
      last position only (left padding puts every prompt's last real token there).
-  2. Repeat the cache and those logits K times on the batch axis and pad the cache to S.
+  2. Repeat the cache and those logits K times on the batch axis.
   3. Sample token 0 from the prefill logits, then `lax.while_loop`: feed the previous token at
      cache slot P + step - 1 (position = real prompt length + step - 1), sample the next one.
      The loop ends after N tokens or as soon as every row has emitted EOS.
@@ -190,16 +190,17 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     prompt_valid = prompt_mask.astype(bool)
     prompt_len = prompt_valid.sum(-1).astype(jnp.int32)
 
-    # 1. Prefill once per prompt; logits of the last (always real) position only.
-    cache = decoder.init_cache(model.cfg, B, P)
-    hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid),
-                          decoder.causal_mask(prompt_valid), cache, 0)
+    # 1. Prefill once per prompt into a cache of the full length S (so this code needs no
+    # knowledge of the cache layout); logits of the last (always real) position only.
+    cache = decoder.init_cache(model.cfg, B, P + N)
+    prefill_mask = jnp.pad(decoder.causal_mask(prompt_valid), ((0, 0), (0, 0), (0, N)))
+    hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
+                          cache, 0)
     first_logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
 
-    # 2. Broadcast to K samples per prompt (row b*K + k) and grow the cache to S = P + N.
+    # 2. Broadcast to K samples per prompt: row b*K + k.
     rep = lambda x: jnp.repeat(x, K, axis=0)
-    grow = lambda x: jnp.pad(rep(x), ((0, 0), (0, N), (0, 0), (0, 0)))
-    cache = [decoder.LayerCache(grow(c.k), grow(c.v)) for c in cache]
+    cache = jax.tree.map(rep, cache)
     first_logits, prompt_len, prompt_valid = rep(first_logits), rep(prompt_len), rep(prompt_valid)
     R = B * K
     slots = jnp.arange(P + N)

@@ -95,8 +95,10 @@ ACTIVATIONS = {
 
 
 class LayerCache(NamedTuple):
-  k: jax.Array  # [B, S, G, K]
-  v: jax.Array  # [B, S, G, K]
+  # Heads before slots, the layout the attention dots read: a [B, S, G, K] cache would be
+  # transposed in full at every decode step.
+  k: jax.Array  # [B, G, S, K]
+  v: jax.Array  # [B, G, S, K]
 
 
 def _param(rngs: nnx.Rngs, cfg: DecoderConfig, shape, axes, init="normal") -> nnx.Param:
@@ -177,19 +179,20 @@ class Attention(nnx.Module):
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
       cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta)
       q, k = apply_rotary(q, cos, sin, rot_dim), apply_rotary(k, cos, sin, rot_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     if cache is not None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
-      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=2)
       cache = LayerCache(k, v)
     B, T, H, K = q.shape
     G = cfg.kv_heads
     q = q.reshape(B, T, G, H // G, K)
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k.astype(dtype)).astype(jnp.float32)
+    scores = jnp.einsum("btgrk,bgsk->bgrts", q, k.astype(dtype)).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(K))
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(dtype)).reshape(B, T, H, K)
+    out = jnp.einsum("bgrts,bgsk->btgrk", probs, v.astype(dtype)).reshape(B, T, H, K)
     out = jnp.einsum("btnk,nkd->btd", out, self.o_kernel[...].astype(dtype))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dtype)
@@ -262,7 +265,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens, positions, mask, cache: list[LayerCache] | None = None, cache_index=0):
     """tokens, positions: [B, T] int; mask: [B, T, S] bool, True where query t may see key s.
 
-    Without a cache S == T. With a cache (one LayerCache per layer, each [B, S, G, K]) this
+    Without a cache S == T. With a cache (one LayerCache per layer, each [B, G, S, K]) this
     chunk is written at slots [cache_index, cache_index + T) and attends over all S slots.
     Returns hidden states [B, T, D] and the updated cache (None without one).
     """
@@ -361,7 +364,7 @@ def causal_mask(padding_mask):
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache]:
-  shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
   dtype = DTYPES[cfg.dtype]
   return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 

@@ -29,7 +29,7 @@ nothing to donate.
 
 from __future__ import annotations
 
-import functools
+import math
 import logging
 from typing import NamedTuple, Sequence
 
@@ -113,12 +113,11 @@ def _below(x):
   return jnp.nextafter(x, jnp.zeros_like(x))
 
 
-def _block_size(size: int, target: int = 256) -> int:
-  """Scan block for `inverse_cdf`: the whole row when short, else a divisor of `size` near
-  `target` (no padding copy), else `target`."""
-  if size <= 2 * target:
-    return size
-  divisors = [d for d in range(target // 2, 2 * target + 1) if size % d == 0]
+def _block_size(size: int) -> int:
+  """Scan block for `inverse_cdf`: a divisor of `size` near sqrt(size), which balances the two
+  scans and needs no padding copy; sqrt(size) itself (with padding) when none is close."""
+  target = max(1, math.isqrt(size))
+  divisors = [d for d in range(max(1, target // 2), 2 * target + 1) if size % d == 0]
   return min(divisors, key=lambda d: abs(d - target)) if divisors else target
 
 
@@ -148,12 +147,11 @@ def inverse_cdf(weights, u, block: int | None = None):
   return (b * block + j).astype(jnp.int32)
 
 
-def _choose(logits, probs, key, *, greedy: bool, top_k: int, use_top_p: bool, top_p):
+def _choose(logits, probs, u, *, greedy: bool, top_k: int, use_top_p: bool, top_p):
   """Pick one token per row. logits: [R, V] float32, temperature-scaled, -inf where forbidden;
-  probs: [R, V] the matching unnormalised exp(logits - max)."""
+  probs: [R, V] the matching unnormalised exp(logits - max); u: [R] uniform draws."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
   if top_k == 0 and not use_top_p:
     return inverse_cdf(probs, u)
   # Work on the candidates in descending order: the top-k (cheap partial sort) or the whole
@@ -206,6 +204,9 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     slots = jnp.arange(P + N)
     key_valid_prompt = jnp.pad(prompt_valid, ((0, 0), (0, N)))  # [R, S]; generated slots added per step
     is_eos = jnp.arange(first_logits.shape[-1]) == eos_id
+    # One uniform per row and step, key fold_in(rng, step), all drawn before the loop.
+    draw = lambda step: jax.random.uniform(jax.random.fold_in(rng, step), (R,), jnp.float32)
+    uniforms = jax.vmap(draw)(jnp.arange(N))  # [N, R]
 
     def emit(state: _Loop, logits) -> _Loop:
       """Sample token `state.step` from [R, V] logits and write it (pad once a row is done)."""
@@ -216,7 +217,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
       log_z = jnp.log(probs.sum(-1)) + peak[:, 0]
       forbid = is_eos & (step < min_new_tokens)
       token = _choose(jnp.where(forbid, NEG_INF, scaled), jnp.where(forbid, 0.0, probs),
-                      jax.random.fold_in(rng, step), greedy=greedy, top_k=top_k,
+                      uniforms[step], greedy=greedy, top_k=top_k,
                       use_top_p=use_top_p, top_p=top_p)
       logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
       live = ~state.done
@@ -260,12 +261,18 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
 
 
 _COMPILED: dict = {}
+_GRAPH_KEYS: dict = {}
 
 
 def _graph_key(graph: decoder.Graph):
-  """Hashable identity of a graph: its graphdef plus every parameter's shape and dtype."""
-  leaves, treedef = jax.tree_util.tree_flatten(graph.template)
-  return graph.graphdef, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
+  """Hashable identity of a graph: its graphdef plus every parameter's shape and dtype
+  (memoised per graph object: flattening the template costs more than a small decode step)."""
+  held = _GRAPH_KEYS.get(id(graph.template))
+  if held is None or held[0] is not graph.template:
+    leaves, treedef = jax.tree_util.tree_flatten(graph.template)
+    key = (graph.graphdef, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+    held = _GRAPH_KEYS[id(graph.template)] = (graph.template, key)
+  return held[1]
 
 
 def _compiled(graph: decoder.Graph, **static):
@@ -289,10 +296,8 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
   freely. top_k=0 and top_p=1 mean no truncation; with greedy=True the argmax is taken
   (log-probs are still reported under logits / temperature).
   """
-  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-  prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-  if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
-    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
+  if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):
+    raise ValueError(f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} "
                      "must both be [B, P]")
   if max_new_tokens < 1 or num_samples < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
@@ -308,12 +313,14 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
   if not 0 <= eos_id < vocab_size:
     raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
   if not isinstance(prompt_mask, jax.core.Tracer):
-    last_col = np.asarray(prompt_mask[:, -1])
+    last_col = np.asarray(prompt_mask)[:, -1]
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")
   run = _compiled(graph, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                   top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
                   eos_id=int(eos_id), pad_id=int(pad_id))
-  return run(params, prompt_tokens, prompt_mask, rng, jnp.float32(temperature if temperature > 0 else 1.0),
-             jnp.float32(top_p), jnp.int32(min_new_tokens))
+  as_int32 = lambda x: x if getattr(x, "dtype", None) == np.int32 else np.asarray(x, np.int32)
+  return run(params, as_int32(prompt_tokens), as_int32(prompt_mask), rng,
+             np.float32(temperature if temperature > 0 else 1.0), np.float32(top_p),
+             np.int32(min_new_tokens))

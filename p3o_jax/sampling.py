@@ -29,8 +29,8 @@ nothing to donate.
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -172,7 +172,7 @@ class _Loop(NamedTuple):
   logprobs: jax.Array  # [R, N] float32
   lengths: jax.Array   # [R] int32
   done: jax.Array      # [R] bool
-  cache: list          # per layer LayerCache, each [R, S, G, Kh]
+  cache: list          # one decoder.LayerCache per layer, batch R, length S
 
 
 # ----------------------------------------------------------------------------- the jitted sampler
@@ -312,6 +312,11 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     raise ValueError(f"top_k={top_k} must lie in [0, vocab_size={vocab_size}] (0 disables it)")
   if not 0 <= eos_id < vocab_size:
     raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
+  if "pos_embed" in graph.template:  # learned positions end; rotary ones do not
+    max_positions = graph.template["pos_embed"].shape[0]
+    if np.shape(prompt_tokens)[1] + max_new_tokens > max_positions:
+      raise ValueError(f"prompt length {np.shape(prompt_tokens)[1]} + max_new_tokens {max_new_tokens} "
+                       f"exceeds the model's {max_positions} learned positions")
   if not isinstance(prompt_mask, jax.core.Tracer):
     last_col = np.asarray(prompt_mask)[:, -1]
     if not last_col.all():

@@ -277,3 +277,7 @@ def test_generate_rejects_bad_input(neox):
     sample(graph, params, *left, top_p=0.0)
   with pytest.raises(ValueError, match="min_new_tokens"):
     sample(graph, params, *left, min_new_tokens=N + 1)
+  cfg = decoder.DecoderConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                              position="learned", max_position_embeddings=16)
+  with pytest.raises(ValueError, match="exceeds the model's 16 learned positions"):
+    sample(*decoder.abstract(cfg), np.ones((1, 8)), np.ones((1, 8)), max_new_tokens=9)

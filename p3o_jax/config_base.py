@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
       hf="",               # HF dir or hub id of the SFT/initial policy ("" = build from arch)
       tokenizer="",        # defaults to model.hf
       reward_hf="",        # HF dir or hub id of a trained reward model (skips the rm stage)
+      reward_fn="",        # 'package.module:function' of (prompts, responses) -> scores, instead of a RM
       dtype="float32", param_dtype="float32"))
   c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
 

@@ -36,6 +36,8 @@ def run(config, workdir: str) -> dict[str, str]:
     f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
   stages = pipeline.STAGES if config.stage == "pipeline" else (config.stage,)
+  if config.stage == "pipeline" and (config.model.reward_fn or config.model.reward_hf):
+    stages = tuple(s for s in stages if s != "rm")  # the reward is given: no reward model to train
   stop = checkpoint.install_signal_handlers()
   outputs, start = {}, time.time()
   try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import logging
 import os
 from typing import Callable
@@ -180,8 +181,23 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
   return path
 
 
-def _reward_path(config, workdir):
-  return config.model.reward_hf or os.path.join(workdir, "rm", "hf")
+def load_callable(spec: str) -> Callable:
+  """'package.module:function' -> the function."""
+  module_name, _, name = spec.partition(":")
+  if not module_name or not name:
+    raise ValueError(f"model.reward_fn={spec!r}; expected 'package.module:function'")
+  return getattr(importlib.import_module(module_name), name)
+
+
+def reward_source(config, workdir: str, tok, place=lambda graph, params: params):
+  """The reward RL optimises: a Python function of the texts (model.reward_fn), else the reward
+  model from model.reward_hf or the rm stage. Returns (reward source, reward model or None)."""
+  if config.model.reward_fn:
+    return TextReward(load_callable(config.model.reward_fn), tok), None
+  path = config.model.reward_hf or os.path.join(workdir, "rm", "hf")
+  cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  params = place(graph, params)
+  return ModelReward(graph, params), Policy(cfg, graph, params)
 
 
 def _make_roller_factory(config, graph, ref_params, reward, gold, tok):
@@ -202,13 +218,10 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   place = lambda graph, params: sharding.shard_params(jax.tree.map(jnp.copy, params), decoder.logical_axes(graph),
                                                       mesh)[0]
   ref_params = place(policy.graph, policy.params)  # a copy: the update donates the policy's buffers
-  rm_cfg, rm_graph, rm_params = hf.load(_reward_path(config, workdir), head="score",
-                                        dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-  rm_params = place(rm_graph, rm_params)
-  reward = ModelReward(rm_graph, rm_params)
+  reward, rm = reward_source(config, workdir, tok, place)
   gold = TextReward(task.gold, tok) if task.gold else None
   factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok)
-  critic = Policy(rm_cfg, rm_graph, jax.tree.map(jnp.copy, rm_params))
+  critic = None if rm is None else Policy(rm.cfg, rm.graph, jax.tree.map(jnp.copy, rm.params))
   with _logger(config, out) as logger:
     params, record = loop.train(
         config, out, policy, ref_params, factory, train_queries=_queries(config, tok, task.rl_prompts),
@@ -230,8 +243,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
   for algo in sorted(os.listdir(rl_root)) if os.path.isdir(rl_root) else []:
     if os.path.isfile(os.path.join(rl_root, algo, "hf", "config.json")):
       policies[algo] = os.path.join(rl_root, algo, "hf")
-  _, rm_graph, rm_params = hf.load(_reward_path(config, workdir), head="score")
-  reward = ModelReward(rm_graph, rm_params)
+  reward, _ = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
   ref = load_policy(config, policies["sft"])
   queries, masks = _queries(config, tok, task.eval_prompts)

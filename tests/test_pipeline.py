@@ -198,3 +198,16 @@ def test_sharded_rl_iteration_matches_single_device(base_workdir, tmp_path):
   assert changed, "one RL iteration should move the policy"
   row_a, row_b = iteration_rows(single, "p3o")[0], iteration_rows(sharded, "p3o")[0]
   np.testing.assert_allclose(row_a["loss/total"], row_b["loss/total"], rtol=1e-4, atol=1e-6)
+
+
+def test_python_reward_function_replaces_the_reward_model(base_workdir, tmp_path):
+  workdir = fresh(base_workdir, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "rm"))  # not needed, so not read
+  config = tiny_config(iterations=2)
+  config.model.reward_fn = "p3o_jax.data.synthetic:gold_reward"
+  run_rl(config, workdir)
+  for row in iteration_rows(workdir, "p3o"):
+    np.testing.assert_allclose(row["objective/scores"], row["gold/reward"], rtol=1e-6)
+  config.model.reward_fn = "p3o_jax.data.synthetic"
+  with pytest.raises(ValueError, match="package.module:function"):
+    run_rl(config, workdir)

@@ -10,6 +10,7 @@ position or masking mistake moves the log-probs far beyond the tolerances.
 import copy
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -443,6 +444,15 @@ def test_non_finite_reward_names_rows(roller, policy, prompts, rollout_key, bad)
 
   bad_roller = variant(roller, reward=rollout.TextReward(fn, synthetic.build_tokenizer()))
   with pytest.raises(FloatingPointError, match=r"rows \[2, 9\]"):
+    bad_roller(policy[1], *prompts, rollout_key, K)
+
+
+@pytest.mark.parametrize("shape", [(), (4 * K, 1), (4,)], ids=["scalar", "column", "per-prompt"])
+def test_reward_of_wrong_shape_is_an_error(roller, policy, prompts, rollout_key, shape):
+  """One score per response row: a scalar or [N, 1] would otherwise broadcast against the
+  missing-EOS penalty into constant or [N, N] rewards without a word."""
+  bad_roller = variant(roller, reward=lambda *rows: np.zeros(shape, np.float32), missing_eos_penalty=1.0)
+  with pytest.raises(ValueError, match=rf"shape {re.escape(str(shape))}; expected \({4 * K},\)"):
     bad_roller(policy[1], *prompts, rollout_key, K)
 
 

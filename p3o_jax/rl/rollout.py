@@ -113,7 +113,10 @@ class Roller:
     logp_old = self._logprobs(params, query, query_mask, response, response_mask)
     logp_ref = self._logprobs(self.ref_params, query, query_mask, response, response_mask)
     has_eos = np.asarray(((response == self.eos_id) & (response_mask > 0)).any(-1))
-    scores = self.reward(query, query_mask, response, response_mask).astype(np.float32)
+    scores = np.asarray(self.reward(query, query_mask, response, response_mask), np.float32)
+    if scores.shape != (response.shape[0],):  # a scalar or [N, 1] would broadcast silently below
+      raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
+                       f"({response.shape[0]},), one per response row")
     if not np.all(np.isfinite(scores)):
       bad = np.flatnonzero(~np.isfinite(scores))
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")

@@ -15,6 +15,9 @@ How it runs (one jitted function per static setting and shape):
   3. Sample token 0 from the prefill logits, then `lax.while_loop`: feed the previous token at
      cache slot P + step - 1 (position = real prompt length + step - 1), sample the next one.
      The loop ends after N tokens or as soon as every row has emitted EOS.
+  Randomness: one uniform per row and step, from key fold_in(rng, step), all drawn before the
+  loop; a token is the inverse CDF of its (truncated) distribution at that uniform, so the same
+  rng gives the same samples, and the loop body holds no random-bit generation over V.
 
 Log-probabilities. `logprobs` is log softmax(logits / T) at the sampled token, in float32: the
 temperature-scaled policy that `decoder.token_logprobs(..., temperature=T)` computes, so sampler

@@ -17,7 +17,7 @@ demo: setup
 	$(BIN)/python -m p3o_jax.main --config=configs/demo.py --workdir=runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -n 2 tests
 
 bench: setup
 	$(BIN)/python bench/sampler.py --shape all

@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       # online DPO
       dpo_beta=0.1))
 
-  c.eval = ml_collections.ConfigDict(dict(every=50, num_prompts=256, judge=""))
+  c.eval = ml_collections.ConfigDict(dict(
+      every=50, num_prompts=256,
+      judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
   c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True))
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax"))

@@ -58,7 +58,7 @@ def load_task(config, workdir: str) -> Task:
         token_noise=d.token_noise, length_noise=d.length_noise)
     synthetic.save_demo_task(task, os.path.join(workdir, "data"))
     return Task(synthetic.build_tokenizer(), task.sft_prompts, task.sft_completions, task.train_prompts,
-                task.eval_prompts, gold=synthetic.gold_reward)
+                task.eval_prompts[: config.eval.num_prompts], gold=synthetic.gold_reward)
   data = config.data
   tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.hf)
   sft = hub.load_sft(data.sft, data.sft_split) if data.sft else None
@@ -181,11 +181,11 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
   return path
 
 
-def load_callable(spec: str) -> Callable:
-  """'package.module:function' -> the function."""
+def load_callable(spec: str, field: str) -> Callable:
+  """'package.module:function' -> the function (`field` names the config entry in errors)."""
   module_name, _, name = spec.partition(":")
   if not module_name or not name:
-    raise ValueError(f"model.reward_fn={spec!r}; expected 'package.module:function'")
+    raise ValueError(f"{field}={spec!r}; expected 'package.module:function'")
   return getattr(importlib.import_module(module_name), name)
 
 
@@ -193,7 +193,7 @@ def reward_source(config, workdir: str, tok, place=lambda graph, params: params)
   """The reward RL optimises: a Python function of the texts (model.reward_fn), else the reward
   model from model.reward_hf or the rm stage. Returns (reward source, reward model or None)."""
   if config.model.reward_fn:
-    return TextReward(load_callable(config.model.reward_fn), tok), None
+    return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or os.path.join(workdir, "rm", "hf")
   cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   params = place(graph, params)
@@ -234,7 +234,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
 
 def run_eval(config, workdir: str, task: Task) -> str:
   """Frontier from the RL logs; head-to-head win rates of every final policy on held-out
-  prompts, by the reward model (and by the gold reward, as the judge, on the demo)."""
+  prompts, by the reward model and by a judge: eval.judge ('package.module:function' of
+  (prompt, first, second) -> 1 | 0 | 0.5, e.g. an LLM judge), else the gold reward (demo)."""
   out = os.path.join(workdir, "eval")
   tok = task.tokenizer
   eos, pad = _ids(tok)
@@ -247,19 +248,24 @@ def run_eval(config, workdir: str, task: Task) -> str:
   gold = TextReward(task.gold, tok) if task.gold else None
   ref = load_policy(config, policies["sft"])
   queries, masks = _queries(config, tok, task.eval_prompts)
-  rewards, golds, summary = {}, {}, {}
+  rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
     roller = Roller(policy.graph, ref.params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
                     gold=gold)
     exp = roller(policy.params, queries, masks, jax.random.key(config.seed + 7), 1)
     rewards[name] = exp.scores
+    texts[name] = decode_rows(tok, exp.query, exp.query_mask, exp.response, exp.response_mask)[1]
     summary[f"{name}/reward"], summary[f"{name}/kl"] = float(exp.scores.mean()), float(exp.seq_kl.mean())
     if exp.gold is not None:
       golds[name] = exp.gold
       summary[f"{name}/gold_reward"] = float(exp.gold.mean())
   names, matrix = winrate.win_rate_matrix(rewards)
-  judge = winrate.win_rate_matrix(golds)[1] if golds else None
+  if config.eval.judge:
+    judge = winrate.win_rate_matrix_by_judge(texts, task.eval_prompts, load_callable(config.eval.judge, "eval.judge"),
+                                             seed=config.seed)[1]
+  else:
+    judge = winrate.win_rate_matrix(golds)[1] if golds else None
   logs = [os.path.join(rl_root, a, "metrics.jsonl") for a in policies if a != "sft"]
   points = frontier.load_frontier([p for p in logs if os.path.isfile(p)]) if logs else []
   path = report.write_report(out, points, names, matrix, judge_matrix=judge)

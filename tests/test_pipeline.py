@@ -167,15 +167,27 @@ def test_unknown_override_on_the_command_line_suggests_the_match():
   assert "did you mean 'rl.beta'" in proc.stderr
 
 
+JUDGED = []
+
+
+def prefer_shorter(prompt, first, second):
+  """A judge for the eval hook: the shorter response wins."""
+  JUDGED.append(prompt)
+  return 0.5 if len(first) == len(second) else float(len(first) < len(second))
+
+
 def test_pipeline_prints_where_outputs_are(tmp_path, capsys):
   config = tiny_config()
   config.rl.iterations = 1
+  config.eval.judge = "test_pipeline:prefer_shorter"
   main.run(config, str(tmp_path))
   out = capsys.readouterr().out
   for name in ("sft policy (HF)", "reward model (HF)", "p3o policy (HF)", "report", "plots"):
     assert name in out
   assert os.path.isfile(os.path.join(tmp_path, "eval", "report.md"))
   assert os.path.isfile(os.path.join(tmp_path, "eval", "frontier.png"))
+  assert os.path.isfile(os.path.join(tmp_path, "eval", "win_rate_judge.png"))
+  assert len(JUDGED) == config.eval.num_prompts  # one sft-vs-p3o comparison per held-out prompt
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["rl"]["algo"] == "p3o"
 

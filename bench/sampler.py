@@ -86,8 +86,11 @@ def bench(shape: str, repeats: int) -> dict:
 
   compile_s = timed(ours)
   timed(theirs)
-  # One runtime at a time: interleaving lets one's idle worker threads slow the other down.
+  # One runtime at a time, with a pause between: interleaving, or starting right after the
+  # other, lets one's still-spinning worker threads (OpenMP, Eigen) slow the other down.
+  time.sleep(1.0)
   theirs_s = [timed(theirs) for _ in range(repeats)]
+  time.sleep(1.0)
   ours_s = [timed(ours) for _ in range(repeats)]
   tokens = BATCH * NEW
   result = dict(shape=shape, ours=tokens / statistics.median(ours_s),

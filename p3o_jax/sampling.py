@@ -265,16 +265,18 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
 
 _COMPILED: dict = {}
 _GRAPH_KEYS: dict = {}
+_STRUCTURES: dict = {}
 
 
-def _graph_key(graph: decoder.Graph):
-  """Hashable identity of a graph: its graphdef plus every parameter's shape and dtype
-  (memoised per graph object: flattening the template costs more than a small decode step)."""
+def _graph_key(graph: decoder.Graph) -> int:
+  """A small int naming the graph's structure: its graphdef plus every parameter's shape and
+  dtype. Memoised per graph object: flattening the template, or even hashing the graphdef,
+  costs more than a small decode step."""
   held = _GRAPH_KEYS.get(id(graph.template))
   if held is None or held[0] is not graph.template:
     leaves, treedef = jax.tree_util.tree_flatten(graph.template)
-    key = (graph.graphdef, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    held = _GRAPH_KEYS[id(graph.template)] = (graph.template, key)
+    structure = (graph.graphdef, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+    held = _GRAPH_KEYS[id(graph.template)] = (graph.template, _STRUCTURES.setdefault(structure, len(_STRUCTURES)))
   return held[1]
 
 

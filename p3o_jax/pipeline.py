@@ -83,6 +83,15 @@ def _ids(tokenizer):
   return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
 
 
+def sft_policy_path(config, workdir: str) -> str:
+  """The SFT policy (also the RL reference): this workdir's sft stage output when there is one,
+  else config.model.hf (an SFT checkpoint trained elsewhere)."""
+  local = os.path.join(workdir, "sft", "hf")
+  if os.path.isfile(os.path.join(local, "config.json")) or not config.model.hf:
+    return local
+  return config.model.hf
+
+
 def load_policy(config, path: str) -> Policy:
   cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   return Policy(cfg, graph, params)
@@ -131,7 +140,7 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
 
 def sample_preferences(config, workdir: str, task: Task) -> dict:
   """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip."""
-  policy = load_policy(config, os.path.join(workdir, "sft", "hf"))
+  policy = load_policy(config, sft_policy_path(config, workdir))
   tok = task.tokenizer
   eos, pad = _ids(tok)
   n = config.rm.num_prompts or len(task.rl_prompts)
@@ -161,7 +170,7 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
   out = os.path.join(workdir, "rm")
   tok = task.tokenizer
   prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
-  base = load_policy(config, config.model.hf or os.path.join(workdir, "sft", "hf"))
+  base = load_policy(config, sft_policy_path(config, workdir))
   model = with_scalar_head(base, config.seed)
   max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
 
@@ -212,8 +221,7 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   algo = config.rl.algo
   out = os.path.join(workdir, "rl", algo)
   tok = task.tokenizer
-  policy = load_policy(config, config.model.hf if config.model.hf and not os.path.isdir(
-      os.path.join(workdir, "sft", "hf")) else os.path.join(workdir, "sft", "hf"))
+  policy = load_policy(config, sft_policy_path(config, workdir))
   mesh = sharding.mesh_from_config(config.mesh)
   place = lambda graph, params: sharding.shard_params(jax.tree.map(jnp.copy, params), decoder.logical_axes(graph),
                                                       mesh)[0]
@@ -239,7 +247,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
   out = os.path.join(workdir, "eval")
   tok = task.tokenizer
   eos, pad = _ids(tok)
-  policies = {"sft": os.path.join(workdir, "sft", "hf")}
+  policies = {"sft": sft_policy_path(config, workdir)}
   rl_root = os.path.join(workdir, "rl")
   for algo in sorted(os.listdir(rl_root)) if os.path.isdir(rl_root) else []:
     if os.path.isfile(os.path.join(rl_root, algo, "hf", "config.json")):

@@ -1,0 +1,104 @@
+"""The TL;DR and HH configs end to end on files in the hub datasets' own schemas (tests/data)
+and tiny Hugging Face models made on the fly: what a user runs, minus the download."""
+
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers import models, pre_tokenizers, trainers
+
+from configs import hh, tldr
+from p3o_jax import main
+from p3o_jax.data import hub
+from p3o_jax.metrics_log import read_jsonl
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def train_tokenizer(texts) -> transformers.PreTrainedTokenizerFast:
+  """A small byte-level BPE tokenizer trained on the fixture texts, with GPT-NeoX's specials."""
+  core = tokenizers.Tokenizer(models.BPE(unk_token=None))
+  core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  core.decoder = tokenizers.decoders.ByteLevel()
+  core.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                              pad_token="<|padding|>", padding_side="left")
+
+
+def save_neox(directory, tokenizer, seq_cls=False):
+  config = transformers.GPTNeoXConfig(
+      vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, rotary_pct=0.25, max_position_embeddings=128, tie_word_embeddings=False,
+      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id, num_labels=1)
+  torch.manual_seed(0)
+  cls = transformers.GPTNeoXForSequenceClassification if seq_cls else transformers.GPTNeoXForCausalLM
+  cls(config).save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+  return str(directory)
+
+
+def fixture_texts(source, split="train"):
+  ds = hub.load_split(source, split)
+  return [str(v) for row in ds for v in row.values() if isinstance(v, str)]
+
+
+def shrink(c, tmp_path):
+  c.sft.steps = c.rm.steps = 2
+  c.sft.batch_size = c.rm.batch_size = 4
+  c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches, c.rl.inner_epochs = 2, 4, 2, 1
+  c.eval.every, c.eval.num_prompts = 2, 2
+  c.data.max_prompt_len, c.sampler.max_new_tokens = 48, 8
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  c.log.tensorboard = False
+  return c
+
+
+def test_tldr_pipeline_on_hub_schema_files(tmp_path):
+  """sft on trl-lib/tldr rows, reward model on trl-lib/tldr-preference rows, P3O on the prompts,
+  eval on the validation split; activations in bfloat16 as the config ships."""
+  sft_dir, pref_dir = os.path.join(DATA, "tldr"), os.path.join(DATA, "tldr_preference")
+  tokenizer = train_tokenizer(fixture_texts(sft_dir) + fixture_texts(pref_dir))
+  c = shrink(tldr.get_config(), tmp_path)
+  assert c.model.dtype == "bfloat16"
+  c.model.hf = save_neox(tmp_path / "base", tokenizer)
+  c.data.sft, c.data.preference, c.data.prompts = sft_dir, pref_dir, sft_dir
+  workdir = str(tmp_path / "run")
+  outputs = main.run(c, workdir)
+  rows = [r for r in read_jsonl(os.path.join(workdir, "rl", "p3o", "metrics.jsonl")) if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss/total"]) and np.isfinite(r["objective/scores"]) for r in rows)
+  rm = [r for r in read_jsonl(os.path.join(workdir, "rm", "metrics.jsonl")) if "rm/loss/total" in r]
+  assert rm and np.isfinite(rm[-1]["rm/loss/total"])
+  # The exports are what transformers loads: the policy as a causal LM, the RM as seq-cls.
+  transformers.AutoModelForCausalLM.from_pretrained(outputs["p3o policy (HF)"])
+  transformers.AutoModelForSequenceClassification.from_pretrained(outputs["reward model (HF)"])
+  assert os.path.isfile(outputs["report"])
+
+
+def test_hh_rl_from_given_policy_and_reward_model(tmp_path):
+  """configs/hh.py runs RL only: policy and reward model come from HF checkpoints (here tiny
+  local ones), prompts from Dahoas/rm-static parquet shards."""
+  source = os.path.join(DATA, "rm_static")
+  tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "test"))
+  c = shrink(hh.get_config(), tmp_path)
+  assert c.stage == "rl"
+  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
+  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
+  c.data.sft = c.data.preference = c.data.prompts = source
+  c.rl.algo = "ppo"
+  c.rl.critic = "separate"  # critic initialised from the reward model
+  workdir = str(tmp_path / "run")
+  main.run(c, workdir)
+  rows = [r for r in read_jsonl(os.path.join(workdir, "rl", "ppo", "metrics.jsonl")) if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  for name in ("loss/value_avg", "policy/clipfrac_avg", "objective/kl", "objective/kl_coef"):
+    assert np.isfinite(rows[-1][name]), name
+  with pytest.raises(FileNotFoundError, match="rm_missing"):
+    c.model.reward_hf = str(tmp_path / "rm_missing")
+    main.run(c, str(tmp_path / "run2"))

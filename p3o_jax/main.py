@@ -11,7 +11,6 @@ a stage that finds its own checkpoint there resumes from it.
 
 from __future__ import annotations
 
-import json
 import logging as pylogging
 import os
 import time

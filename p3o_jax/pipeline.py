@@ -13,7 +13,6 @@ model.reward_hf for the reward model), so each stage runs alone.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import logging
 import os
@@ -210,11 +209,14 @@ def reward_source(config, workdir: str, tok, place=lambda graph, params: params)
 
 
 def _make_roller_factory(config, graph, ref_params, reward, gold, tok):
+  """value_fn -> Roller: the loop adds the critic's value function for PPO."""
   eos, pad = _ids(tok)
   penalty = config.rl.missing_eos_penalty or None
-  return functools.partial(lambda value_fn: Roller(
-      graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
-      missing_eos_penalty=penalty, value_fn=value_fn, gold=gold))
+
+  def factory(value_fn):
+    return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
+                  missing_eos_penalty=penalty, value_fn=value_fn, gold=gold)
+  return factory
 
 
 def run_rl(config, workdir: str, task: Task, stop=None) -> str:

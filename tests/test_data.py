@@ -1,6 +1,5 @@
 """Data layer: demo task and gold reward, hub-schema loaders on local fixtures, batching, resume."""
 import json
-import math
 import os
 
 import datasets

@@ -78,8 +78,9 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
   tx = train_state.make_optimizer(config.optim, rl.iterations * updates_per_iter)
   temperature = config.sampler.temperature
 
-  critic_graph = None
+  axes = decoder.logical_axes(policy.graph)
   if algo == "ppo":
+    critic_graph = None
     if rl.critic == "head":
       D = policy.cfg.hidden_size
       critic_params = {"kernel": jnp.zeros((D, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
@@ -90,6 +91,9 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
     else:
       raise ValueError(f"rl.critic={rl.critic!r}; expected 'head' or 'separate'")
     params = {"policy": policy.params, "critic": critic_params}
+    critic_axes = (decoder.logical_axes(critic_graph) if critic_graph is not None
+                   else {"kernel": ("embed", None), "bias": (None,)})
+    axes = {"policy": axes, "critic": critic_axes}
     loss_fn = trainers.ppo_loss_fn(policy.graph, critic_graph, rl, temperature)
     roller = roller_factory(trainers.critic_values_fn(policy.graph, critic_graph))
   elif algo == "p3o":
@@ -102,11 +106,6 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
   policy_params = (lambda p: p["policy"]) if algo == "ppo" else (lambda p: p)
 
   mesh = sharding.mesh_from_config(config.mesh)
-  axes = decoder.logical_axes(policy.graph)
-  if algo == "ppo":
-    critic_axes = (decoder.logical_axes(critic_graph) if critic_graph is not None
-                   else {"kernel": ("embed", None), "bias": (None,)})
-    axes = {"policy": axes, "critic": critic_axes}
   state = train_state.create(params, tx)
   state_shardings = sharding.train_state_shardings(state, axes, mesh)
   state = jax.device_put(state, state_shardings)

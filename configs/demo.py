@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.task = "demo"
   c.stage = "pipeline"
 
-  # A Llama-style model small enough for a CPU: ~70k parameters over a 17-word vocabulary.
+  # A Llama-style model small enough for a CPU: ~100k parameters over a 17-word vocabulary.
   c.model.hf = ""
   c.model.arch = ml_collections.ConfigDict(dict(
       model_type="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

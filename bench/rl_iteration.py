@@ -1,0 +1,274 @@
+"""Response tokens per second of whole RL iterations: p3o_jax P3O (K=2) against TRL's RLOOTrainer.
+
+    pip install --no-deps -r requirements-bench.txt   # TRL + accelerate; --no-deps keeps the pinned torch
+    python bench/rl_iteration.py --shape all [--prompts 16] [--steps 4] [--warmup 2]
+
+Not part of `make bench` (TRL is not in requirements-dev.txt) and never run by the tests or CI.
+
+One process, CPU, the SAME tiny random GPT-NeoX policy and GPT-NeoX reward model on both sides
+(transformers builds them and saves them to a temp dir; p3o_jax reads them with `hf.load`, the
+reward model with head='score'), the same prompts, the same data shapes. Each side is warmed up
+(JAX compiles, torch allocates optimizer state), then `--steps` iterations are timed one after the
+other; the median iteration is reported, and the best, which is less sensitive to other load on
+the machine (measure on an idle one).
+
+What one iteration is, on both sides (each of these is done exactly once per iteration):
+  sample K=2 responses to each of P prompts (prompt 32 tokens, 32 new tokens, multinomial at
+  temperature 1, no top-k / top-p, min_new_tokens = max_new_tokens so every row has exactly 32
+  response tokens and no EOS), KV cache on;
+  teacher-forced log-probs of the responses under the sampling policy and under the frozen
+  reference (a second copy of the initial policy);
+  reward model score of every (prompt, response);
+  the algorithm's advantage / pair computation on the host;
+  one optimizer update on all P*K rows: one epoch, one minibatch, AdamW, grad-norm clip 1.0,
+  fp32 weights and activations, no gradient checkpointing.
+Response tokens per second = P * K * 32 / seconds per iteration (TRL's minimum completion length is
+checked, so both sides count the same tokens).
+
+What is matched and what is not:
+  * The algorithms differ: p3o_jax runs P3O V2 (pairwise, sequence-level clipped ratio, KL to the
+    reference in the loss), TRL runs RLOO (leave-one-out baseline, sequence-level clipped ratio, KL
+    folded into the reward). With K=2 both compare the two responses to a prompt, and both cost
+    one policy forward+backward over the same rows; the loss arithmetic is negligible next to it.
+    TRL's RLOO is TRL's closest trainer to P3O with K=2 (its PPO trainer needs a value model).
+  * TRL also computes the per-token entropy in its loss forward (a logsumexp-sized extra over the
+    vocabulary), and logs more metrics (each a host sync); p3o_jax computes P3O's own metrics.
+  * TRL turns token ids into text and back: prompts are text in a dataset, tokenized every step,
+    completions are decoded and the reward model re-tokenizes prompt + completion text. Here a
+    one-character-per-token tokenizer (vocab = 512 distinct characters, id 0 = EOS = pad) makes the
+    round trip exact, so the reward model sees the same 64 tokens as in p3o_jax; the cost of the
+    round trip is part of TRL's iteration (it is part of how TRL works). p3o_jax stays on ids.
+  * TRL's defaults that would change the work are overridden: bf16 off, gradient checkpointing
+    off, one generation per step (steps_per_generation 1, num_iterations 1), logging and saving
+    off. TRL uses torch's fused AdamW with a linear decay; p3o_jax optax AdamW with a constant
+    schedule, and reward clipping + running-std scaling as its RL loop does: no cost that matters.
+  * Torch runs eagerly with as many threads as cores; JAX runs jitted (sampler, log-probs, reward
+    model, and the whole update as one program) with its default matmul precision. The p3o_jax
+    update donates the train state. Neither side shards anything (one device). JAX pays its
+    compiles in the first iterations (printed as "first iteration"), which the medians exclude.
+  * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller (+ host
+    reward processing), TRL's _generate_and_score_completions (the same work, plus the text round
+    trip); the rest is the loss forward + backward + optimizer step (+ TRL's Trainer bookkeeping).
+  * Random draws differ (different RNGs), so the two policies sample different tokens; with
+    min_new_tokens = max_new_tokens the shapes, and so the work, are the same.
+
+Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
+MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from p3o_jax import train_state  # noqa: E402
+from p3o_jax.config_base import base_config  # noqa: E402
+from p3o_jax.models import hf  # noqa: E402
+from p3o_jax.rl import trainers  # noqa: E402
+from p3o_jax.rl.rollout import ModelReward, Roller, RunningMoments, process_scores  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=512),
+    "small": dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=1024),
+}
+K, PROMPT, NEW = 2, 32, 32
+EOS_ID = PAD_ID = 0  # never sampled: min_new_tokens = max_new_tokens suppresses EOS
+LR = 1e-6
+FIRST_CHAR = 0x4E00  # token id i <-> chr(FIRST_CHAR + i): one printable non-space character each
+
+
+def build_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+  """One character per token, so ids -> text -> ids is exact and texts concatenate as ids do."""
+  vocab = {"<|endoftext|>": EOS_ID, **{chr(FIRST_CHAR + i): i for i in range(1, vocab_size)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.decoder = tokenizers.decoders.Fuse()  # no spaces between tokens
+  tok.add_special_tokens(["<|endoftext|>"])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                              pad_token="<|endoftext|>", padding_side="left")
+
+
+def build_models(shape: str, directory: str) -> tuple[str, str, transformers.PreTrainedTokenizerFast]:
+  """Random policy and reward model saved under directory; returns their paths and the tokenizer."""
+  config = dict(**SHAPES[shape], rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu",
+                max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=PAD_ID,
+                bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+  tokenizer = build_tokenizer(SHAPES[shape]["vocab_size"])
+  paths = []
+  for name, cls, extra in (("policy", transformers.GPTNeoXForCausalLM, {}),
+                           ("rm", transformers.GPTNeoXForSequenceClassification, dict(num_labels=1))):
+    torch.manual_seed(len(paths))
+    path = os.path.join(directory, name)
+    cls(transformers.GPTNeoXConfig(**config, **extra)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    paths.append(path)
+  return paths[0], paths[1], tokenizer
+
+
+def median_and_best(seconds: list[float], tokens: int) -> dict:
+  return dict(tok_s=tokens / statistics.median(seconds), best=tokens / min(seconds))
+
+
+# ----------------------------------------------------------------------------- p3o_jax
+
+def bench_ours(policy_dir: str, rm_dir: str, prompts: np.ndarray, steps: int, warmup: int) -> dict:
+  cfg, graph, params = hf.load(policy_dir)
+  _, rm_graph, rm_params = hf.load(rm_dir, head="score")
+  config = base_config()
+  config.sampler.update(max_new_tokens=NEW, min_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0)
+  config.rl.update(k=K, inner_epochs=1, num_minibatches=1)
+  config.optim.lr = LR
+  tx = train_state.make_optimizer(config.optim, warmup + steps)
+  ref_params = jax.tree.map(jnp.copy, params)  # the update donates the train state's buffers
+  roller = Roller(graph, ref_params, ModelReward(rm_graph, rm_params), sampler_cfg=config.sampler,
+                  eos_id=EOS_ID, pad_id=PAD_ID)
+  update = trainers.make_update(trainers.p3o_loss_fn(graph, config.rl, config.sampler.temperature), tx,
+                                epochs=1, num_minibatches=1)
+  state = train_state.create(params, tx)
+  mask = np.ones_like(prompts)
+  key, moments = jax.random.key(0), RunningMoments()
+  rollout_s, total_s = [], []
+  for it in range(warmup + steps):
+    rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
+    start = time.perf_counter()
+    exp = roller(state.params, prompts, mask, rollout_key, K)  # host arrays: synchronised
+    rolled = time.perf_counter()
+    rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
+    state, metrics = update(state, trainers.p3o_prepare(exp, rewards), update_key)
+    loss = float(np.asarray(jax.device_get(metrics["loss/total"])).reshape(-1)[0])
+    end = time.perf_counter()
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"p3o_jax: non-finite loss at iteration {it}")
+    if int(exp.response_mask.sum(-1).min()) != NEW:
+      raise AssertionError("p3o_jax: a response ended before max_new_tokens")
+    rollout_s.append(rolled - start)
+    total_s.append(end - start)
+  rollout_s, first_s, total_s = rollout_s[warmup:], total_s[0], total_s[warmup:]
+  return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
+              rollout_share=statistics.median(rollout_s) / statistics.median(total_s))
+
+
+# ----------------------------------------------------------------------------- TRL
+
+def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
+              workdir: str) -> dict:
+  import trl  # noqa: PLC0415  (optional: only this function needs it)
+
+  class StepTimes(transformers.TrainerCallback):
+    """Wall time between consecutive optimizer steps: sampling, scoring, loss, backward, update."""
+
+    def __init__(self):
+      self.marks, self.logs = [], {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+      if not self.marks:
+        self.marks.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+      self.marks.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+      self.logs.update(logs or {})
+
+  P = len(prompts)
+  texts = tokenizer.batch_decode(prompts.tolist())
+  if [len(t) for t in texts] != [PROMPT] * P or tokenizer(texts)["input_ids"] != prompts.tolist():
+    raise AssertionError("tokenizer round trip is not exact")
+  # Enough distinct prompts for every step; the sampler shuffles them, so each step sees P of them
+  # (the shapes, not which prompts, decide the cost).
+  dataset = datasets.Dataset.from_dict({"prompt": texts * (warmup + steps)})
+  args = trl.RLOOConfig(
+      output_dir=os.path.join(workdir, "trl"), report_to="none", save_strategy="no",
+      logging_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+      gradient_checkpointing=False, seed=0, data_seed=0, dataloader_num_workers=0,
+      learning_rate=LR, max_grad_norm=1.0, weight_decay=0.0, num_train_epochs=1, max_steps=warmup + steps,
+      per_device_train_batch_size=P * K, gradient_accumulation_steps=1, steps_per_generation=1,
+      num_generations=K, num_iterations=1, max_completion_length=NEW, temperature=1.0, top_k=0, top_p=1.0,
+      generation_kwargs=dict(min_new_tokens=NEW), beta=0.05)
+  timer = StepTimes()
+  trainer = trl.RLOOTrainer(model=policy_dir, reward_funcs=rm_dir, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, reward_processing_classes=tokenizer, callbacks=[timer])
+  trainer.remove_callback(transformers.PrinterCallback)  # it prints the final metrics dict
+  rollout_s, generate_and_score = [], trainer._generate_and_score_completions
+
+  def timed_rollout(inputs):  # sampling, old and reference log-probs, rewards, advantages
+    start = time.perf_counter()
+    out = generate_and_score(inputs)
+    rollout_s.append(time.perf_counter() - start)
+    return out
+
+  trainer._generate_and_score_completions = timed_rollout
+  trainer.train()
+  # The final log averages each step's minimum length: NEW only if every completion had NEW tokens.
+  min_length = float(timer.logs["completions/min_length"])
+  if min_length != NEW:
+    raise AssertionError(f"TRL: completions as short as {min_length} tokens on average, expected {NEW}")
+  all_s = np.diff(timer.marks).tolist()
+  if len(all_s) != warmup + steps or len(rollout_s) != warmup + steps:
+    raise AssertionError(f"TRL: timed {len(all_s)} steps and {len(rollout_s)} rollouts, expected {warmup + steps}")
+  return dict(**median_and_best(all_s[warmup:], P * K * NEW), first_s=all_s[0],
+              rollout_share=statistics.median(rollout_s[warmup:]) / statistics.median(all_s[warmup:]))
+
+
+def bench(shape: str, num_prompts: int, steps: int, warmup: int) -> dict:
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
+  with tempfile.TemporaryDirectory() as directory:
+    policy_dir, rm_dir, tokenizer = build_models(shape, directory)
+    theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory)
+    # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
+    time.sleep(1.0)
+    ours = bench_ours(policy_dir, rm_dir, prompts, steps, warmup)
+  return dict(shape=shape, ours=ours, theirs=theirs, ratio=ours["tok_s"] / theirs["tok_s"],
+              ratio_best=ours["best"] / theirs["best"])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+  parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (P); rows = P * K")
+  parser.add_argument("--steps", type=int, default=4, help="timed iterations per side")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / TRL
+  import trl  # noqa: PLC0415
+  print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} "
+        f"({jax.default_backend()}, default matmul precision), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl.__version__}; "
+        f"{args.prompts} prompts x K={K}, prompt {PROMPT}, new tokens {NEW}, median of {args.steps} "
+        f"iterations after {args.warmup} warm-up", flush=True)
+  for shape in SHAPES if args.shape == "all" else [args.shape]:
+    r = bench(shape, args.prompts, args.steps, args.warmup)
+    ours, theirs = r["ours"], r["theirs"]
+    print(f"{shape:>6}: p3o_jax P3O {ours['tok_s']:8.1f} response tok/s | TRL RLOO {theirs['tok_s']:8.1f} "
+          f"response tok/s | ratio {r['ratio']:5.2f}x (best iterations: {ours['best']:.1f} vs "
+          f"{theirs['best']:.1f}, {r['ratio_best']:.2f}x) | rollout share {ours['rollout_share']:.0%} vs "
+          f"{theirs['rollout_share']:.0%} | first iteration {ours['first_s']:.1f} s vs {theirs['first_s']:.1f} s",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()

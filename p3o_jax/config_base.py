@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
       k=2,                   # responses per prompt (p3o: any K >= 2; online_dpo: 2)
       inner_epochs=4,
       num_minibatches=8,     # per epoch; prompts_per_rollout must divide evenly
+      micro_batches=1,       # gradient accumulation inside a minibatch (exact; saves activations)
       # P3O (P3O_SPEC.md)
       variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False,
       clip_per_token=False, normalise="pair",

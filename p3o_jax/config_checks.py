@@ -165,7 +165,7 @@ SCHEMA: dict[str, Check] = {
     "rl.k": integer(ge=2),
     "rl.inner_epochs": positive_int,
     "rl.num_minibatches": positive_int,
-    "rl.minibatch_size": positive_int,             # in responses (sequences)
+    "rl.micro_batches": positive_int,              # gradient accumulation steps per minibatch
     # RL: P3O
     "rl.variant": one_of(*VARIANTS),
     "rl.beta": non_negative,
@@ -221,12 +221,11 @@ def _divides_rollout(prompts, num_minibatches):
   return None
 
 
-def _minibatch_size(prompts, k, minibatch):
-  if (prompts * k) % minibatch:
-    return (f"rl.prompts_per_rollout * rl.k = {prompts} * {k} = {prompts * k} responses must be divisible "
-            f"by rl.minibatch_size={minibatch}")
-  if minibatch % k:
-    return f"rl.minibatch_size={minibatch} must be a multiple of rl.k={k} (a prompt's responses stay together)"
+def _micro_batches(prompts, num_minibatches, micro):
+  per_minibatch = prompts // num_minibatches if num_minibatches else 0
+  if num_minibatches and prompts % num_minibatches == 0 and per_minibatch % micro:
+    return (f"a minibatch of rl.prompts_per_rollout / rl.num_minibatches = {per_minibatch} prompts must be "
+            f"divisible by rl.micro_batches={micro}")
   return None
 
 
@@ -253,7 +252,7 @@ def _one_fill(data, fsdp, tensor):
 
 CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[..., "str | None"]]] = [
     (("rl.prompts_per_rollout", "rl.num_minibatches"), _divides_rollout),
-    (("rl.prompts_per_rollout", "rl.k", "rl.minibatch_size"), _minibatch_size),
+    (("rl.prompts_per_rollout", "rl.num_minibatches", "rl.micro_batches"), _micro_batches),
     (("rl.algo", "rl.k"), _dpo_pairs),
     (("sampler.min_new_tokens", "sampler.max_new_tokens"), _new_tokens),
     (("data.max_prompt_len", "sampler.max_new_tokens", "model.arch.max_position_embeddings"), _fits_positions),

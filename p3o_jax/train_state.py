@@ -53,11 +53,35 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
   return TrainState(state.step + 1, params, opt_state), norms
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformation):
-  """Turns `loss_fn(params, batch) -> (loss, metrics)` into a pure `(state, batch) -> (state, metrics)`."""
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micro_batches: int = 1,
+              count_fn: Callable | None = None):
+  """Turns `loss_fn(params, batch) -> (loss, metrics)` into a pure `(state, batch) -> (state, metrics)`.
+
+  With micro_batches > 1 the batch is cut along its leading axis and the gradients are summed
+  over a `lax.scan`, so only one micro-batch's activations are alive at a time. Exactness
+  (PITFALLS 8): `count_fn(batch)` gives the whole batch's loss normaliser and every
+  micro-batch loss is divided by it (`loss_fn(params, micro, normaliser)`), so the summed
+  gradient IS the full-batch gradient, whatever the split. Metrics named `loss/*` are summed
+  over micro-batches (they share that normaliser); the others are micro-batch means.
+  """
+  if micro_batches < 1 or (micro_batches > 1 and count_fn is None):
+    raise ValueError(f"micro_batches={micro_batches} needs micro_batches >= 1 and, above 1, a count_fn")
 
   def step(state: TrainState, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    if micro_batches == 1:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    else:
+      normaliser = count_fn(batch)
+      micro = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+
+      def accumulate(total, part):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, part, normaliser)
+        return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, (parts, metrics) = jax.lax.scan(accumulate, zeros, micro)
+      loss = parts.sum()
+      metrics = {k: v.sum(0) if k.startswith("loss/") else v.mean(0) for k, v in metrics.items()}
     state, norms = apply_gradients(state, grads, tx)
     return state, {**metrics, **norms, "loss/total": loss}
 

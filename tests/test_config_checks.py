@@ -21,7 +21,7 @@ def small_config():
   c.sft = ml_collections.ConfigDict(dict(steps=10, optim=ml_collections.ConfigDict(dict(lr=1e-4))))
   c.rl = ml_collections.ConfigDict(dict(algo="p3o", variant="v2", k=2, beta=0.05, eps=0.2, c=10.0,
                                         kl_source="theta", prompts_per_rollout=8, num_minibatches=2,
-                                        minibatch_size=4, inner_epochs=1, gamma=1.0, lam=0.95))
+                                        micro_batches=2, inner_epochs=1, gamma=1.0, lam=0.95))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c
 
@@ -76,10 +76,11 @@ def test_batch_arithmetic_and_cross_field_rules():
   assert errors_for(rl__num_minibatches=3) == [
       "rl.prompts_per_rollout=8 must be divisible by rl.num_minibatches=3 (each minibatch takes whole prompts "
       "with all their responses)"]
-  assert errors_for(rl__minibatch_size=5) == [
-      "rl.prompts_per_rollout * rl.k = 8 * 2 = 16 responses must be divisible by rl.minibatch_size=5"]
-  assert errors_for(rl__k=4, rl__minibatch_size=2)[0].startswith("rl.minibatch_size=2 must be a multiple of rl.k=4")
-  assert errors_for(rl__algo="online_dpo", rl__k=4, rl__minibatch_size=8) == [
+  assert errors_for(rl__micro_batches=3) == [
+      "a minibatch of rl.prompts_per_rollout / rl.num_minibatches = 4 prompts must be divisible by "
+      "rl.micro_batches=3"]
+  assert errors_for(rl__micro_batches=0)[0].startswith("rl.micro_batches")
+  assert errors_for(rl__algo="online_dpo", rl__k=4) == [
       "rl.algo='online_dpo' compares two responses: rl.k must be 2, got 4"]
   assert errors_for(sampler__min_new_tokens=20) == ["sampler.min_new_tokens=20 must be <= sampler.max_new_tokens=16"]
   assert errors_for(mesh__data=-1, mesh__fsdp=-1)[0].startswith("at most one of mesh.data")

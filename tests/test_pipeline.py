@@ -68,7 +68,7 @@ def iteration_rows(workdir, algo):
 @pytest.mark.parametrize("rl", [
     dict(algo="p3o", variant="v1"),
     dict(algo="p3o", variant="v2"),
-    dict(algo="p3o", variant="v2", k=4),
+    dict(algo="p3o", variant="v2", k=4, micro_batches=2),
     dict(algo="ppo"),
     dict(algo="online_dpo"),
 ], ids=["p3o-v1", "p3o-v2", "p3o-k4", "ppo", "online_dpo"])

@@ -110,7 +110,8 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
   state_shardings = sharding.train_state_shardings(state, axes, mesh)
   state = jax.device_put(state, state_shardings)
   update = trainers.make_update(loss_fn, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
-                                state_shardings=state_shardings)
+                                state_shardings=state_shardings, micro_batches=rl.micro_batches,
+                                count_fn=trainers.COUNTS[algo](rl))
   queries, query_masks = train_queries
   order = EpochIterator(len(queries), rl.prompts_per_rollout, seed=config.seed)
   moments = RunningMoments() if rl.reward_scaling else None

@@ -45,8 +45,16 @@ def p3o_prepare(exp: Experience, rewards: np.ndarray) -> dict:
   return group(exp, rewards=rewards)
 
 
+def p3o_count(rl):
+  """The whole minibatch's P3O normaliser (pairs, or mean pair tokens): see losses.p3o_normaliser."""
+  def count(batch):
+    mask = batch["response_mask"].astype(bool)
+    return losses.p3o_normaliser(jnp.ones(mask.shape[:2], bool), mask, rl.normalise)
+  return count
+
+
 def p3o_loss_fn(graph, rl, temperature: float):
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, normaliser=None):
     M, K = batch["rewards"].shape
     rows = _rows(batch)
     logp_tok, _, _ = _policy_logprobs(graph, params, rows, temperature)
@@ -55,7 +63,7 @@ def p3o_loss_fn(graph, rl, temperature: float):
         logp_tok.reshape(shape), batch["logp_old"], batch["logp_ref"], batch["rewards"],
         token_mask=batch["response_mask"], variant=rl.variant, beta=rl.beta, eps=rl.eps, c=rl.c,
         kl_source=rl.kl_source, whiten_delta=rl.whiten_delta, clip_per_token=rl.clip_per_token,
-        normalise=rl.normalise)
+        normalise=rl.normalise, normaliser=normaliser)
   return loss_fn
 
 
@@ -71,8 +79,13 @@ def online_dpo_prepare(exp: Experience, scores: np.ndarray) -> dict:
   return batch
 
 
+def online_dpo_count(batch):
+  """One term per prompt (pair)."""
+  return jnp.float32(batch["chosen"].shape[0])
+
+
 def online_dpo_loss_fn(graph, rl, temperature: float):
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, normaliser=None):
     rows = _rows({k: v for k, v in batch.items() if k != "chosen"})
     logp_tok, _, _ = _policy_logprobs(graph, params, rows, temperature)
     mask = batch["response_mask"]
@@ -80,7 +93,8 @@ def online_dpo_loss_fn(graph, rl, temperature: float):
     ref = (batch["logp_ref"] * mask).sum(-1)
     pick = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
     c, r = batch["chosen"], 1 - batch["chosen"]
-    return losses.dpo(pick(logp, c), pick(logp, r), pick(ref, c), pick(ref, r), beta=rl.dpo_beta)
+    return losses.dpo(pick(logp, c), pick(logp, r), pick(ref, c), pick(ref, r), beta=rl.dpo_beta,
+                      normaliser=normaliser)
   return loss_fn
 
 
@@ -113,10 +127,15 @@ def ppo_prepare(exp: Experience, scores: np.ndarray, *, kl_coef: float, gamma: f
   return group(exp, values=values, advantages=advantages, returns=returns)
 
 
+def ppo_count(batch):
+  """Valid response tokens of the whole minibatch (PPO averages per token)."""
+  return losses.ppo_normaliser(batch["response_mask"].astype(bool), "token")
+
+
 def ppo_loss_fn(graph, critic_graph, rl, temperature: float):
   """params = {'policy': ..., 'critic': ...}; the critic is a linear head on the policy's
   hidden states (rl.critic='head') or a separate model with a scalar head ('separate')."""
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, normaliser=None):
     rows = _rows(batch)
     logp_tok, model, hidden = _policy_logprobs(graph, params["policy"], rows, temperature)
     if critic_graph is None:
@@ -129,7 +148,7 @@ def ppo_loss_fn(graph, critic_graph, rl, temperature: float):
     loss, metrics = losses.ppo(
         logp_tok, rows["logp_old"], rows["advantages"], rows["response_mask"], eps=rl.eps,
         values=values, old_values=rows["values"], returns=rows["returns"],
-        eps_value=rl.cliprange_value, vf_coef=rl.vf_coef)
+        eps_value=rl.cliprange_value, vf_coef=rl.vf_coef, normaliser=normaliser)
     return loss, {**metrics, "policy/entropy_avg": entropy}
   return loss_fn
 
@@ -156,14 +175,19 @@ def critic_values_fn(graph, critic_graph):
 
 # ----------------------------------------------------------------------------- the shared update
 
-def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None):
+COUNTS = {"p3o": p3o_count, "ppo": lambda rl: ppo_count, "online_dpo": lambda rl: online_dpo_count}
+
+
+def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None,
+                micro_batches: int = 1, count_fn=None):
   """(state, batch of G groups, rng) -> (state, metrics[epochs, num_minibatches]), jitted once.
 
   Every epoch reshuffles the groups; G must divide evenly into minibatches (config checks it).
   With `state_shardings` the new state keeps the old one's layout on the mesh, so the donated
-  buffers are reused and the next call hits the same compiled program.
+  buffers are reused and the next call hits the same compiled program. `micro_batches` and
+  `count_fn` accumulate each minibatch's gradient exactly (see train_state.make_step).
   """
-  step = train_state.make_step(loss_fn, tx)
+  step = train_state.make_step(loss_fn, tx, micro_batches=micro_batches, count_fn=count_fn)
 
   def update(state, batch, rng):
     G = next(iter(batch.values())).shape[0]

@@ -81,7 +81,8 @@ def test_ppo_micro_batches_equal_the_whole_minibatch():
     batch[name] = jnp.asarray(rng.standard_normal(mask.shape), jnp.float32) * mask
   params = {"policy": params, "critic": {"kernel": jnp.asarray(0.1 * rng.standard_normal((CFG.hidden_size, 1)),
                                                                jnp.float32), "bias": jnp.zeros((1,))}}
-  assert_same_update(trainers.ppo_loss_fn(graph, None, rl_config(), 1.0), params, batch, trainers.ppo_count)
+  rl = rl_config()
+  assert_same_update(trainers.ppo_loss_fn(graph, None, rl, 1.0), params, batch, trainers.ppo_count(rl))
 
 
 def test_online_dpo_micro_batches_equal_the_whole_minibatch():
@@ -89,7 +90,7 @@ def test_online_dpo_micro_batches_equal_the_whole_minibatch():
   batch, rng = group_batch(graph, params, 2, seed=9)
   batch["chosen"] = jnp.asarray(rng.integers(0, 2, G), jnp.int32)
   assert_same_update(trainers.online_dpo_loss_fn(graph, rl_config(), 1.0), params, batch,
-                     trainers.online_dpo_count)
+                     trainers.online_dpo_count(rl_config()))
 
 
 def test_micro_batches_need_a_count():

@@ -1,8 +1,9 @@
 """P3O, PPO and online DPO as (prepare, loss) pairs over one shared jitted update.
 
 Each algorithm supplies
-  prepare(exp, ...) -> batch   host side: rewards, advantages, winners; arrays [G, K, ...]
-  loss_fn(params, batch)       pure: minibatch of groups -> (loss, metrics)
+  prepare(exp, ...) -> batch             host side: rewards, advantages, winners; arrays [G, K, ...]
+  loss_fn(params, batch, normaliser)     pure: minibatch of groups -> (loss, metrics)
+  count(rl)(batch) -> normaliser         the minibatch's loss count, for exact micro-batching
 and `make_update` runs inner epochs x minibatches as nested `lax.scan`s inside one jit, each
 scan step the pure `(state, batch) -> (state, metrics)` of `train_state.make_step`.
 A group is the K responses to one prompt, kept together so pairs never straddle minibatches.
@@ -79,9 +80,9 @@ def online_dpo_prepare(exp: Experience, scores: np.ndarray) -> dict:
   return batch
 
 
-def online_dpo_count(batch):
+def online_dpo_count(rl):
   """One term per prompt (pair)."""
-  return jnp.float32(batch["chosen"].shape[0])
+  return lambda batch: jnp.float32(batch["chosen"].shape[0])
 
 
 def online_dpo_loss_fn(graph, rl, temperature: float):
@@ -127,9 +128,9 @@ def ppo_prepare(exp: Experience, scores: np.ndarray, *, kl_coef: float, gamma: f
   return group(exp, values=values, advantages=advantages, returns=returns)
 
 
-def ppo_count(batch):
+def ppo_count(rl):
   """Valid response tokens of the whole minibatch (PPO averages per token)."""
-  return losses.ppo_normaliser(batch["response_mask"].astype(bool), "token")
+  return lambda batch: losses.ppo_normaliser(batch["response_mask"].astype(bool), "token")
 
 
 def ppo_loss_fn(graph, critic_graph, rl, temperature: float):
@@ -175,7 +176,7 @@ def critic_values_fn(graph, critic_graph):
 
 # ----------------------------------------------------------------------------- the shared update
 
-COUNTS = {"p3o": p3o_count, "ppo": lambda rl: ppo_count, "online_dpo": lambda rl: online_dpo_count}
+COUNTS = {"p3o": p3o_count, "ppo": ppo_count, "online_dpo": online_dpo_count}
 
 
 def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None,

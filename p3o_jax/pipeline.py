@@ -126,14 +126,21 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
     return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
                               max_len, config.data.max_prompt_len)
 
+  return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
+                         make_batch, len(task.sft_prompts), tok, stop)
+
+
+def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples, tok,
+                    stop) -> str:
+  """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf."""
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
-        "sft", supervised.sft_loss_fn(policy.graph), policy.params, make_batch, len(task.sft_prompts),
-        params_axes=decoder.logical_axes(policy.graph), mesh_cfg=config.mesh, stage_cfg=config.sft, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
-        log_every=config.log.every, stop=stop)
-    logger.summary("sft", metrics)
+        name, loss_fn, model.params, make_batch, num_examples, params_axes=decoder.logical_axes(model.graph),
+        mesh_cfg=config.mesh, stage_cfg=stage_cfg, seed=config.seed, workdir=out, logger=logger,
+        ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
+    logger.summary(name, metrics)
   path = os.path.join(out, "hf")
-  hf.save(path, policy.cfg, params, tokenizer=tok)
+  hf.save(path, model.cfg, params, tokenizer=tok)
   return path
 
 
@@ -178,15 +185,8 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
     return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), max_len,
                                      config.data.max_prompt_len)
 
-  with _logger(config, out) as logger:
-    params, metrics = supervised.fit(
-        "rm", supervised.reward_loss_fn(model.graph), model.params, make_batch, len(prefs["prompt"]),
-        params_axes=decoder.logical_axes(model.graph), mesh_cfg=config.mesh, stage_cfg=config.rm, seed=config.seed, workdir=out, logger=logger, ckpt_cfg=config.ckpt,
-        log_every=config.log.every, stop=stop)
-    logger.summary("rm", metrics)
-  path = os.path.join(out, "hf")
-  hf.save(path, model.cfg, params, tokenizer=tok)
-  return path
+  return _fit_and_export("rm", config, out, config.rm, supervised.reward_loss_fn(model.graph), model,
+                         make_batch, len(prefs["prompt"]), tok, stop)
 
 
 def load_callable(spec: str, field: str) -> Callable:

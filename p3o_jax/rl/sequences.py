@@ -19,14 +19,18 @@ def _concat(query, query_mask, response, response_mask):
   return tokens, mask
 
 
+def response_hidden(graph, params, query, query_mask, response, response_mask):
+  """The model and the hidden states at the positions that predict each response token [N, R, D]."""
+  tokens, mask = _concat(query, query_mask, response, response_mask)
+  model, hidden = decoder.forward(graph, params, tokens, mask)
+  return model, hidden[:, query.shape[1] - 1:-1]  # position t predicts token t + 1
+
+
 def response_logprobs_and_hidden(graph, params, query, query_mask, response, response_mask,
                                  temperature: float = 1.0):
   """Per-token log p(response_t | query, response_<t) [N, R] (0 at padding), the model, and
   the hidden states at the positions that predict each response token [N, R, D]."""
-  tokens, mask = _concat(query, query_mask, response, response_mask)
-  model, hidden = decoder.forward(graph, params, tokens, mask)
-  P = query.shape[1]
-  hidden = hidden[:, P - 1:-1]  # position t predicts token t + 1
+  model, hidden = response_hidden(graph, params, query, query_mask, response, response_mask)
   logits = model.logits(hidden) / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp, response[..., None], axis=-1)[..., 0]

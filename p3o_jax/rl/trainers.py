@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import losses, train_state
-from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
 from p3o_jax.rl.rollout import Experience
 
@@ -139,12 +138,8 @@ def ppo_loss_fn(graph, critic_graph, rl, temperature: float):
   def loss_fn(params, batch, normaliser=None):
     rows = _rows(batch)
     logp_tok, model, hidden = _policy_logprobs(graph, params["policy"], rows, temperature)
-    if critic_graph is None:
-      values = hidden.astype(jnp.float32) @ params["critic"]["kernel"] + params["critic"]["bias"]
-      values = values[..., 0]
-    else:
-      critic, critic_hidden = _critic_hidden(critic_graph, params["critic"], rows)
-      values = critic.scalar(critic_hidden)
+    values = (_head_values(params["critic"], hidden) if critic_graph is None
+              else _critic_values(critic_graph, params["critic"], rows))
     entropy = sequences.response_entropy(model, hidden, rows["response_mask"], temperature)
     loss, metrics = losses.ppo(
         logp_tok, rows["logp_old"], rows["advantages"], rows["response_mask"], eps=rl.eps,
@@ -154,23 +149,26 @@ def ppo_loss_fn(graph, critic_graph, rl, temperature: float):
   return loss_fn
 
 
-def _critic_hidden(critic_graph, critic_params, rows):
-  tokens = jnp.concatenate([rows["query"], rows["response"]], axis=1)
-  mask = jnp.concatenate([rows["query_mask"], rows["response_mask"]], axis=1)
-  model, hidden = decoder.forward(critic_graph, critic_params, tokens, mask)
-  P = rows["query"].shape[1]
-  return model, hidden[:, P - 1:-1]
+def _head_values(head, hidden):
+  """rl.critic='head': a linear value head on the policy's hidden states -> [N, R]."""
+  return (hidden.astype(jnp.float32) @ head["kernel"] + head["bias"])[..., 0]
+
+
+def _critic_values(critic_graph, critic_params, rows):
+  """rl.critic='separate': the critic model's scalar head at each response position -> [N, R]."""
+  model, hidden = sequences.response_hidden(critic_graph, critic_params, rows["query"], rows["query_mask"],
+                                            rows["response"], rows["response_mask"])
+  return model.scalar(hidden)
 
 
 def critic_values_fn(graph, critic_graph):
   """Rollout-time values [N, R] for the critic layout that `ppo_loss_fn` trains."""
   def values(params, query, query_mask, response, response_mask):
-    rows = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask)
     if critic_graph is None:
-      _, _, hidden = _policy_logprobs(graph, params["policy"], rows, 1.0)
-      return (hidden.astype(jnp.float32) @ params["critic"]["kernel"] + params["critic"]["bias"])[..., 0]
-    model, hidden = _critic_hidden(critic_graph, params["critic"], rows)
-    return model.scalar(hidden)
+      _, hidden = sequences.response_hidden(graph, params["policy"], query, query_mask, response, response_mask)
+      return _head_values(params["critic"], hidden)
+    rows = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask)
+    return _critic_values(critic_graph, params["critic"], rows)
   return jax.jit(values)
 
 

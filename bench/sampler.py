@@ -1,6 +1,6 @@
 """New tokens per second: p3o_jax.sampling.generate against transformers `generate` (torch, CPU).
 
-    python bench/sampler.py --shape all [--repeats 5]
+    python bench/sampler.py --shape all [--repeats 5] [--devices N]
 
 Both samplers run the SAME random GPT-NeoX weights (a transformers GPTNeoXForCausalLM saved to a
 temp dir and read back with `hf.load`), the same batch of prompts, and generate exactly the same
@@ -11,6 +11,12 @@ is less sensitive to other load on the machine (torch's threads suffer most from
 an idle machine). JAX runs with its default matmul precision (the tests force 'highest'); torch
 uses as many threads as there are cores.
 
+Ours runs twice: on one device, and data-parallel over `--devices` host devices (default: one
+per core, made with --xla_force_host_platform_device_count) with `generate(..., mesh=...)`, each
+device decoding its share of the batch in its own loop. XLA runs a small model's decode step
+on one core, so the mesh is how it uses all of them, as torch does with its threads; a large
+model's matmuls already use every core on one device.
+
 Shapes: tiny (2 layers, d=128, 4 heads, vocab 512) and pythia70m (6 layers, d=512, 8 heads,
 MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32, 64 new tokens.
 """
@@ -20,18 +26,33 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def _devices_flag() -> int:
+  """--devices must reach XLA_FLAGS before jax is imported."""
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--devices" and i + 1 < len(sys.argv):
+      return int(sys.argv[i + 1])
+  return os.cpu_count()
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={_devices_flag()}")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from p3o_jax import sampling  # noqa: E402
+from p3o_jax import sampling, sharding  # noqa: E402
 from p3o_jax.models import hf  # noqa: E402
 
 SHAPES = {
@@ -69,11 +90,14 @@ def bench(shape: str, repeats: int) -> dict:
   prompts = rng.integers(2, cfg.vocab_size, (BATCH, PROMPT)).astype(np.int32)
   mask = np.ones_like(prompts)
   ids, attention = torch.as_tensor(prompts, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
-  keys = iter(jax.random.split(jax.random.key(0), 2 * repeats + 2))
+  keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 4))
+  mesh = sharding.make_mesh(data=-1)
+  mesh_params = jax.device_put(params, sharding.replicated(mesh))
 
-  def ours():
-    out = sampling.generate(graph, params, prompts, mask, next(keys), max_new_tokens=NEW,
-                            min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID)
+  def ours(on_mesh: bool):
+    out = sampling.generate(graph, mesh_params if on_mesh else params, prompts, mask, next(keys),
+                            max_new_tokens=NEW, min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID,
+                            mesh=mesh if on_mesh else None)
     jax.block_until_ready(out)
     assert int(out.lengths.min()) == NEW
 
@@ -84,28 +108,30 @@ def bench(shape: str, repeats: int) -> dict:
                            pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     assert out.shape == (BATCH, PROMPT + NEW)
 
-  compile_s = timed(ours)
+  compile_s = timed(lambda: ours(False))
+  timed(lambda: ours(True))
   timed(theirs)
   # One runtime at a time, with a pause between: interleaving, or starting right after the
   # other, lets one's still-spinning worker threads (OpenMP, Eigen) slow the other down.
   time.sleep(1.0)
   theirs_s = [timed(theirs) for _ in range(repeats)]
-  time.sleep(1.0)
-  ours_s = [timed(ours) for _ in range(repeats)]
+  runs = {}
+  for name, on_mesh in (("one device", False), (f"{len(mesh.devices.flat)} devices", True)):
+    time.sleep(1.0)
+    runs[name] = [timed(lambda: ours(on_mesh)) for _ in range(repeats)]
   tokens = BATCH * NEW
-  result = dict(shape=shape, ours=tokens / statistics.median(ours_s),
-                transformers=tokens / statistics.median(theirs_s),
-                ours_best=tokens / min(ours_s), transformers_best=tokens / min(theirs_s),
-                compile_s=compile_s)
-  result["ratio"] = result["ours"] / result["transformers"]
-  result["ratio_best"] = result["ours_best"] / result["transformers_best"]
-  return result
+  rate = lambda seconds: tokens / statistics.median(seconds)
+  best = lambda seconds: tokens / min(seconds)
+  return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s), transformers_best=best(theirs_s),
+              ours={name: (rate(s), best(s)) for name, s in runs.items()})
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--devices", type=int, default=os.cpu_count(),
+                      help="host devices for the data-parallel run (default: one per core)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, default matmul precision), torch "
@@ -113,10 +139,11 @@ def main():
         f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}")
   for shape in SHAPES if args.shape == "all" else [args.shape]:
     r = bench(shape, args.repeats)
-    print(f"{r['shape']:>10}: p3o_jax {r['ours']:9.1f} new tok/s | transformers {r['transformers']:9.1f} "
-          f"new tok/s | ratio {r['ratio']:5.2f}x (best runs: {r['ours_best']:.1f} vs "
-          f"{r['transformers_best']:.1f}, {r['ratio_best']:.2f}x) | first call {r['compile_s']:.1f} s",
-          flush=True)
+    print(f"{r['shape']:>10}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
+          f"first call of ours {r['compile_s']:.1f} s", flush=True)
+    for name, (rate, best) in r["ours"].items():
+      print(f"{'':>10}  p3o_jax, {name:>10}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
+            f"(best runs: {best / r['transformers_best']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -208,14 +208,14 @@ def reward_source(config, workdir: str, tok, place=lambda graph, params: params)
   return ModelReward(graph, params), Policy(cfg, graph, params)
 
 
-def _make_roller_factory(config, graph, ref_params, reward, gold, tok):
+def _make_roller_factory(config, graph, ref_params, reward, gold, tok, mesh):
   """value_fn -> Roller: the loop adds the critic's value function for PPO."""
   eos, pad = _ids(tok)
   penalty = config.rl.missing_eos_penalty or None
 
   def factory(value_fn):
     return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
-                  missing_eos_penalty=penalty, value_fn=value_fn, gold=gold)
+                  missing_eos_penalty=penalty, value_fn=value_fn, gold=gold, mesh=mesh)
   return factory
 
 
@@ -230,7 +230,7 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   ref_params = place(policy.graph, policy.params)  # a copy: the update donates the policy's buffers
   reward, rm = reward_source(config, workdir, tok, place)
   gold = TextReward(task.gold, tok) if task.gold else None
-  factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok)
+  factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok, mesh)
   critic = None if rm is None else Policy(rm.cfg, rm.graph, jax.tree.map(jnp.copy, rm.params))
   with _logger(config, out) as logger:
     params, record = loop.train(

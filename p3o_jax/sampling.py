@@ -28,6 +28,14 @@ T=1, top_k=0, top_p=1 for on-policy RL, or correct for the kept mass yourself.
 The KV cache is created inside the jitted function and carried by the while loop, whose buffers
 XLA updates in place (`dynamic_update_slice`), so no cache crosses the jit boundary and there is
 nothing to donate.
+
+Several devices (`mesh=`): the prompts are split over the mesh's batch axes (data x fsdp) and
+each shard runs the whole prefill + decode loop on its own rows (`shard_map`), parameters
+gathered once per call. No collective runs per token, and each shard stops as soon as its own
+rows have finished (when the model is also split over a tensor axis, the shards agree on
+stopping once per step). The uniforms are drawn for all rows before the split, so the samples do
+not depend on the number of shards. On a multi-core CPU, one host device per core
+(`--xla_force_host_platform_device_count`) puts every core to work on a small model.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from p3o_jax import sharding
 from p3o_jax.models import decoder
 
 log = logging.getLogger(__name__)
@@ -181,11 +191,16 @@ class _Loop(NamedTuple):
 # ----------------------------------------------------------------------------- the jitted sampler
 
 def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_top_p: bool,
-               greedy: bool, eos_id: int, pad_id: int):
-  """The pure function that `generate` jits; static settings are closed over."""
+               greedy: bool, eos_id: int, pad_id: int, stop_together: tuple[str, ...] = ()):
+  """The pure function that `generate` jits; static settings are closed over.
+
+  stop_together: manual mesh axes over which the decode loops must run the same number of
+  steps (the loop then ends when every row of every shard is done).
+  """
   N, K = max_new_tokens, num_samples
 
-  def run(params, prompt_tokens, prompt_mask, rng, temperature, top_p, min_new_tokens):
+  def run(params, prompt_tokens, prompt_mask, uniforms, temperature, top_p, min_new_tokens):
+    """uniforms: [N, B*K] one draw per step and row (`_uniforms`)."""
     model = decoder.merge(graph, params)
     B, P = prompt_tokens.shape
     prompt_valid = prompt_mask.astype(bool)
@@ -207,9 +222,6 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     slots = jnp.arange(P + N)
     key_valid_prompt = jnp.pad(prompt_valid, ((0, 0), (0, N)))  # [R, S]; generated slots added per step
     is_eos = jnp.arange(first_logits.shape[-1]) == eos_id
-    # One uniform per row and step, key fold_in(rng, step), all drawn before the loop.
-    draw = lambda step: jax.random.uniform(jax.random.fold_in(rng, step), (R,), jnp.float32)
-    uniforms = jax.vmap(draw)(jnp.arange(N))  # [N, R]
 
     def emit(state: _Loop, logits) -> _Loop:
       """Sample token `state.step` from [R, V] logits and write it (pad once a row is done)."""
@@ -236,7 +248,10 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
           cache=state.cache)
 
     def keep_going(state: _Loop):
-      return (state.step < N) & ~jnp.all(state.done)
+      pending = ~jnp.all(state.done)
+      if stop_together:
+        pending = jax.lax.psum(pending.astype(jnp.int32), stop_together) > 0
+      return (state.step < N) & pending
 
     def decode_step(state: _Loop) -> _Loop:
       # Feed the token written at step - 1: cache slot P + step - 1, position prompt_len + step - 1.
@@ -263,6 +278,60 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
   return run
 
 
+def _uniforms(rng, steps: int, rows: int):
+  """[steps, rows] U[0, 1) draws: step n uses key fold_in(rng, n), so a row's draws do not
+  depend on how many steps or shards there are."""
+  draw = lambda step: jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32)
+  return jax.vmap(draw)(jnp.arange(steps))
+
+
+def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
+  """The mesh axes that split the batch (size > 1 only); () means one shard."""
+  if mesh is None:
+    return ()
+  spec = sharding.logical_to_spec(("batch",), mesh)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def _jitted(graph, *, mesh: Mesh | None, **static):
+  """generate's jitted function: rng in, uniforms drawn inside, then one decode loop for the
+  whole batch, or one per batch shard of `mesh`."""
+  steps, samples = static["max_new_tokens"], static["num_samples"]
+  axes = _batch_axes(mesh)
+  if not axes:
+    run = _sample_fn(graph, **static)
+
+    def whole(params, prompt_tokens, prompt_mask, rng, *settings):
+      uniforms = _uniforms(rng, steps, prompt_tokens.shape[0] * samples)
+      return run(params, prompt_tokens, prompt_mask, uniforms, *settings)
+    return jax.jit(whole)
+
+  # A model split over other mesh axes (tensor) runs collectives inside the loop, which every
+  # device must join at every step (XLA's CPU collectives rendezvous across all of them): the
+  # shards then stop together; otherwise each stops when its own rows are done.
+  split_model = any(size > 1 for name, size in mesh.shape.items() if name not in axes)
+  run = _sample_fn(graph, **static, stop_together=axes if split_model else ())
+  rows, replicated = PartitionSpec(axes), PartitionSpec()
+
+  def per_shard(params, prompt_tokens, prompt_mask, uniforms, *settings):
+    out = run(params, prompt_tokens, prompt_mask, uniforms, *settings)
+    return out._replace(num_steps=out.num_steps[None])  # one count per shard
+
+  sharded_run = jax.shard_map(
+      per_shard, mesh=mesh, axis_names=frozenset(axes), check_vma=False,
+      in_specs=(replicated, rows, rows, PartitionSpec(None, axes), replicated, replicated, replicated),
+      out_specs=SampleOutput(*([rows] * len(SampleOutput._fields))))
+
+  def split(params, prompt_tokens, prompt_mask, rng, *settings):
+    uniforms = _uniforms(rng, steps, prompt_tokens.shape[0] * samples)
+    uniforms = jax.lax.with_sharding_constraint(uniforms, NamedSharding(mesh, PartitionSpec(None, axes)))
+    out = sharded_run(params, prompt_tokens, prompt_mask, uniforms, *settings)
+    return out._replace(num_steps=out.num_steps.max())
+
+  return jax.jit(split)
+
+
 _COMPILED: dict = {}
 _GRAPH_KEYS: dict = {}
 _STRUCTURES: dict = {}
@@ -280,26 +349,30 @@ def _graph_key(graph: decoder.Graph) -> int:
   return held[1]
 
 
-def _compiled(graph: decoder.Graph, **static):
-  key = (_graph_key(graph), tuple(sorted(static.items())))
+def _compiled(graph: decoder.Graph, mesh: Mesh | None, **static):
+  key = (_graph_key(graph), mesh, tuple(sorted(static.items())))
   if key not in _COMPILED:
-    _COMPILED[key] = jax.jit(_sample_fn(graph, **static))
+    _COMPILED[key] = _jitted(graph, mesh=mesh, **static)
   return _COMPILED[key]
 
 
 def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, eos_id: int,
-             pad_id: int, greedy: bool = False) -> SampleOutput:
+             pad_id: int, greedy: bool = False, mesh: Mesh | None = None) -> SampleOutput:
   """Sample `num_samples` responses for each LEFT-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (see `pad_prompts`); rng: a PRNG key.
   Returns a SampleOutput with R = B * num_samples rows, prompt-major (row b*K + k).
 
   Compiled once per (model, shapes, max_new_tokens, num_samples, top_k, greedy, whether
-  top_p < 1, eos_id, pad_id); temperature, top_p and min_new_tokens are traced and may change
-  freely. top_k=0 and top_p=1 mean no truncation; with greedy=True the argmax is taken
+  top_p < 1, eos_id, pad_id, mesh); temperature, top_p and min_new_tokens are traced and may
+  change freely. top_k=0 and top_p=1 mean no truncation; with greedy=True the argmax is taken
   (log-probs are still reported under logits / temperature).
+
+  mesh: decode each batch shard (mesh axes data x fsdp) on its own devices with its own loop;
+  B must be divisible by the number of shards, else the whole batch runs as one (logged).
+  The same rng gives the same samples with or without a mesh.
   """
   if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):
     raise ValueError(f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} "
@@ -327,7 +400,13 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")
-  run = _compiled(graph, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
+  shards = math.prod(mesh.shape[a] for a in _batch_axes(mesh)) if mesh is not None else 1
+  if np.shape(prompt_tokens)[0] % shards:
+    log.warning("generate: %d prompts do not split over %d batch shards; decoding them as one batch",
+                np.shape(prompt_tokens)[0], shards)
+  if shards == 1 or np.shape(prompt_tokens)[0] % shards:
+    mesh = None
+  run = _compiled(graph, mesh, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                   top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
                   eos_id=int(eos_id), pad_id=int(pad_id))
   as_int32 = lambda x: x if getattr(x, "dtype", None) == np.int32 else np.asarray(x, np.int32)

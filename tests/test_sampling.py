@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hf_fixtures as fx  # noqa: E402
-from p3o_jax import sampling  # noqa: E402
+from p3o_jax import sampling, sharding  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
 PROMPTS = [[5, 9, 14, 3, 7, 22], [17, 4], [8, 30, 2, 11], [40]]  # ragged, left padded to BUCKET
@@ -244,6 +244,37 @@ def test_early_stop_when_every_row_is_done(neox, prompts):
   assert out.finished.all()
   assert int(out.num_steps) == min_new + 1 < N
   check_structure(out, fx.EOS_ID, fx.PAD_ID, min_new)
+
+
+# ----------------------------------------------------------------------------- several devices
+
+@pytest.mark.parametrize("mesh_shape", [(4, 1, 1), (2, 2, 2)])
+def test_per_shard_decoding_matches_one_device(neox, prompts, mesh_shape):
+  """With a mesh, each batch shard (data x fsdp) decodes its own rows in its own loop; the
+  samples are those of the one-device call, and the rows stay split over the shards."""
+  _, graph, params = neox
+  params = with_eos_bias(params, 3.0)  # some rows end early, at different steps
+  mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  placed, _ = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
+  ref = sample(graph, params, *prompts)
+  out = sample(graph, placed, *prompts, mesh=mesh)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.mask, ref.mask)
+  np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+  assert int(out.num_steps) == int(ref.num_steps)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  assert {s.data.shape[0] for s in out.tokens.addressable_shards} == {len(PROMPTS) * K // shards}
+  early = sample(graph, with_eos_bias(params, 60.0), *prompts, min_new_tokens=2, mesh=mesh)
+  assert int(early.num_steps) == 3 and early.finished.all()  # every shard stopped early
+
+
+def test_indivisible_batch_decodes_as_one(neox, prompts, caplog):
+  _, graph, params = neox
+  mesh = sharding.make_mesh(8, 1, 1)
+  with caplog.at_level(logging.WARNING, logger="p3o_jax.sampling"):
+    out = sample(graph, params, *prompts, mesh=mesh)
+  assert "4 prompts do not split over 8 batch shards" in caplog.text
+  np.testing.assert_array_equal(out.tokens, sample(graph, params, *prompts).tokens)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -92,8 +92,9 @@ class Roller:
 
   def __init__(self, graph, ref_params, reward: RewardSource, *, sampler_cfg, eos_id: int, pad_id: int,
                missing_eos_penalty: float | None = None, value_fn: Callable | None = None,
-               gold: RewardSource | None = None):
+               gold: RewardSource | None = None, mesh=None):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
+    self.mesh = mesh  # each batch shard of the mesh samples its own rows (sampling.generate)
     self.sampler_cfg, self.eos_id, self.pad_id = sampler_cfg, eos_id, pad_id
     self.missing_eos_penalty = missing_eos_penalty
     temperature = sampler_cfg.temperature
@@ -105,7 +106,7 @@ class Roller:
     out = sampling.generate(
         self.graph, params, query, query_mask, rng, max_new_tokens=s.max_new_tokens, num_samples=k,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_new_tokens=s.get("min_new_tokens", 0),
-        eos_id=self.eos_id, pad_id=self.pad_id)
+        eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
     query = jnp.repeat(jnp.asarray(query), k, axis=0)
     query_mask = jnp.repeat(jnp.asarray(query_mask), k, axis=0)
     response, response_mask = out.tokens, out.mask.astype(jnp.int32)

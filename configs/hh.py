@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.rl.num_minibatches = 8
   c.rl.inner_epochs = 4
   c.rl.beta = 0.05
+  c.rl.reward_baseline = "reference"  # the paper's reward: r(x, y) - r(x, y_chosen)
   c.optim.lr = 6e-6
   c.mesh.data, c.mesh.fsdp = 1, -1
   if "runlocal" in args:

@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
       clip_per_token=False, normalise="pair",
       # rewards
       reward_clip=10.0, reward_scaling=True,
+      # "reference": score minus the reward of the prompt's own dataset response (chosen /
+      # completion / label), the P3O paper's HH reward r(x, y) - r(x, y_chosen)
+      reward_baseline="none",
       missing_eos_penalty=0.0,  # subtracted from the score of a response without EOS (0: off)
       # PPO (trlx as the paper ran it)
       gamma=1.0, lam=0.95, vf_coef=0.1, cliprange_value=0.2, critic="head",

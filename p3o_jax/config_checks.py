@@ -178,6 +178,7 @@ SCHEMA: dict[str, Check] = {
     # RL: rewards
     "rl.reward_clip": positive,
     "rl.reward_scaling": boolean,
+    "rl.reward_baseline": one_of("none", "reference"),
     "rl.missing_eos_penalty": non_negative,
     # RL: PPO
     "rl.gamma": probability,

@@ -30,7 +30,7 @@ from p3o_jax.metrics_log import MetricsLogger
 from p3o_jax.models import decoder, hf
 from p3o_jax.rl import loop
 from p3o_jax.rl.loop import Policy
-from p3o_jax.rl.rollout import ModelReward, Roller, TextReward, decode_rows
+from p3o_jax.rl.rollout import ModelReward, Roller, TextReward, decode_rows, reference_rewards
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "rl", "eval")
@@ -46,6 +46,8 @@ class Task:
   eval_prompts: list[str]
   preferences: dict | None = None           # {'prompt', 'chosen', 'rejected'} lists (hub tasks)
   gold: Callable | None = None              # gold(prompts, responses) -> [N] (demo)
+  rl_references: list[str] | None = None    # each prompt's dataset response (rl.reward_baseline)
+  eval_references: list[str] | None = None
 
 
 def load_task(config, workdir: str) -> Task:
@@ -64,9 +66,19 @@ def load_task(config, workdir: str) -> Task:
   prefs = hub.load_preferences(data.preference, data.preference_split) if data.preference else None
   prompts = hub.load_prompts(data.prompts, data.prompts_split)
   eval_prompts = hub.load_prompts(data.prompts, data.eval_split)
+  references = {}
+  if config.rl.reward_baseline == "reference":
+    for name, split in (("rl", data.prompts_split), ("eval", data.eval_split)):
+      try:  # the dataset's own response to each prompt: what SFT would train on
+        references[name] = list(hub.load_sft(data.prompts, split)["completion"])
+      except ValueError as e:
+        raise ValueError(f"rl.reward_baseline='reference' needs a response for every prompt in "
+                         f"data.prompts={data.prompts!r} ({split}): {e}") from e
   return Task(tokenizer, sft["prompt"] if sft else [], sft["completion"] if sft else [],
               list(prompts["prompt"]), list(eval_prompts["prompt"])[: config.eval.num_prompts],
-              preferences=None if prefs is None else {k: list(prefs[k]) for k in ("prompt", "chosen", "rejected")})
+              preferences=None if prefs is None else {k: list(prefs[k]) for k in ("prompt", "chosen", "rejected")},
+              rl_references=references.get("rl"),
+              eval_references=references.get("eval", [])[: config.eval.num_prompts] or None)
 
 
 def _logger(config, directory: str) -> MetricsLogger:
@@ -80,6 +92,27 @@ def _queries(config, tokenizer, prompts):
 
 def _ids(tokenizer):
   return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
+
+
+def reward_baselines(config, task: Task, reward) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """Per-prompt rewards to subtract (rl.reward_baseline), for the train and eval prompts.
+
+  'reference': the reward of each prompt's own dataset response, the P3O paper's HH reward
+  r(x, y) - r(x, y_chosen). P3O's loss does not change (it sees reward differences within a
+  prompt); PPO's advantages and the reported rewards do.
+  """
+  if config.rl.reward_baseline == "none":
+    return None, None
+  if task.rl_references is None:
+    raise ValueError("rl.reward_baseline='reference' needs the prompts' dataset responses; this task has none")
+  tok = task.tokenizer
+  out = []
+  for prompts, references in ((task.rl_prompts, task.rl_references), (task.eval_prompts, task.eval_references)):
+    query, query_mask = _queries(config, tok, prompts)
+    response, response_mask = batching.tokenize_responses(tok, references, config.sampler.max_new_tokens)
+    out.append(reference_rewards(reward, query, query_mask, response, response_mask))
+  log.info("reward baseline: mean reference reward %.4f (train), %.4f (eval)", out[0].mean(), out[1].mean())
+  return out[0], out[1]
 
 
 def sft_policy_path(config, workdir: str) -> str:
@@ -231,11 +264,13 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   reward, rm = reward_source(config, workdir, tok, place)
   gold = TextReward(task.gold, tok) if task.gold else None
   factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok, mesh)
+  train_baseline, eval_baseline = reward_baselines(config, task, reward)
   critic = None if rm is None else Policy(rm.cfg, rm.graph, jax.tree.map(jnp.copy, rm.params))
   with _logger(config, out) as logger:
     params, record = loop.train(
         config, out, policy, ref_params, factory, train_queries=_queries(config, tok, task.rl_prompts),
-        eval_queries=_queries(config, tok, task.eval_prompts), logger=logger, critic=critic, stop=stop)
+        eval_queries=_queries(config, tok, task.eval_prompts), logger=logger, critic=critic, stop=stop,
+        train_baseline=train_baseline, eval_baseline=eval_baseline)
     logger.summary(f"rl/{algo}", record)
   path = os.path.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
@@ -258,12 +293,13 @@ def run_eval(config, workdir: str, task: Task) -> str:
   gold = TextReward(task.gold, tok) if task.gold else None
   ref = load_policy(config, policies["sft"])
   queries, masks = _queries(config, tok, task.eval_prompts)
+  baseline = reward_baselines(config, task, reward)[1]
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
     roller = Roller(policy.graph, ref.params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
                     gold=gold)
-    exp = roller(policy.params, queries, masks, jax.random.key(config.seed + 7), 1)
+    exp = roller(policy.params, queries, masks, jax.random.key(config.seed + 7), 1, baseline=baseline)
     rewards[name] = exp.scores
     texts[name] = decode_rows(tok, exp.query, exp.query_mask, exp.response, exp.response_mask)[1]
     summary[f"{name}/reward"], summary[f"{name}/kl"] = float(exp.scores.mean()), float(exp.seq_kl.mean())

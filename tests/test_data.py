@@ -247,6 +247,18 @@ def test_preference_batch_ends_each_row_with_its_last_real_token(demo_tok):
       assert demo_tok.decode(tokens[row][mask[row]]) == f"{p} {r} <eos>"
 
 
+def test_tokenize_responses_right_pads_and_ends_in_eos(demo_tok):
+  eos, pad = demo_tok.eos_token_id, batching.pad_token_id(demo_tok)
+  texts = ["1 2 3", "4 5 6 7 8 9 1 2 3 4 5"]
+  tokens, mask = batching.tokenize_responses(demo_tok, texts, 6)
+  ids = [demo_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+  assert len(ids[0]) < 6 <= len(ids[1])
+  np.testing.assert_array_equal(tokens[0], ids[0] + [eos] + [pad] * (5 - len(ids[0])))
+  np.testing.assert_array_equal(mask[0], [1] * (len(ids[0]) + 1) + [0] * (5 - len(ids[0])))
+  np.testing.assert_array_equal(tokens[1], ids[1][:6])  # cut without EOS, like a sample out of tokens
+  assert mask[1].all() and tokens.dtype == mask.dtype == np.int32
+
+
 def test_epoch_iterator_resumes_exactly():
   n, bs, seed = 23, 5, 7  # 4 full batches per epoch, 3 rows dropped each epoch
   straight = batching.EpochIterator(n, bs, seed)

@@ -11,8 +11,9 @@ import transformers
 from tokenizers import models, pre_tokenizers, trainers
 
 from configs import hh, tldr
-from p3o_jax import main
+from p3o_jax import main, pipeline
 from p3o_jax.data import hub
+from p3o_jax.rl.rollout import TextReward
 from p3o_jax.metrics_log import read_jsonl
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -102,3 +103,29 @@ def test_hh_rl_from_given_policy_and_reward_model(tmp_path):
   with pytest.raises(FileNotFoundError, match="rm_missing"):
     c.model.reward_hf = str(tmp_path / "rm_missing")
     main.run(c, str(tmp_path / "run2"))
+
+
+def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):
+  """configs/hh.py subtracts r(x, y_chosen) (P3O paper, HH): with a reward of the response's
+  length in characters, each prompt's baseline is the length of its dataset chosen response."""
+  source = os.path.join(DATA, "rm_static")
+  tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "test"))
+  c = shrink(hh.get_config(), tmp_path)
+  assert c.rl.reward_baseline == "reference"
+  c.model.tokenizer = save_neox(tmp_path / "policy", tokenizer)
+  c.data.sft = c.data.preference = c.data.prompts = source
+  c.sampler.max_new_tokens = 512  # room for every chosen response and its EOS
+  task = pipeline.load_task(c, str(tmp_path / "run"))
+  length = TextReward(lambda prompts, responses: [len(r) for r in responses], task.tokenizer)
+  train, evaluation = pipeline.reward_baselines(c, task, length)
+  for baseline, split, n in ((train, "train", None), (evaluation, "test", c.eval.num_prompts)):
+    chosen = hub.load_split(source, split)["chosen"][:n]
+    np.testing.assert_array_equal(baseline, [len(text) for text in chosen])
+
+  prompt_only = tmp_path / "prompts"
+  prompt_only.mkdir()
+  for split in ("train", "test"):
+    (prompt_only / f"{split}.jsonl").write_text('{"prompt": "Human: hi Assistant:"}\n')
+  c.data.prompts = str(prompt_only)
+  with pytest.raises(ValueError, match=r"rl.reward_baseline='reference' needs a response for every prompt"):
+    pipeline.load_task(c, str(tmp_path / "run2"))

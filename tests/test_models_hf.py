@@ -79,6 +79,21 @@ def test_logits_match_transformers_on_left_padded_batch(causal):
   assert np.std(causal.ref[causal.mask.astype(bool)]) > 0.3
 
 
+def test_bfloat16_is_as_accurate_as_transformers_in_bfloat16(causal):
+  """bf16 weights and activations (the TPU/GPU setting): against the fp32 reference, our
+  logits err no more than transformers' own bf16 model does (max and mean over real tokens)."""
+  _, graph, params = hf.load(str(causal.dir), dtype="bfloat16", param_dtype="bfloat16")
+  ours = np.asarray(_jitted_logits(graph)(params, causal.tokens, causal.mask), np.float32)
+  with torch.no_grad():
+    theirs = causal.model.to(torch.bfloat16)(**fx.hf_inputs(causal.tokens, causal.mask)).logits.float().numpy()
+  causal.model.to(torch.float32)  # the fixture is shared
+  real = causal.mask.astype(bool)
+  err = lambda x: np.abs(x - causal.ref)[real]
+  assert err(ours).max() <= 1.5 * err(theirs).max() + 1e-3, (err(ours).max(), err(theirs).max())
+  assert err(ours).mean() <= 1.5 * err(theirs).mean() + 1e-4, (err(ours).mean(), err(theirs).mean())
+  assert err(ours).max() < 0.1 * np.abs(causal.ref[real]).max()  # and bf16-small in absolute terms
+
+
 def test_kv_cache_decoding_matches_full_forward(causal):
   cfg, graph, params = causal.cfg, causal.graph, causal.params
   tokens, mask = jnp.asarray(causal.tokens), jnp.asarray(causal.mask)

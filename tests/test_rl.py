@@ -434,6 +434,19 @@ def test_missing_eos_penalty_checks_completion_only(experience, roller, policy, 
   np.testing.assert_array_equal(exp.scores[~no_eos], experience.scores[~no_eos])
 
 
+def test_per_prompt_baseline_is_subtracted_from_each_of_its_rows(experience, roller, policy, prompts,
+                                                                rollout_key):
+  """rl.reward_baseline: prompt b's baseline comes off all K of its rows (prompt-major), and
+  the reference rewards are the reward source's own scores of the given rows."""
+  baseline = np.array([0.5, -2.0, 3.25, 7.0], np.float32)
+  exp = roller(policy[1], *prompts, rollout_key, K, baseline=baseline)
+  np.testing.assert_array_equal(exp.response, experience.response)
+  np.testing.assert_allclose(exp.scores, experience.scores - np.repeat(baseline, K), atol=1e-6, rtol=0)
+  rows = (experience.query, experience.query_mask, experience.response, experience.response_mask)
+  chunked = rollout.reference_rewards(roller.reward, *rows, chunk=3)  # uneven chunks
+  np.testing.assert_allclose(chunked, experience.scores, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_reward_names_rows(roller, policy, prompts, rollout_key, bad):
   """PITFALLS 7: a NaN / inf score is an error naming the rows, not a silent NaN update."""

@@ -78,6 +78,19 @@ def tokenize_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int,
   return left_pad(ids, max_prompt_len, pad_token_id(tokenizer))
 
 
+def tokenize_responses(tokenizer, texts: Sequence[str], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Responses as the sampler returns them: (tokens int32 [B, N], mask int32 [B, N]), right
+  padded, N = max_new_tokens, EOS appended when it fits (a longer response is cut at N tokens
+  without EOS, as a sample that ran out of tokens would be)."""
+  eos, pad = _eos_id(tokenizer), pad_token_id(tokenizer)
+  tokens = np.full((len(texts), max_new_tokens), pad, np.int32)
+  mask = np.zeros((len(texts), max_new_tokens), np.int32)
+  for i, ids in enumerate(_ids(tokenizer, texts, add_special_tokens=False)):
+    ids = (ids + [eos])[:max_new_tokens]
+    tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+  return tokens, mask
+
+
 def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len):
   """Per row: (prompt ids + response ids + [eos], truncated to max_len; number of prompt ids kept)."""
   if len(prompts) != len(responses):

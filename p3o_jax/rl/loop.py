@@ -54,9 +54,9 @@ def rollout_metrics(exp: Experience, kl_coef: float, eos_id: int) -> dict:
   return out
 
 
-def evaluate(roller: Roller, params, queries, query_masks, rng, step: int) -> dict:
+def evaluate(roller: Roller, params, queries, query_masks, rng, step: int, baseline=None) -> dict:
   """One sample per held-out prompt: the KL-reward frontier point at this step."""
-  exp = roller(params, queries, query_masks, rng, k=1)
+  exp = roller(params, queries, query_masks, rng, k=1, baseline=baseline)
   record = {frontier.KL_KEY: float(exp.seq_kl.mean()), frontier.REWARD_KEY: float(exp.scores.mean()),
             "eval/kl_stderr": float(exp.seq_kl.std() / np.sqrt(len(exp.seq_kl))),
             "eval/reward_stderr": float(exp.scores.std() / np.sqrt(len(exp.scores)))}
@@ -66,10 +66,12 @@ def evaluate(roller: Roller, params, queries, query_masks, rng, step: int) -> di
 
 
 def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Callable[..., Roller], *,
-          train_queries, eval_queries, logger, critic: Policy | None = None, stop=None) -> tuple[dict, dict]:
+          train_queries, eval_queries, logger, critic: Policy | None = None, stop=None,
+          train_baseline: np.ndarray | None = None, eval_baseline: np.ndarray | None = None) -> tuple[dict, dict]:
   """Runs config.rl.iterations RL iterations; returns (policy params, final eval record).
 
   train_queries / eval_queries: (tokens [N, P], mask [N, P]) left-padded prompt arrays.
+  train_baseline / eval_baseline: [N] per-prompt rewards subtracted from the scores (or None).
   roller_factory(value_fn) -> Roller (the caller binds reference, reward and gold sources).
   """
   rl, algo = config.rl, config.rl.algo
@@ -132,7 +134,7 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
 
   eval_key = jax.random.key(config.seed + 1)  # the same held-out samples' keys at every eval
   if start == 0:  # the frontier's first point: the initial policy
-    record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, 0)
+    record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, 0, eval_baseline)
     logger.log(0, {**record, "algo": algo})
   bar = logger.progress(rl.iterations, desc=f"rl/{algo}", initial=start)
   record, t0, tokens = {}, time.time(), 0
@@ -140,7 +142,7 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     idx = next(order)
     exp = roller(policy_params(state.params), queries[idx], query_masks[idx], rollout_key, k,
-                 value_params=state.params)
+                 value_params=state.params, baseline=None if train_baseline is None else train_baseline[idx])
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments)
     if algo == "p3o":
       batch = trainers.p3o_prepare(exp, rewards)
@@ -163,7 +165,7 @@ def train(config, workdir: str, policy: Policy, ref_params, roller_factory: Call
     kl.update(metrics["objective/kl"], rl.prompts_per_rollout * k)
     done = it + 1
     if done % config.eval.every == 0 or done == rl.iterations:
-      record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, done)
+      record = evaluate(roller, policy_params(state.params), *eval_queries, eval_key, done, eval_baseline)
       logger.log(done, {**record, "algo": algo})
     logger.log(done, metrics)
     bar.advance(1, tokens=exp.num_response_tokens, score=metrics["objective/scores"], kl=metrics["objective/kl"])

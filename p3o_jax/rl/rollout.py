@@ -101,7 +101,9 @@ class Roller:
     self._logprobs = jax.jit(functools.partial(sequences.response_logprobs, graph, temperature=temperature))
     self._value_fn = value_fn
 
-  def __call__(self, params, query, query_mask, rng, k: int, value_params=None) -> Experience:
+  def __call__(self, params, query, query_mask, rng, k: int, value_params=None,
+               baseline: np.ndarray | None = None) -> Experience:
+    """baseline: [B] per-prompt reward subtracted from each of its K scores (or None)."""
     s = self.sampler_cfg
     out = sampling.generate(
         self.graph, params, query, query_mask, rng, max_new_tokens=s.max_new_tokens, num_samples=k,
@@ -121,6 +123,8 @@ class Roller:
     if not np.all(np.isfinite(scores)):
       bad = np.flatnonzero(~np.isfinite(scores))
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")
+    if baseline is not None:
+      scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
     if self.missing_eos_penalty is not None:
       scores = scores - self.missing_eos_penalty * (~has_eos)
     exp = Experience(
@@ -132,6 +136,18 @@ class Roller:
     if self.gold is not None:
       exp.gold = self.gold(query, query_mask, response, response_mask)
     return exp
+
+
+def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,
+                      chunk: int = 64) -> np.ndarray:
+  """[N] rewards of given (prompt, response) rows, e.g. each prompt's dataset response: the
+  baseline of rl.reward_baseline='reference'. Scored in chunks of `chunk` rows."""
+  out = [reward(query[i:i + chunk], query_mask[i:i + chunk], response[i:i + chunk], response_mask[i:i + chunk])
+         for i in range(0, len(query), chunk)]
+  scores = np.concatenate([np.asarray(s, np.float32).reshape(-1) for s in out])
+  if scores.shape != (len(query),) or not np.all(np.isfinite(scores)):
+    raise ValueError(f"reference rewards: expected {len(query)} finite scores, got shape {scores.shape}")
+  return scores
 
 
 class RunningMoments:

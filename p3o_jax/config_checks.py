@@ -125,6 +125,7 @@ SCHEMA: dict[str, Check] = {
     "model.reward_hf": string,
     "model.dtype": one_of(*DTYPES),
     "model.param_dtype": one_of(*DTYPES),
+    "model.remat": boolean,
     "arch.vocab_size": positive_int,
     "arch.hidden_size": positive_int,
     "arch.num_layers": positive_int,

@@ -125,7 +125,8 @@ def sft_policy_path(config, workdir: str) -> str:
 
 
 def load_policy(config, path: str) -> Policy:
-  cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                               remat=config.model.remat)
   return Policy(cfg, graph, params)
 
 
@@ -148,7 +149,7 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
   else:
     arch = dict(config.model.arch)
     cfg = decoder.DecoderConfig(vocab_size=len(tok), dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, **arch)
+                                param_dtype=config.model.param_dtype, remat=config.model.remat, **arch)
     graph, params = decoder.create(cfg, config.seed)
     policy = Policy(cfg, graph, params)
   if not task.sft_prompts:
@@ -236,7 +237,8 @@ def reward_source(config, workdir: str, tok, place=lambda graph, params: params)
   if config.model.reward_fn:
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or os.path.join(workdir, "rm", "hf")
-  cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                               remat=config.model.remat)
   params = place(graph, params)
   return ModelReward(graph, params), Policy(cfg, graph, params)
 

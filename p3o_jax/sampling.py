@@ -32,8 +32,8 @@ nothing to donate.
 Several devices (`mesh=`): the prompts are split over the mesh's batch axes (data x fsdp) and
 each shard runs the whole prefill + decode loop on its own rows (`shard_map`), parameters
 gathered once per call. No collective runs per token, and each shard stops as soon as its own
-rows have finished (when the model is also split over a tensor axis, the shards agree on
-stopping once per step). The uniforms are drawn for all rows before the split, so the samples do
+rows have finished. A mesh that also splits the model (tensor > 1) decodes the whole batch as
+one partitioned program instead. The uniforms are drawn for all rows before the split, so the samples do
 not depend on the number of shards. On a multi-core CPU, one host device per core
 (`--xla_force_host_platform_device_count`) puts every core to work on a small model.
 """
@@ -191,12 +191,8 @@ class _Loop(NamedTuple):
 # ----------------------------------------------------------------------------- the jitted sampler
 
 def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_top_p: bool,
-               greedy: bool, eos_id: int, pad_id: int, stop_together: tuple[str, ...] = ()):
-  """The pure function that `generate` jits; static settings are closed over.
-
-  stop_together: manual mesh axes over which the decode loops must run the same number of
-  steps (the loop then ends when every row of every shard is done).
-  """
+               greedy: bool, eos_id: int, pad_id: int):
+  """The pure function that `generate` jits; static settings are closed over."""
   N, K = max_new_tokens, num_samples
 
   def run(params, prompt_tokens, prompt_mask, uniforms, temperature, top_p, min_new_tokens):
@@ -248,10 +244,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
           cache=state.cache)
 
     def keep_going(state: _Loop):
-      pending = ~jnp.all(state.done)
-      if stop_together:
-        pending = jax.lax.psum(pending.astype(jnp.int32), stop_together) > 0
-      return (state.step < N) & pending
+      return (state.step < N) & ~jnp.all(state.done)
 
     def decode_step(state: _Loop) -> _Loop:
       # Feed the token written at step - 1: cache slot P + step - 1, position prompt_len + step - 1.
@@ -286,32 +279,30 @@ def _uniforms(rng, steps: int, rows: int):
 
 
 def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
-  """The mesh axes that split the batch (size > 1 only); () means one shard."""
+  """The mesh axes that split the batch (size > 1 only); () means one shard, as does a mesh
+  that also splits the model (tensor > 1): its collectives inside the decode loop would need
+  every device at every step, so such a mesh decodes the whole batch as one program."""
   if mesh is None:
     return ()
   spec = sharding.logical_to_spec(("batch",), mesh)[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+  axes = tuple(a for a in ((spec,) if isinstance(spec, str) else tuple(spec or ())) if mesh.shape[a] > 1)
+  if any(size > 1 for name, size in mesh.shape.items() if name not in axes):
+    return ()
+  return axes
 
 
 def _jitted(graph, *, mesh: Mesh | None, **static):
   """generate's jitted function: rng in, uniforms drawn inside, then one decode loop for the
   whole batch, or one per batch shard of `mesh`."""
+  run = _sample_fn(graph, **static)
   steps, samples = static["max_new_tokens"], static["num_samples"]
   axes = _batch_axes(mesh)
   if not axes:
-    run = _sample_fn(graph, **static)
-
     def whole(params, prompt_tokens, prompt_mask, rng, *settings):
       uniforms = _uniforms(rng, steps, prompt_tokens.shape[0] * samples)
       return run(params, prompt_tokens, prompt_mask, uniforms, *settings)
     return jax.jit(whole)
 
-  # A model split over other mesh axes (tensor) runs collectives inside the loop, which every
-  # device must join at every step (XLA's CPU collectives rendezvous across all of them): the
-  # shards then stop together; otherwise each stops when its own rows are done.
-  split_model = any(size > 1 for name, size in mesh.shape.items() if name not in axes)
-  run = _sample_fn(graph, **static, stop_together=axes if split_model else ())
   rows, replicated = PartitionSpec(axes), PartitionSpec()
 
   def per_shard(params, prompt_tokens, prompt_mask, uniforms, *settings):
@@ -371,7 +362,8 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
   (log-probs are still reported under logits / temperature).
 
   mesh: decode each batch shard (mesh axes data x fsdp) on its own devices with its own loop;
-  B must be divisible by the number of shards, else the whole batch runs as one (logged).
+  B must be divisible by the number of shards, else the whole batch runs as one (logged), as
+  it does on a mesh with tensor > 1.
   The same rng gives the same samples with or without a mesh.
   """
   if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):

@@ -33,8 +33,8 @@ Several devices (`mesh=`): the prompts are split over the mesh's batch axes (dat
 each shard runs the whole prefill + decode loop on its own rows (`shard_map`), parameters
 gathered once per call. No collective runs per token, and each shard stops as soon as its own
 rows have finished. A mesh that also splits the model (tensor > 1) decodes the whole batch as
-one partitioned program instead. The uniforms are drawn for all rows before the split, so the samples do
-not depend on the number of shards. On a multi-core CPU, one host device per core
+one partitioned program instead. The uniforms are drawn for all rows before the split, so the
+samples do not depend on the number of shards. On a multi-core CPU, one host device per core
 (`--xla_force_host_platform_device_count`) puts every core to work on a small model.
 """
 

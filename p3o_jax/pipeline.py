@@ -94,25 +94,21 @@ def _ids(tokenizer):
   return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
 
 
-def reward_baselines(config, task: Task, reward) -> tuple[np.ndarray | None, np.ndarray | None]:
-  """Per-prompt rewards to subtract (rl.reward_baseline), for the train and eval prompts.
+def reward_baseline(config, tok, reward, queries, references: list[str] | None) -> np.ndarray | None:
+  """Per-prompt rewards to subtract (rl.reward_baseline) for tokenized prompts `queries`.
 
   'reference': the reward of each prompt's own dataset response, the P3O paper's HH reward
   r(x, y) - r(x, y_chosen). P3O's loss does not change (it sees reward differences within a
   prompt); PPO's advantages and the reported rewards do.
   """
   if config.rl.reward_baseline == "none":
-    return None, None
-  if task.rl_references is None:
+    return None
+  if references is None:
     raise ValueError("rl.reward_baseline='reference' needs the prompts' dataset responses; this task has none")
-  tok = task.tokenizer
-  out = []
-  for prompts, references in ((task.rl_prompts, task.rl_references), (task.eval_prompts, task.eval_references)):
-    query, query_mask = _queries(config, tok, prompts)
-    response, response_mask = batching.tokenize_responses(tok, references, config.sampler.max_new_tokens)
-    out.append(reference_rewards(reward, query, query_mask, response, response_mask))
-  log.info("reward baseline: mean reference reward %.4f (train), %.4f (eval)", out[0].mean(), out[1].mean())
-  return out[0], out[1]
+  response, response_mask = batching.tokenize_responses(tok, references, config.sampler.max_new_tokens)
+  baseline = reference_rewards(reward, *queries, response, response_mask)
+  log.info("reward baseline: mean reference reward %.4f over %d prompts", baseline.mean(), len(baseline))
+  return baseline
 
 
 def sft_policy_path(config, workdir: str) -> str:
@@ -266,13 +262,14 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   reward, rm = reward_source(config, workdir, tok, place)
   gold = TextReward(task.gold, tok) if task.gold else None
   factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok, mesh)
-  train_baseline, eval_baseline = reward_baselines(config, task, reward)
+  train_queries, eval_queries = _queries(config, tok, task.rl_prompts), _queries(config, tok, task.eval_prompts)
   critic = None if rm is None else Policy(rm.cfg, rm.graph, jax.tree.map(jnp.copy, rm.params))
   with _logger(config, out) as logger:
     params, record = loop.train(
-        config, out, policy, ref_params, factory, train_queries=_queries(config, tok, task.rl_prompts),
-        eval_queries=_queries(config, tok, task.eval_prompts), logger=logger, critic=critic, stop=stop,
-        train_baseline=train_baseline, eval_baseline=eval_baseline)
+        config, out, policy, ref_params, factory, train_queries=train_queries, eval_queries=eval_queries,
+        logger=logger, critic=critic, stop=stop,
+        train_baseline=reward_baseline(config, tok, reward, train_queries, task.rl_references),
+        eval_baseline=reward_baseline(config, tok, reward, eval_queries, task.eval_references))
     logger.summary(f"rl/{algo}", record)
   path = os.path.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
@@ -295,7 +292,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
   gold = TextReward(task.gold, tok) if task.gold else None
   ref = load_policy(config, policies["sft"])
   queries, masks = _queries(config, tok, task.eval_prompts)
-  baseline = reward_baselines(config, task, reward)[1]
+  baseline = reward_baseline(config, tok, reward, (queries, masks), task.eval_references)
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)

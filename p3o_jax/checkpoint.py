@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from p3o_jax import paths
+
 log = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"
@@ -100,17 +102,32 @@ def _is_float(x) -> bool:
   return hasattr(x, "dtype") and not _is_prng_key(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+@jax.jit
+def _all_finite(leaves):
+  """One program over every leaf: a per-leaf flag, replicated (every process can read it)."""
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
 def first_non_finite(tree) -> str | None:
-  """Path of the first floating leaf holding a NaN or Inf, or None when all are finite."""
+  """Path of the first floating leaf holding a NaN or Inf, or None when all are finite.
+
+  One jitted reduction over all leaves, however they are sharded: no eager collective per
+  leaf (which, across processes, can interleave differently and deadlock).
+  """
   paths_leaves = [(leaf_path(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if _is_float(x)]
   if not paths_leaves:
     return None
-  # One device->host transfer for all leaves rather than one per leaf.
-  flags = jax.device_get([jnp.isfinite(x).all() for _, x in paths_leaves])
-  for (path, _), ok in zip(paths_leaves, flags):
-    if not ok:
-      return path
-  return None
+  groups: dict = {}  # one program per set of devices (a jit cannot mix them)
+  for i, (_, x) in enumerate(paths_leaves):
+    where = tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else "host"
+    groups.setdefault(where, []).append(i)
+  finite = np.ones(len(paths_leaves), bool)
+  for where, indices in groups.items():
+    leaves = [paths_leaves[i][1] for i in indices]
+    finite[indices] = ([np.isfinite(x).all() for x in leaves] if where == "host"
+                       else np.asarray(_all_finite(leaves)))
+  bad = np.flatnonzero(~finite)
+  return paths_leaves[bad[0]][0] if len(bad) else None
 
 
 def _keys_to_data(tree):
@@ -167,7 +184,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.resolve(directory)
     _report_half_written(self.directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
@@ -262,10 +279,10 @@ class Checkpointer:
     """Renames an unreadable step so it is no longer listed and its number can be saved again."""
     if jax.process_index() != 0:
       return
-    src = os.path.join(self.directory, str(step))
-    if os.path.isdir(src):
-      dst = f"{src}{UNREADABLE_SUFFIX}-{int(time.time())}"
-      os.rename(src, dst)
+    src = self.directory / str(step)
+    if src.is_dir():
+      dst = self.directory / f"{step}{UNREADABLE_SUFFIX}-{int(time.time())}"
+      src.rename(dst)
       log.warning("moved unreadable checkpoint step %d to %s", step, dst)
 
   # --------------------------------------------------------------------------- lifetime
@@ -286,14 +303,13 @@ class Checkpointer:
     self.close()
 
 
-def _report_half_written(directory: str) -> None:
+def _report_half_written(directory) -> None:
   """Names the temporary directories an interrupted save left; orbax removes them on start."""
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return
-  for name in sorted(os.listdir(directory)):
-    if TMP_MARKER in name:
-      log.warning("checkpoint directory %s is half-written (a save was interrupted); ignoring it",
-                  os.path.join(directory, name))
+  for item in sorted(directory.iterdir()):
+    if TMP_MARKER in item.name:
+      log.warning("checkpoint directory %s is half-written (a save was interrupted); ignoring it", item)
 
 
 def _first_line(error) -> str:

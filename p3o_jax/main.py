@@ -12,28 +12,37 @@ a stage that finds its own checkpoint there resumes from it.
 from __future__ import annotations
 
 import logging as pylogging
-import os
 import time
+
+import jax
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from p3o_jax import checkpoint, config_checks, pipeline
+from p3o_jax import checkpoint, config_checks, distributed, paths, pipeline, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs, exports and plots go.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
-                                 "(multi-host TPU pods and SLURM GPU jobs; it reads the cluster itself).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process job first (jax.distributed): "
+                                 "TPU pods, SLURM and Open MPI are detected; elsewhere name the coordinator.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (with --distributed).")
+_LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None, "Devices this process owns, e.g. 0,1,2,3 "
+                                   "(default: all it sees, or what the cluster assigns).")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join.")
 
 
 def run(config, workdir: str) -> dict[str, str]:
   """Runs config.stage in workdir; returns the outputs by name."""
   config_checks.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if distributed.is_main():
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
+  mesh = sharding.mesh_from_config(config.mesh)
+  logging.info("%d process(es), %d local / %d global devices (%s); mesh %s", jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
   stages = pipeline.STAGES if config.stage == "pipeline" else (config.stage,)
   if config.stage == "pipeline" and (config.model.reward_fn or config.model.reward_hf):
     stages = tuple(s for s in stages if s != "rm")  # the reward is given: no reward model to train
@@ -51,21 +60,22 @@ def run(config, workdir: str) -> dict[str, str]:
         for algo in algos:
           config.rl.algo = algo
           outputs[f"{algo} policy (HF)"] = pipeline.run_rl(config, workdir, task, stop)
-          outputs[f"{algo} logs"] = os.path.join(workdir, "rl", algo, "metrics.jsonl")
+          outputs[f"{algo} logs"] = paths.join(workdir, "rl", algo, "metrics.jsonl")
           if stop.requested:
             break
       elif stage == "eval":
         report = pipeline.run_eval(config, workdir, task)
         outputs["report"] = report
-        outputs["plots"] = os.path.join(os.path.dirname(report), "*.png")
+        outputs["plots"] = paths.join(workdir, "eval", "*.png")
       if stop.requested:
         logging.warning("stopped by signal after stage %s; rerun the same command to resume", stage)
         break
   finally:
     stop.uninstall()
-  print(f"\nDone in {time.time() - start:.0f}s. Outputs under {os.path.abspath(workdir)}:")
-  for name, path in outputs.items():
-    print(f"  {name:<24} {path}")
+  if distributed.is_main():
+    print(f"\nDone in {time.time() - start:.0f}s. Outputs under {paths.resolve(workdir)}:")
+    for name, path in outputs.items():
+      print(f"  {name:<24} {path}")
   return outputs
 
 
@@ -73,9 +83,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value]
   if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           None if _LOCAL_DEVICES.value is None else [int(i) for i in _LOCAL_DEVICES.value],
+                           timeout_s=_INIT_TIMEOUT.value)
+  elif any(v is not None for v in explicit):
+    raise app.UsageError("--coordinator_address, --num_processes, --process_id and --local_device_ids "
+                         "need --distributed")
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer
 
-from p3o_jax import sharding, supervised
+from p3o_jax import distributed, paths, sharding, supervised
 from p3o_jax.data import batching, hub, synthetic
 from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
@@ -57,7 +57,8 @@ def load_task(config, workdir: str) -> Task:
         config.seed, d.n_train_prompts, d.n_eval_prompts, n_sft=d.n_sft, ops=tuple(d.ops),
         min_digits=d.min_digits, max_digits=d.max_digits, noise_frac=d.noise_frac,
         token_noise=d.token_noise, length_noise=d.length_noise)
-    synthetic.save_demo_task(task, os.path.join(workdir, "data"))
+    if distributed.is_main():
+      synthetic.save_demo_task(task, paths.join(workdir, "data"))
     return Task(synthetic.build_tokenizer(), task.sft_prompts, task.sft_completions, task.train_prompts,
                 task.eval_prompts[: config.eval.num_prompts], gold=synthetic.gold_reward)
   data = config.data
@@ -94,8 +95,8 @@ def _ids(tokenizer):
   return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
 
 
-def reward_baseline(config, tok, reward, queries, references: list[str] | None) -> np.ndarray | None:
-  """Per-prompt rewards to subtract (rl.reward_baseline) for tokenized prompts `queries`.
+def reward_baseline(config, tok, reward, prompts: list[str], references: list[str] | None) -> np.ndarray | None:
+  """Per-prompt rewards to subtract (rl.reward_baseline) for `prompts`.
 
   'reference': the reward of each prompt's own dataset response, the P3O paper's HH reward
   r(x, y) - r(x, y_chosen). P3O's loss does not change (it sees reward differences within a
@@ -105,8 +106,11 @@ def reward_baseline(config, tok, reward, queries, references: list[str] | None) 
     return None
   if references is None:
     raise ValueError("rl.reward_baseline='reference' needs the prompts' dataset responses; this task has none")
+  if len(references) != len(prompts):
+    raise ValueError(f"rl.reward_baseline='reference': {len(references)} dataset responses for {len(prompts)} prompts")
   response, response_mask = batching.tokenize_responses(tok, references, config.sampler.max_new_tokens)
-  baseline = reference_rewards(reward, *queries, response, response_mask)
+  baseline = reference_rewards(reward, *_queries(config, tok, prompts), response, response_mask,
+                               mesh=sharding.mesh_from_config(config.mesh))
   log.info("reward baseline: mean reference reward %.4f over %d prompts", baseline.mean(), len(baseline))
   return baseline
 
@@ -114,40 +118,61 @@ def reward_baseline(config, tok, reward, queries, references: list[str] | None) 
 def sft_policy_path(config, workdir: str) -> str:
   """The SFT policy (also the RL reference): this workdir's sft stage output when there is one,
   else config.model.hf (an SFT checkpoint trained elsewhere)."""
-  local = os.path.join(workdir, "sft", "hf")
-  if os.path.isfile(os.path.join(local, "config.json")) or not config.model.hf:
+  local = paths.join(workdir, "sft", "hf")
+  if paths.resolve(local).joinpath("config.json").is_file() or not config.model.hf:
     return local
   return config.model.hf
 
 
+def _placement(config):
+  """fn(graph, abstract params) -> their shardings on config.mesh, by the logical-axis rules."""
+  mesh = sharding.mesh_from_config(config.mesh)
+  return lambda graph, abstract: sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=abstract)
+
+
 def load_policy(config, path: str) -> Policy:
+  """A policy from an HF folder, each tensor placed straight onto its shards of config.mesh."""
   cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                               remat=config.model.remat)
+                               remat=config.model.remat, shardings=_placement(config))
   return Policy(cfg, graph, params)
 
 
-def with_scalar_head(policy: Policy, seed: int) -> Policy:
-  """The policy's backbone with a fresh scalar head and no LM head (reward model / critic)."""
+def init_policy(config, cfg: decoder.DecoderConfig) -> Policy:
+  """A freshly initialised model, born sharded on config.mesh (no device holds it whole)."""
+  graph, abstract = decoder.abstract(cfg)
+  params = jax.jit(lambda: decoder.create(cfg, config.seed)[1], out_shardings=_placement(config)(graph, abstract))()
+  return Policy(cfg, graph, params)
+
+
+def with_scalar_head(config, policy: Policy) -> Policy:
+  """The policy's backbone with a zero scalar head and no LM head (reward model / critic)."""
   cfg = policy.cfg.replace(lm_head=False, scalar_head=True, scalar_head_bias=False)
-  graph, params = decoder.create(cfg, seed)
-  params = {k: policy.params.get(k, v) if k not in ("scalar_kernel", "lm_head") else v for k, v in params.items()}
-  params["scalar_kernel"] = jnp.zeros_like(params["scalar_kernel"])
+  graph, abstract = decoder.abstract(cfg)
+  head = _placement(config)(graph, abstract)["scalar_kernel"]
+  kernel = abstract["scalar_kernel"]
+  params = {k: policy.params[k] for k in abstract if k != "scalar_kernel"}
+  params["scalar_kernel"] = jax.jit(lambda: jnp.zeros(kernel.shape, kernel.dtype), out_shardings=head)()
   return Policy(cfg, graph, params)
+
+
+def _copy(params):
+  """A copy with the same layout (the update donates the buffers it is given)."""
+  layout = jax.tree.map(lambda x: x.sharding, params)
+  return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=layout)(params)
 
 
 # ----------------------------------------------------------------------------- stages
 
 def run_sft(config, workdir: str, task: Task, stop=None) -> str:
-  out = os.path.join(workdir, "sft")
+  out = paths.join(workdir, "sft")
   tok = task.tokenizer
   if config.model.hf:
     policy = load_policy(config, config.model.hf)
   else:
     arch = dict(config.model.arch)
-    cfg = decoder.DecoderConfig(vocab_size=len(tok), dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, remat=config.model.remat, **arch)
-    graph, params = decoder.create(cfg, config.seed)
-    policy = Policy(cfg, graph, params)
+    policy = init_policy(config, decoder.DecoderConfig(
+        vocab_size=len(tok), dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        remat=config.model.remat, **arch))
   if not task.sft_prompts:
     raise ValueError("the sft stage needs SFT data: set config.data.sft")
   max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
@@ -169,13 +194,14 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
         mesh_cfg=config.mesh, stage_cfg=stage_cfg, seed=config.seed, workdir=out, logger=logger,
         ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
     logger.summary(name, metrics)
-  path = os.path.join(out, "hf")
+  path = paths.join(out, "hf")
   hf.save(path, model.cfg, params, tokenizer=tok)
   return path
 
 
 def sample_preferences(config, workdir: str, task: Task) -> dict:
-  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip."""
+  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip.
+  Each process samples its rows of every chunk; every process gets all pairs (the dataset)."""
   policy = load_policy(config, sft_policy_path(config, workdir))
   tok = task.tokenizer
   eos, pad = _ids(tok)
@@ -183,16 +209,18 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
   prompts = task.rl_prompts[:n]
   k = 2 * config.rm.pairs_per_prompt
   gold = TextReward(task.gold, tok)
-  roller = Roller(policy.graph, policy.params, gold, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad)
-  queries, masks = _queries(config, tok, prompts)
+  mesh = sharding.mesh_from_config(config.mesh)
+  roller = Roller(policy.graph, policy.params, gold, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad, mesh=mesh)
   rng = np.random.default_rng(config.seed)
   out = {"prompt": [], "chosen": [], "rejected": []}
   chunk = 64
   for start in range(0, n, chunk):
-    exp = roller(policy.params, queries[start:start + chunk], masks[start:start + chunk],
-                 jax.random.key(config.seed + start), k)
-    _, responses = decode_rows(tok, exp.query, exp.query_mask, exp.response, exp.response_mask)
-    scores = exp.scores.reshape(-1, 2)
+    split = sharding.RowSplit(len(prompts[start:start + chunk]), mesh)
+    queries = _queries(config, tok, [prompts[start + i] for i in split.rows])
+    exp = roller(policy.params, *queries, jax.random.key(config.seed + start), k, split=split)
+    every = {name: exp.all_rows(getattr(exp, name)) for name in ("query", "query_mask", "response", "response_mask")}
+    _, responses = decode_rows(tok, every["query"], every["query_mask"], every["response"], every["response_mask"])
+    scores = exp.all_rows(exp.scores).reshape(-1, 2)
     a_wins = synthetic.bradley_terry_label(scores[:, 0], scores[:, 1], rng, config.data.demo.bt_temperature)
     for p, (ra, rb), win in zip(np.repeat(prompts[start:start + chunk], k // 2),
                                 np.asarray(responses).reshape(-1, 2), a_wins):
@@ -203,11 +231,11 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
 
 
 def run_rm(config, workdir: str, task: Task, stop=None) -> str:
-  out = os.path.join(workdir, "rm")
+  out = paths.join(workdir, "rm")
   tok = task.tokenizer
   prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
   base = load_policy(config, sft_policy_path(config, workdir))
-  model = with_scalar_head(base, config.seed)
+  model = with_scalar_head(config, base)
   max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
 
   def make_batch(idx):
@@ -227,15 +255,15 @@ def load_callable(spec: str, field: str) -> Callable:
   return getattr(importlib.import_module(module_name), name)
 
 
-def reward_source(config, workdir: str, tok, place=lambda graph, params: params):
+def reward_source(config, workdir: str, tok):
   """The reward RL optimises: a Python function of the texts (model.reward_fn), else the reward
-  model from model.reward_hf or the rm stage. Returns (reward source, reward model or None)."""
+  model from model.reward_hf or the rm stage, placed on config.mesh. Returns (reward source,
+  reward model or None)."""
   if config.model.reward_fn:
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
-  path = config.model.reward_hf or os.path.join(workdir, "rm", "hf")
+  path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
   cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                               remat=config.model.remat)
-  params = place(graph, params)
+                               remat=config.model.remat, shardings=_placement(config))
   return ModelReward(graph, params), Policy(cfg, graph, params)
 
 
@@ -250,28 +278,30 @@ def _make_roller_factory(config, graph, ref_params, reward, gold, tok, mesh):
   return factory
 
 
+def _prompts(config, tok, texts: list[str], baseline) -> loop.Prompts:
+  return loop.Prompts(len(texts), lambda rows: _queries(config, tok, [texts[i] for i in rows]), baseline)
+
+
 def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   algo = config.rl.algo
-  out = os.path.join(workdir, "rl", algo)
+  out = paths.join(workdir, "rl", algo)
   tok = task.tokenizer
   policy = load_policy(config, sft_policy_path(config, workdir))
   mesh = sharding.mesh_from_config(config.mesh)
-  place = lambda graph, params: sharding.shard_params(jax.tree.map(jnp.copy, params), decoder.logical_axes(graph),
-                                                      mesh)[0]
-  ref_params = place(policy.graph, policy.params)  # a copy: the update donates the policy's buffers
-  reward, rm = reward_source(config, workdir, tok, place)
+  ref_params = _copy(policy.params)  # a copy: the update donates the policy's buffers
+  reward, rm = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
   factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok, mesh)
-  train_queries, eval_queries = _queries(config, tok, task.rl_prompts), _queries(config, tok, task.eval_prompts)
-  critic = None if rm is None else Policy(rm.cfg, rm.graph, jax.tree.map(jnp.copy, rm.params))
+  train = _prompts(config, tok, task.rl_prompts,
+                   reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
+  held_out = _prompts(config, tok, task.eval_prompts,
+                      reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
+  critic = None if rm is None else Policy(rm.cfg, rm.graph, _copy(rm.params))
   with _logger(config, out) as logger:
-    params, record = loop.train(
-        config, out, policy, ref_params, factory, train_queries=train_queries, eval_queries=eval_queries,
-        logger=logger, critic=critic, stop=stop,
-        train_baseline=reward_baseline(config, tok, reward, train_queries, task.rl_references),
-        eval_baseline=reward_baseline(config, tok, reward, eval_queries, task.eval_references))
+    params, record = loop.train(config, out, policy, ref_params, factory, train_prompts=train,
+                                eval_prompts=held_out, logger=logger, critic=critic, stop=stop)
     logger.summary(f"rl/{algo}", record)
-  path = os.path.join(out, "hf")
+  path = paths.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
   return path
 
@@ -279,41 +309,51 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
 def run_eval(config, workdir: str, task: Task) -> str:
   """Frontier from the RL logs; head-to-head win rates of every final policy on held-out
   prompts, by the reward model and by a judge: eval.judge ('package.module:function' of
-  (prompt, first, second) -> 1 | 0 | 0.5, e.g. an LLM judge), else the gold reward (demo)."""
-  out = os.path.join(workdir, "eval")
+  (prompt, first, second) -> 1 | 0 | 0.5, e.g. an LLM judge), else the gold reward (demo).
+  Each process samples and scores its rows; process 0 judges and writes the report."""
+  out = paths.join(workdir, "eval")
   tok = task.tokenizer
   eos, pad = _ids(tok)
   policies = {"sft": sft_policy_path(config, workdir)}
-  rl_root = os.path.join(workdir, "rl")
-  for algo in sorted(os.listdir(rl_root)) if os.path.isdir(rl_root) else []:
-    if os.path.isfile(os.path.join(rl_root, algo, "hf", "config.json")):
-      policies[algo] = os.path.join(rl_root, algo, "hf")
+  rl_root = paths.resolve(workdir) / "rl"
+  for algo in sorted(p.name for p in rl_root.iterdir()) if rl_root.is_dir() else []:
+    if (rl_root / algo / "hf" / "config.json").is_file():
+      policies[algo] = os.fspath(rl_root / algo / "hf")
   reward, _ = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
   ref = load_policy(config, policies["sft"])
-  queries, masks = _queries(config, tok, task.eval_prompts)
-  baseline = reward_baseline(config, tok, reward, (queries, masks), task.eval_references)
+  mesh = sharding.mesh_from_config(config.mesh)
+  split = sharding.RowSplit(len(task.eval_prompts), mesh)
+  queries = _queries(config, tok, [task.eval_prompts[i] for i in split.rows])
+  baseline = reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references)
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
     roller = Roller(policy.graph, ref.params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
-                    gold=gold)
-    exp = roller(policy.params, queries, masks, jax.random.key(config.seed + 7), 1, baseline=baseline)
-    rewards[name] = exp.scores
-    texts[name] = decode_rows(tok, exp.query, exp.query_mask, exp.response, exp.response_mask)[1]
-    summary[f"{name}/reward"], summary[f"{name}/kl"] = float(exp.scores.mean()), float(exp.seq_kl.mean())
+                    gold=gold, mesh=mesh)
+    exp = roller(policy.params, *queries, jax.random.key(config.seed + 7), 1, split=split,
+                 baseline=None if baseline is None else baseline[split.rows])
+    rewards[name] = exp.all_rows(exp.scores)
+    if config.eval.judge:  # the judge reads every row's text on process 0
+      every = [exp.all_rows(getattr(exp, n)) for n in ("query", "query_mask", "response", "response_mask")]
+      texts[name] = decode_rows(tok, *every)[1]
+    summary[f"{name}/reward"] = float(rewards[name].mean())
+    summary[f"{name}/kl"] = float(exp.all_rows(exp.seq_kl).mean())
     if exp.gold is not None:
-      golds[name] = exp.gold
-      summary[f"{name}/gold_reward"] = float(exp.gold.mean())
+      golds[name] = exp.all_rows(exp.gold)
+      summary[f"{name}/gold_reward"] = float(golds[name].mean())
   names, matrix = winrate.win_rate_matrix(rewards)
-  if config.eval.judge:
+  judge = None
+  if config.eval.judge and distributed.is_main():
     judge = winrate.win_rate_matrix_by_judge(texts, task.eval_prompts, load_callable(config.eval.judge, "eval.judge"),
                                              seed=config.seed)[1]
-  else:
+  elif not config.eval.judge:
     judge = winrate.win_rate_matrix(golds)[1] if golds else None
-  logs = [os.path.join(rl_root, a, "metrics.jsonl") for a in policies if a != "sft"]
-  points = frontier.load_frontier([p for p in logs if os.path.isfile(p)]) if logs else []
-  path = report.write_report(out, points, names, matrix, judge_matrix=judge)
+  logs = [os.fspath(rl_root / a / "metrics.jsonl") for a in policies if a != "sft"]
+  path = paths.join(out, report.REPORT_NAME)
+  if distributed.is_main():
+    points = frontier.load_frontier([p for p in logs if paths.resolve(p).is_file()]) if logs else []
+    path = report.write_report(out, points, names, matrix, judge_matrix=judge)
   with _logger(config, out) as logger:
     logger.log(0, summary)
     logger.summary("eval", summary)

@@ -388,7 +388,9 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
       raise ValueError(f"prompt length {np.shape(prompt_tokens)[1]} + max_new_tokens {max_new_tokens} "
                        f"exceeds the model's {max_positions} learned positions")
   if not isinstance(prompt_mask, jax.core.Tracer):
-    last_col = np.asarray(prompt_mask)[:, -1]
+    held = ([np.asarray(s.data) for s in prompt_mask.addressable_shards]  # this process's rows only
+            if isinstance(prompt_mask, jax.Array) else [np.asarray(prompt_mask)])
+    last_col = np.concatenate([h[:, -1] for h in held])
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")

@@ -192,6 +192,93 @@ def train_state_shardings(state, params_axes, mesh: Mesh):
                      like_params(state.opt_state, state.params, param_shardings, mesh))
 
 
+class RowSplit:
+  """How an n-row global batch (leading dimension over data x fsdp) is shared between processes.
+
+  `rows` are the global row indices this process's devices hold, in order: the process reads,
+  tokenizes and holds only those, `to_global` builds the global arrays from them without any
+  cross-host comparison, `local` takes them back out of a global array, and `gather` gives
+  every process all n rows of a small per-row array (metrics, reward statistics). A batch the
+  batch axes do not divide is replicated: every process holds all of it. In one process,
+  rows = 0..n-1 and every method is the identity.
+  """
+
+  def __init__(self, n: int, mesh: Mesh):
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    self.n, self.mesh = int(n), mesh
+    self.sharding = batch_sharding(mesh) if n % split == 0 else replicated(mesh)
+    if split > 1 and n % split and (n,) not in _WARNED_SHAPES:
+      _WARNED_SHAPES.add((n,))
+      log.warning("batch of %d rows is not divisible by data x fsdp = %d; every device holds all of it", n, split)
+    self.rows = _held_rows(self.sharding, self.n)
+    self.replicated = len(self.rows) == self.n
+
+  def repeat(self, k: int) -> "RowSplit":
+    """The split of the n * k rows made by repeating each row k times (row b*k + j)."""
+    return RowSplit(self.n * k, self.mesh)
+
+  def to_global(self, tree):
+    """This process's rows (leading dimension len(rows)) -> global arrays of n rows."""
+    position = np.full(self.n, -1, np.int64)
+    position[self.rows] = np.arange(len(self.rows))
+
+    def build(x):
+      x = np.asarray(x)
+      if x.shape[:1] != (len(self.rows),):
+        raise ValueError(f"expected this process's {len(self.rows)} rows, got an array of shape {x.shape}")
+      shape = (self.n, *x.shape[1:])
+      return jax.make_array_from_callback(shape, self.sharding, lambda index: x[position[np.arange(self.n)[index[0]]]]
+                                          [(slice(None), *index[1:])])
+    return jax.tree.map(build, tree)
+
+  def local(self, x) -> np.ndarray:
+    """This process's rows of a global array (any sharding) as NumPy."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)[self.rows] if np.shape(x)[:1] == (self.n,) and not self.replicated else np.asarray(x)
+    held, parts = set(), []
+    for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+      start = shard.index[0].start or 0
+      if start not in held:
+        held.add(start)
+        parts.append(np.asarray(shard.data))
+    out = np.concatenate(parts)
+    if out.shape[0] != len(self.rows):
+      raise ValueError(f"array of shape {x.shape} holds {out.shape[0]} rows on this process; expected "
+                       f"{len(self.rows)} (sharding {x.sharding})")
+    return out
+
+  def gather(self, local) -> np.ndarray:
+    """All n rows, in global order, on every process, from each process's own rows."""
+    local = np.asarray(local)
+    if self.replicated or jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    values = multihost_utils.process_allgather(local, tiled=False)
+    rows = multihost_utils.process_allgather(self.rows, tiled=False)
+    out = np.empty((self.n, *local.shape[1:]), local.dtype)
+    out[np.asarray(rows).reshape(-1)] = np.asarray(values).reshape(-1, *local.shape[1:])
+    return out
+
+
+def row_ranges(rows) -> str:
+  """[0 1 2 3 8 9] -> '0:4,8:10' (for logs)."""
+  rows, out, start = [int(r) for r in rows], [], None
+  for i, r in enumerate(rows):
+    start = r if start is None else start
+    if i + 1 == len(rows) or rows[i + 1] != r + 1:
+      out.append(f"{start}:{r + 1}")
+      start = None
+  return ",".join(out)
+
+
+def _held_rows(named: NamedSharding, n: int) -> np.ndarray:
+  """Sorted global row indices that this process's devices hold of an [n] array."""
+  held = set()
+  for index in named.addressable_devices_indices_map((n,)).values():
+    held.update(range(n)[index[0]])
+  return np.asarray(sorted(held), np.int64)
+
+
 def shard_batch(batch, mesh: Mesh):
   """Puts every array's leading dimension over data x fsdp; an array whose leading size the
   batch axes do not divide is replicated instead (logged once per shape)."""

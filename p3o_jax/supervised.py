@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import checkpoint, losses, sharding, train_state
@@ -43,6 +44,12 @@ def reward_loss_fn(graph):
   return loss_fn
 
 
+@jax.jit
+def _count_tokens(batch):
+  """Real tokens of a global batch (attention masks, not loss masks), summed on the devices."""
+  return sum(v.astype(jnp.int32).sum() for k, v in batch.items() if k.endswith("mask") and "loss" not in k)
+
+
 def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray], dict], num_examples: int, *,
         params_axes, mesh_cfg, stage_cfg, seed: int, workdir: str, logger, ckpt_cfg, log_every: int = 1,
         stop=None) -> tuple[dict, dict]:
@@ -52,12 +59,11 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
   """
   tx = train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps)
   mesh = sharding.mesh_from_config(mesh_cfg)
-  state = train_state.create(params, tx)
-  state_shardings = sharding.train_state_shardings(state, params_axes, mesh)
-  state = jax.device_put(state, state_shardings)
+  state, state_shardings = train_state.create_on_mesh(params, tx, params_axes, mesh)
   step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0,
                     out_shardings=(state_shardings, sharding.replicated(mesh)))
   order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
+  split = sharding.RowSplit(stage_cfg.batch_size, mesh)  # the rows of each batch this process feeds
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=ckpt_cfg.keep)
   start = 0
   if ckpt_cfg.resume and ckpt.latest_step() is not None:
@@ -66,14 +72,16 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
     order.restore(restored.meta["data"])
     log.info("%s: resumed from step %d", name, start)
 
-  metrics, t0, tokens = {}, time.time(), 0
+  metrics, t0, tokens, rows_read = {}, time.time(), 0, 0
   bar = logger.progress(stage_cfg.steps, desc=name, initial=start)
   postfix = {}
   for step in range(start, stage_cfg.steps):
-    batch = make_batch(next(order))
-    batch_tokens = int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("mask") and "loss" not in k))
+    rows = next(order)[split.rows]
+    rows_read += len(rows)
+    batch = split.to_global(make_batch(rows))
+    batch_tokens = int(_count_tokens(batch))
     tokens += batch_tokens
-    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+    state, metrics = step_fn(state, batch)
     done = step + 1
     if done % log_every == 0 or done == stage_cfg.steps:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -91,4 +99,6 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
       break
   bar.close()
   ckpt.close()
+  log.info("%s: process %d of %d read %d examples: rows %s of each %d-row batch", name, jax.process_index(),
+           jax.process_count(), rows_read, sharding.row_ranges(split.rows), stage_cfg.batch_size)
   return state.params, {k: float(v) for k, v in metrics.items()}

@@ -45,6 +45,15 @@ def create(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
+def create_on_mesh(params, tx: optax.GradientTransformation, params_axes, mesh):
+  """(state, its shardings): the optimizer state is born on the mesh, laid out like the params
+  (no host copy, no device holding more than its shard)."""
+  from p3o_jax import sharding  # the mesh side of the state; the step itself never sees it
+  make = lambda p: create(p, tx)
+  shardings = sharding.train_state_shardings(jax.eval_shape(make, params), params_axes, mesh)
+  return jax.jit(make, out_shardings=shardings)(params), shardings
+
+
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
   """One optimizer update; returns the new state and grad/update norms for the metrics."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

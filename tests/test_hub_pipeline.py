@@ -117,7 +117,7 @@ def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):
   c.sampler.max_new_tokens = 512  # room for every chosen response and its EOS
   task = pipeline.load_task(c, str(tmp_path / "run"))
   length = TextReward(lambda prompts, responses: [len(r) for r in responses], task.tokenizer)
-  baselines = [pipeline.reward_baseline(c, task.tokenizer, length, pipeline._queries(c, task.tokenizer, prompts), refs)
+  baselines = [pipeline.reward_baseline(c, task.tokenizer, length, prompts, refs)
                for prompts, refs in ((task.rl_prompts, task.rl_references), (task.eval_prompts, task.eval_references))]
   for baseline, split, n in zip(baselines, ("train", "test"), (None, c.eval.num_prompts)):
     chosen = hub.load_split(source, split)["chosen"][:n]

@@ -349,3 +349,25 @@ def test_gpt2_without_prefix_and_with_mask_buffers(tmp_path):
   _, _, from_bare = hf.load(_copy_with(tmp_path / "src", tmp_path / "bare", bare))
   _, _, from_prefixed = hf.load(str(tmp_path / "src"))
   jax.tree.map(np.testing.assert_array_equal, from_bare, from_prefixed)
+
+
+def test_load_places_each_tensor_onto_its_fsdp8_shards(tmp_path):
+  """hf.load(shardings=...) puts each device's slice straight onto it; values equal an unsharded
+  load bitwise."""
+  from p3o_jax import sharding
+  path = str(tmp_path)
+  fx.build("llama", path)  # hidden 64, GQA: every embed-sized dim splits 8 ways
+  mesh = sharding.make_mesh(data=1, fsdp=8)
+  place = lambda graph, abstract: sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=abstract)
+  _, _, whole = hf.load(path)
+  _, graph, sharded = hf.load(path, shardings=place)
+  split = 0
+  for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))
+    assert len(b.addressable_shards) == 8
+    for shard in b.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(a)[shard.index])
+    if not b.sharding.is_fully_replicated:
+      split += 1
+      assert all(shard.data.size * 8 == a.size for shard in b.addressable_shards), jax.tree_util.keystr(key)
+  assert split >= 5, "embed-sized tensors should be split over fsdp"

@@ -218,3 +218,27 @@ def test_python_reward_function_replaces_the_reward_model(base_workdir, tmp_path
   config.model.reward_fn = "p3o_jax.data.synthetic"
   with pytest.raises(ValueError, match="package.module:function"):
     run_rl(config, workdir)
+
+
+def test_fsdp8_runs_with_a_checkpoint_every_iteration(base_workdir, tmp_path):
+  """One process, fsdp=8: five RL runs saving every iteration (the non-finite check is one
+  jitted program, not one eager collective per leaf, so saves cannot interleave and abort)."""
+  for run in range(5):
+    workdir = fresh(base_workdir, tmp_path / str(run))
+    config = tiny_config(iterations=3)
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    run_rl(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "rl", "p3o", "ckpt"))) == ["1", "2", "3"]
+
+
+def test_a_file_url_workdir_runs_and_resumes(base_workdir, tmp_path):
+  """A workdir given as a URL goes through etils.epath: file://... is the folder itself (never
+  a local folder named 'file:'), and a rerun resumes from its checkpoint."""
+  workdir = fresh(base_workdir, tmp_path / "run")
+  url = "file://" + workdir
+  run_rl(tiny_config(iterations=2), url)
+  assert not os.path.exists("file:") and sorted(os.listdir(os.path.join(workdir, "rl", "p3o", "ckpt"))) == ["1", "2"]
+  run_rl(tiny_config(iterations=3), url)
+  steps = [r["step"] for r in iteration_rows(workdir, "p3o")]
+  assert steps == [1, 2, 3], steps
+  assert os.path.isfile(os.path.join(workdir, "rl", "p3o", "hf", "model.safetensors"))

@@ -46,6 +46,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from p3o_jax import paths
 from p3o_jax.models import decoder
 from p3o_jax.models.decoder import DecoderConfig
 
@@ -359,7 +360,10 @@ def _get(tree: dict, path: Path):
 # ----------------------------------------------------------------------------- load
 
 def _resolve(path_or_hub_id: str, revision: str | None) -> str:
-  path = os.path.expanduser(str(path_or_hub_id))
+  text = str(path_or_hub_id)
+  if "://" in text:  # gs://, s3://, file://: a copy of the folder on local disk
+    return paths.local_dir(text)
+  path = os.path.expanduser(text)
   if os.path.isdir(path):
     return path
   looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.exists(path)
@@ -413,10 +417,13 @@ def _base_prefix(names: set[str], cfg: DecoderConfig) -> str:
 
 def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32",
          head: str | None = None, revision: str | None = None, seed: int = 0,
-         **overrides) -> tuple[DecoderConfig, decoder.Graph, dict]:
-  """An HF checkpoint (local dir or hub id) -> (cfg, graph, params) for `decoder.merge`.
+         shardings=None, **overrides) -> tuple[DecoderConfig, decoder.Graph, dict]:
+  """An HF checkpoint (local dir, URL or hub id) -> (cfg, graph, params) for `decoder.merge`.
 
   head: None (LM head), 'score' (reward model) or 'value' (critic); see the module docstring.
+  shardings: `fn(graph, abstract_params) -> tree of jax.sharding.Sharding`; each tensor is then
+    read on the host and placed straight onto its sharding (`jax.make_array_from_callback`),
+    one tensor at a time, every device receiving only its slice. None: default device.
   overrides: extra DecoderConfig fields (e.g. max_position_embeddings).
   """
   if head not in (None, "score", "value"):
@@ -438,7 +445,15 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
   rules = _rules(cfg)
   _check_table(rules, shapes, exclude=[("scalar_bias",)])
 
-  to_param = lambda a: jnp.asarray(a, dtype=decoder.DTYPES[param_dtype])
+  target = None if shardings is None else shardings(graph, abstract_params)
+  param_type = decoder.DTYPES[param_dtype]
+
+  def place(path, value):
+    value = np.asarray(value).astype(param_type)
+    if target is None:
+      return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, _get(target, path), lambda index: value[index])
+
   params: dict = {}
   used = set()
   for rule in rules:
@@ -447,7 +462,7 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
       if rule.hf_name == "score.weight":  # a fresh scalar head on a causal-LM checkpoint
         log.info("no score.weight in %s: scalar head starts from N(0, %g)", path, cfg.init_std)
         init = cfg.init_std * jax.random.normal(jax.random.key(seed), shapes[("scalar_kernel",)])
-        _set(params, ("scalar_kernel",), to_param(init))
+        _set(params, ("scalar_kernel",), place(("scalar_kernel",), init))
         continue
       hint = (" (the checkpoint has score.weight: load a reward model with head='score')"
               if rule.hf_name in HEAD_TENSORS and "score.weight" in names else "")
@@ -458,9 +473,10 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
                        f"from config.json")
     used.add(name)
     for p, value in zip(rule.ours, _from_hf(rule, array, shapes)):
-      _set(params, p, to_param(value))
+      _set(params, p, place(p, value))
+    del array
   if cfg.scalar_head_bias:
-    _set(params, ("scalar_bias",), jnp.zeros(shapes[("scalar_bias",)], decoder.DTYPES[param_dtype]))
+    _set(params, ("scalar_bias",), place(("scalar_bias",), np.zeros(shapes[("scalar_bias",)])))
 
   left = {n for n in names - used if not IGNORED.search(n)}
   unused_heads = {n for n in left if n in HEAD_TENSORS}
@@ -478,12 +494,16 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
 # ----------------------------------------------------------------------------- save
 
 def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
-         config_overrides: dict | None = None) -> None:
-  """Write `path` as an HF model dir: config.json + model.safetensors (+ tokenizer).
+         config_overrides: dict | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Write `path` (a folder or URL) as an HF model dir: config.json + safetensors (+ tokenizer).
 
   config_overrides: extra config.json keys (e.g. pad_token_id, eos_token_id); pad/bos/eos ids are
-  taken from `tokenizer` when it is given and they are not overridden. The directory is written
-  to a temporary sibling and renamed into place, so a reader never sees half a checkpoint.
+  taken from `tokenizer` when it is given and they are not overridden. Tensors go into files of
+  at most `max_shard_bytes` (with `model.safetensors.index.json` when there are several, as
+  transformers writes them). Parameters may be sharded over devices and processes: each tensor
+  is gathered alone, so no device or host ever holds more than one file's worth. Every process
+  must call this; process 0 writes. The folder is written to a temporary sibling and renamed
+  into place, so a reader never sees half a checkpoint.
   """
   if cfg.scalar_head and cfg.lm_head:
     raise ValueError("cannot save a model with both an LM head and a scalar head as one HF model; "
@@ -503,7 +523,6 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
         hf_config[key] = getattr(tokenizer, key)
   hf_config.update(config_overrides or {})
 
-  params = jax.device_get(params)
   expected = _leaf_shapes(decoder.abstract(cfg)[1])
   got = _leaf_shapes(params)
   if got != expected:
@@ -511,34 +530,68 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
     raise ValueError(f"params do not match cfg at {bad[:5]}: expected "
                      f"{[expected.get(p) for p in bad[:5]]}, got {[got.get(p) for p in bad[:5]]}")
   prefix = BASE_PREFIX[cfg.model_type]
-  tensors = {}
-  for rule in _rules(cfg):
-    arrays = [np.asarray(_get(params, p)) for p in rule.ours]
-    tensors[(prefix if rule.base else "") + rule.hf_name] = _to_hf(rule, arrays)
-
-  path = os.path.abspath(os.path.expanduser(path))
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  rules = _rules(cfg)
+  shards = _plan_shards(rules, params, max_shard_bytes)
+  writer = jax.process_index() == 0
+  tmp = _staging_dir(path) if writer else None
   try:
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config, f, indent=2, sort_keys=True)
-    if tokenizer is not None:
-      tokenizer.save_pretrained(tmp)
-    _swap_into_place(tmp, path)
+    weight_map = {}
+    for number, group in enumerate(shards, 1):
+      tensors = {}
+      for rule in group:
+        arrays = [_host_array(_get(params, p)) for p in rule.ours]  # every process takes part
+        if writer:
+          tensors[(prefix if rule.base else "") + rule.hf_name] = _to_hf(rule, arrays)
+      if writer:
+        name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+        weight_map.update({tensor: name for tensor in tensors})
+      del tensors
+    if writer:
+      if len(shards) > 1:
+        total = sum(int(np.prod(r.hf_shape)) * np.dtype(decoder.DTYPES[cfg.param_dtype]).itemsize for r in rules)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+          json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+      if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+      paths.publish_dir(tmp, path)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if jax.process_count() > 1:  # the others may read the export next
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"hf.save {path}")
 
 
-def _swap_into_place(tmp: str, path: str) -> None:
-  """Rename tmp to path; an existing path is moved aside first and removed after."""
-  if not os.path.exists(path):
-    os.replace(tmp, path)
-    return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-  os.rmdir(old)
-  os.replace(path, old)
-  os.replace(tmp, path)
-  shutil.rmtree(old, ignore_errors=True)
+def _host_array(x) -> np.ndarray:
+  """One parameter on the host, gathered from every process when it spans several."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _plan_shards(rules: list[Rule], params: dict, max_bytes: int) -> list[list[Rule]]:
+  """Rules grouped into files of at most max_bytes (a tensor larger than that gets its own)."""
+  groups, size = [[]], 0
+  for rule in rules:
+    nbytes = sum(int(np.prod(np.shape(_get(params, p)))) * np.dtype(_get(params, p).dtype).itemsize
+                 for p in rule.ours)
+    if groups[-1] and size + nbytes > max_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(rule)
+    size += nbytes
+  return groups
+
+
+def _staging_dir(path: str) -> str:
+  """A temporary folder beside a local target (so the final rename is atomic), else anywhere."""
+  target = paths.resolve(path)
+  if paths.is_local(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=os.fspath(target.parent))
+  return tempfile.mkdtemp(prefix="p3o_jax-export-")

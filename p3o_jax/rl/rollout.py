@@ -15,23 +15,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import sampling
+from p3o_jax import sampling, sharding
 from p3o_jax.rl import sequences
 
 
 class RewardSource(Protocol):
+  """Scores rows (query, query_mask, response, response_mask).
+
+  A source with `on_device = True` takes the global device arrays and returns a global [N]
+  array (a reward model); any other source takes this process's rows as NumPy and returns
+  their scores (a Python function: each process scores its own rows).
+  """
   def __call__(self, query, query_mask, response, response_mask) -> np.ndarray: ...
 
 
 class ModelReward:
   """A Flax reward model (scalar head read at the last real token)."""
+  on_device = True
 
   def __init__(self, graph, params):
     self.params = params
     self._score = jax.jit(functools.partial(sequences.response_scores, graph))
 
   def __call__(self, query, query_mask, response, response_mask):
-    return np.asarray(self._score(self.params, query, query_mask, response, response_mask))
+    return self._score(self.params, query, query_mask, response, response_mask)
 
 
 class TextReward:
@@ -43,6 +50,14 @@ class TextReward:
   def __call__(self, query, query_mask, response, response_mask):
     prompts, responses = decode_rows(self.tokenizer, query, query_mask, response, response_mask)
     return np.asarray(self.fn(prompts, responses), np.float32)
+
+
+def score_rows(reward: RewardSource, rows: sharding.RowSplit, device: dict, host: dict) -> np.ndarray:
+  """This process's scores from `reward`, given the rows as global arrays and as local NumPy."""
+  names = ("query", "query_mask", "response", "response_mask")
+  if getattr(reward, "on_device", False):
+    return rows.local(reward(*(device[n] for n in names)))
+  return np.asarray(reward(*(host[n] for n in names)))
 
 
 def decode_rows(tokenizer, query, query_mask, response, response_mask):
@@ -64,27 +79,37 @@ def decode_rows(tokenizer, query, query_mask, response, response_mask):
 
 @dataclasses.dataclass
 class Experience:
-  """One rollout, as host arrays. N = prompts * K rows."""
-  query: np.ndarray           # [N, P] left-padded
-  query_mask: np.ndarray      # [N, P]
-  response: np.ndarray        # [N, R] right-padded after EOS
-  response_mask: np.ndarray   # [N, R] 1 up to and including the first EOS
-  logp_old: np.ndarray        # [N, R] per-token, under the policy that sampled
-  logp_ref: np.ndarray        # [N, R] per-token, under the frozen reference
-  scores: np.ndarray          # [N] reward source output, after the missing-EOS penalty
-  has_eos: np.ndarray         # [N] bool
+  """One rollout: this process's rows, as host arrays (all N = prompts * K rows in one process)."""
+  query: np.ndarray           # [n, P] left-padded
+  query_mask: np.ndarray      # [n, P]
+  response: np.ndarray        # [n, R] right-padded after EOS
+  response_mask: np.ndarray   # [n, R] 1 up to and including the first EOS
+  logp_old: np.ndarray        # [n, R] per-token, under the policy that sampled
+  logp_ref: np.ndarray        # [n, R] per-token, under the frozen reference
+  scores: np.ndarray          # [n] reward source output, after the missing-EOS penalty
+  has_eos: np.ndarray         # [n] bool
   k: int                      # responses per prompt
-  values: np.ndarray | None = None  # [N, R] PPO only
-  gold: np.ndarray | None = None    # [N] the demo's gold reward, for logging
+  values: np.ndarray | None = None  # [n, R] PPO only
+  gold: np.ndarray | None = None    # [n] the demo's gold reward, for logging
+  rows: sharding.RowSplit | None = None  # which of the N global rows these are (None: all)
 
   @property
   def seq_kl(self) -> np.ndarray:
     """k1 estimate of KL(pi || pi_ref) per response: sum_t log pi - log pi_ref (PITFALLS 4)."""
     return ((self.logp_old - self.logp_ref) * self.response_mask).sum(-1)
 
+  def all_rows(self, x) -> np.ndarray:
+    """A per-row array of this process's rows -> all N rows in global order (for statistics)."""
+    return np.asarray(x) if self.rows is None else self.rows.gather(x)
+
+  def own(self, everything) -> np.ndarray:
+    """The inverse of all_rows: this process's rows of an all-N-rows array."""
+    everything = np.asarray(everything)
+    return everything if self.rows is None or self.rows.replicated else everything[self.rows.rows]
+
   @property
   def num_response_tokens(self) -> int:
-    return int(self.response_mask.sum())
+    return int(self.all_rows(self.response_mask.sum(-1)).sum())
 
 
 class Roller:
@@ -94,57 +119,86 @@ class Roller:
                missing_eos_penalty: float | None = None, value_fn: Callable | None = None,
                gold: RewardSource | None = None, mesh=None):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
-    self.mesh = mesh  # each batch shard of the mesh samples its own rows (sampling.generate)
+    # Each batch shard of the mesh samples its own rows (sampling.generate); without a mesh,
+    # one device does everything.
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     self.sampler_cfg, self.eos_id, self.pad_id = sampler_cfg, eos_id, pad_id
     self.missing_eos_penalty = missing_eos_penalty
-    temperature = sampler_cfg.temperature
-    self._logprobs = jax.jit(functools.partial(sequences.response_logprobs, graph, temperature=temperature))
     self._value_fn = value_fn
+    self._passes: dict = {}
+
+  def _teacher_forced(self, out_sharding, k: int, with_values: bool):
+    """One jitted program for the rows' teacher-forced passes: old and reference log-probs
+    (and PPO's values), its outputs laid out row-split like the batch."""
+    key = (out_sharding, k, with_values)
+    if key not in self._passes:
+      logprobs = functools.partial(sequences.response_logprobs, self.graph,
+                                   temperature=self.sampler_cfg.temperature)
+
+      def passes(params, ref_params, value_params, query, query_mask, response, response_mask):
+        query, query_mask = jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0)
+        rows = (query, query_mask, response, response_mask)
+        out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
+               # Old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1.
+               "logp_old": logprobs(params, *rows), "logp_ref": logprobs(ref_params, *rows)}
+        if with_values:
+          out["values"] = self._value_fn(value_params, *rows)
+        return out
+      self._passes[key] = jax.jit(passes, out_shardings=out_sharding)
+    return self._passes[key]
 
   def __call__(self, params, query, query_mask, rng, k: int, value_params=None,
-               baseline: np.ndarray | None = None) -> Experience:
-    """baseline: [B] per-prompt reward subtracted from each of its K scores (or None)."""
+               baseline: np.ndarray | None = None, split: sharding.RowSplit | None = None) -> Experience:
+    """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
+    without `split`); baseline: their per-prompt rewards subtracted from each of the K scores."""
+    split = split or sharding.RowSplit(len(query), self.mesh)
+    rows = split.repeat(k)
+    prompts = split.to_global({"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)})
     s = self.sampler_cfg
     out = sampling.generate(
-        self.graph, params, query, query_mask, rng, max_new_tokens=s.max_new_tokens, num_samples=k,
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_new_tokens=s.get("min_new_tokens", 0),
-        eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
-    query = jnp.repeat(jnp.asarray(query), k, axis=0)
-    query_mask = jnp.repeat(jnp.asarray(query_mask), k, axis=0)
-    response, response_mask = out.tokens, out.mask.astype(jnp.int32)
-    # Old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1.
-    logp_old = self._logprobs(params, query, query_mask, response, response_mask)
-    logp_ref = self._logprobs(self.ref_params, query, query_mask, response, response_mask)
-    has_eos = np.asarray(((response == self.eos_id) & (response_mask > 0)).any(-1))
-    scores = np.asarray(self.reward(query, query_mask, response, response_mask), np.float32)
-    if scores.shape != (response.shape[0],):  # a scalar or [N, 1] would broadcast silently below
+        self.graph, params, prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
+        num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
+    with_values = self._value_fn is not None and value_params is not None
+    device = self._teacher_forced(rows.sharding, k, with_values)(
+        params, self.ref_params, value_params if with_values else None, prompts["query"], prompts["query_mask"],
+        out.tokens, out.mask.astype(jnp.int32))
+    host = {name: rows.local(x) for name, x in device.items()}
+    has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
+    scores = np.asarray(score_rows(self.reward, rows, device, host), np.float32)
+    if scores.shape != (len(rows.rows),):  # a scalar or [N, 1] would broadcast silently below
       raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
-                       f"({response.shape[0]},), one per response row")
+                       f"({len(rows.rows)},), one per response row")
     if not np.all(np.isfinite(scores)):
-      bad = np.flatnonzero(~np.isfinite(scores))
+      bad = rows.rows[np.flatnonzero(~np.isfinite(scores))]
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")
     if baseline is not None:
       scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
     if self.missing_eos_penalty is not None:
       scores = scores - self.missing_eos_penalty * (~has_eos)
     exp = Experience(
-        query=np.asarray(query), query_mask=np.asarray(query_mask), response=np.asarray(response),
-        response_mask=np.asarray(response_mask), logp_old=np.asarray(logp_old), logp_ref=np.asarray(logp_ref),
-        scores=scores, has_eos=has_eos, k=k)
-    if self._value_fn is not None and value_params is not None:
-      exp.values = np.asarray(self._value_fn(value_params, query, query_mask, response, response_mask))
+        query=host["query"], query_mask=host["query_mask"], response=host["response"],
+        response_mask=host["response_mask"], logp_old=host["logp_old"], logp_ref=host["logp_ref"],
+        scores=scores, has_eos=has_eos, k=k, values=host.get("values"), rows=rows)
     if self.gold is not None:
-      exp.gold = self.gold(query, query_mask, response, response_mask)
+      exp.gold = np.asarray(score_rows(self.gold, rows, device, host), np.float32)
     return exp
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,
-                      chunk: int = 64) -> np.ndarray:
+                      chunk: int = 64, mesh=None) -> np.ndarray:
   """[N] rewards of given (prompt, response) rows, e.g. each prompt's dataset response: the
-  baseline of rl.reward_baseline='reference'. Scored in chunks of `chunk` rows."""
-  out = [reward(query[i:i + chunk], query_mask[i:i + chunk], response[i:i + chunk], response_mask[i:i + chunk])
-         for i in range(0, len(query), chunk)]
-  scores = np.concatenate([np.asarray(s, np.float32).reshape(-1) for s in out])
+  baseline of rl.reward_baseline='reference'. Scored in chunks of `chunk` rows, each process
+  scoring its share of every chunk on `mesh` (default: one device); all N on every process."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  names, arrays = ("query", "query_mask", "response", "response_mask"), (query, query_mask, response, response_mask)
+  out = []
+  for start in range(0, len(query), chunk):
+    split = sharding.RowSplit(len(query[start:start + chunk]), mesh)
+    host = {n: np.asarray(a[start:start + chunk])[split.rows] for n, a in zip(names, arrays)}
+    device = split.to_global(host) if getattr(reward, "on_device", False) else None
+    out.append(split.gather(np.asarray(score_rows(reward, split, device, host), np.float32).reshape(-1)))
+  scores = np.concatenate(out) if out else np.zeros((0,), np.float32)
   if scores.shape != (len(query),) or not np.all(np.isfinite(scores)):
     raise ValueError(f"reference rewards: expected {len(query)} finite scores, got shape {scores.shape}")
   return scores
@@ -175,14 +229,17 @@ class RunningMoments:
     return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
 
-def process_scores(scores: np.ndarray, *, clip: float | None, moments: RunningMoments | None) -> np.ndarray:
+def process_scores(scores: np.ndarray, *, clip: float | None, moments: RunningMoments | None,
+                   everything: Callable = np.asarray) -> np.ndarray:
   """Reward clip to +-clip, then divide by the running std (no mean shift: P3O is invariant to
-  per-prompt shifts anyway, and PPO's critic sees the same scale). The std is guarded."""
+  per-prompt shifts anyway, and PPO's critic sees the same scale). The std is guarded.
+  `everything(scores)` gives every process's scores (Experience.all_rows): the statistics
+  are those of the whole rollout."""
   scores = np.asarray(scores, np.float32)
   if clip is not None and clip > 0:
     scores = np.clip(scores, -clip, clip)
   if moments is not None:
-    moments.update(scores)
+    moments.update(everything(scores))
     std = moments.std
     if np.isfinite(std) and std > 1e-8:
       scores = scores / std

@@ -26,7 +26,7 @@ def group(exp: Experience, **extra) -> dict:
   """Rollout arrays regrouped [N, ...] -> [N / K, K, ...] plus any extra per-row arrays."""
   arrays = dict(query=exp.query, query_mask=exp.query_mask, response=exp.response,
                 response_mask=exp.response_mask, logp_old=exp.logp_old, logp_ref=exp.logp_ref, **extra)
-  return {k: jnp.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items()}
+  return {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items()}
 
 
 def _rows(batch):
@@ -75,7 +75,7 @@ def online_dpo_prepare(exp: Experience, scores: np.ndarray) -> dict:
     raise ValueError(f"online DPO compares two samples per prompt; rl.k={exp.k}")
   chosen = np.argmax(np.asarray(scores).reshape(-1, 2), axis=1).astype(np.int32)
   batch = group(exp)
-  batch["chosen"] = jnp.asarray(chosen)
+  batch["chosen"] = chosen
   return batch
 
 
@@ -122,8 +122,9 @@ def ppo_prepare(exp: Experience, scores: np.ndarray, *, kl_coef: float, gamma: f
   rewards[np.arange(len(last)), last] += scores
   values = exp.values * mask
   advantages, returns = losses.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
-  if whiten_advantages:
-    advantages = losses.whiten(advantages, jnp.asarray(mask))
+  if whiten_advantages:  # statistics over the whole rollout, every process's rows
+    everything = losses.whiten(jnp.asarray(exp.all_rows(advantages)), jnp.asarray(exp.all_rows(mask)))
+    advantages = exp.own(everything)
   return group(exp, values=values, advantages=advantages, returns=returns)
 
 
@@ -197,8 +198,10 @@ def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardin
       return jax.lax.scan(lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], batch)), state, order)
 
     state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, epochs))
-    if state_shardings is not None:
-      state = jax.lax.with_sharding_constraint(state, state_shardings)
     return state, metrics
 
-  return jax.jit(update, donate_argnums=0)
+  if state_shardings is None:
+    return jax.jit(update, donate_argnums=0)
+  mesh = jax.tree.leaves(state_shardings)[0].mesh  # metrics replicated: every process reads them
+  return jax.jit(update, donate_argnums=0,
+                 out_shardings=(state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))

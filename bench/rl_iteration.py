@@ -89,8 +89,9 @@ import transformers  # noqa: E402
 from p3o_jax import train_state  # noqa: E402
 from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import hf  # noqa: E402
-from p3o_jax.rl import trainers  # noqa: E402
-from p3o_jax.rl.rollout import ModelReward, Roller, RunningMoments, process_scores  # noqa: E402
+from p3o_jax.rl import algorithms  # noqa: E402
+from p3o_jax.rl.rollout import ModelReward, RunningMoments, make_roller, process_scores  # noqa: E402
+from p3o_jax.rl.update import make_update  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -138,7 +139,7 @@ def median_and_best(seconds: list[float], tokens: int) -> dict:
 
 # ----------------------------------------------------------------------------- p3o_jax
 
-def bench_ours(policy_dir: str, rm_dir: str, prompts: np.ndarray, steps: int, warmup: int) -> dict:
+def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int) -> dict:
   cfg, graph, params = hf.load(policy_dir)
   _, rm_graph, rm_params = hf.load(rm_dir, head="score")
   config = base_config()
@@ -147,10 +148,10 @@ def bench_ours(policy_dir: str, rm_dir: str, prompts: np.ndarray, steps: int, wa
   config.optim.lr = LR
   tx = train_state.make_optimizer(config.optim, warmup + steps)
   ref_params = jax.tree.map(jnp.copy, params)  # the update donates the train state's buffers
-  roller = Roller(graph, ref_params, ModelReward(rm_graph, rm_params), sampler_cfg=config.sampler,
-                  eos_id=EOS_ID, pad_id=PAD_ID)
-  update = trainers.make_update(trainers.p3o_loss_fn(graph, config.rl, config.sampler.temperature), tx,
-                                epochs=1, num_minibatches=1)
+  roller = make_roller(config, graph, ref_params, ModelReward(rm_graph, rm_params), tokenizer,
+                       penalise_missing_eos=False)
+  algo = algorithms.create(config.rl, graph, config.sampler.temperature)
+  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1)
   state = train_state.create(params, tx)
   mask = np.ones_like(prompts)
   key, moments = jax.random.key(0), RunningMoments()
@@ -161,7 +162,7 @@ def bench_ours(policy_dir: str, rm_dir: str, prompts: np.ndarray, steps: int, wa
     exp = roller(state.params, prompts, mask, rollout_key, K)  # host arrays: synchronised
     rolled = time.perf_counter()
     rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
-    state, metrics = update(state, trainers.p3o_prepare(exp, rewards), update_key)
+    state, metrics = update(state, algo.prepare(exp, rewards, config.rl.beta)[0], update_key)
     loss = float(np.asarray(jax.device_get(metrics["loss/total"])).reshape(-1)[0])
     end = time.perf_counter()
     if not np.isfinite(loss):
@@ -245,7 +246,7 @@ def bench(shape: str, num_prompts: int, steps: int, warmup: int) -> dict:
     theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory)
     # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
     time.sleep(1.0)
-    ours = bench_ours(policy_dir, rm_dir, prompts, steps, warmup)
+    ours = bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup)
   return dict(shape=shape, ours=ours, theirs=theirs, ratio=ours["tok_s"] / theirs["tok_s"],
               ratio_best=ours["best"] / theirs["best"])
 

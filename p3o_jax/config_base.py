@@ -1,11 +1,15 @@
 """Defaults shared by every config file in configs/ (each file overrides what it needs).
 
-Values are the authors' P3O code defaults (see P3O_SPEC.md) unless a comment says otherwise.
+Values are the authors' P3O code defaults (docs/algorithms.md) unless a comment says otherwise.
+The options only one algorithm reads are declared by that algorithm (`options` in
+p3o_jax/rl/algorithms/<name>.py) and added to `rl` here.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from p3o_jax.rl import algorithms
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo = ml_collections.ConfigDict()
 
   c.sampler = ml_collections.ConfigDict(dict(
-      max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0))
+      max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0,
+      param_dtype="float32"))  # the dtype the sampler reads the policy's weights in (bfloat16: as a
+                               # bf16 inference engine would; see rl.rollout_is)
 
   optim = lambda lr: ml_collections.ConfigDict(dict(
       lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0, warmup_steps=0,
@@ -41,14 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = optim(6e-6)  # the RL optimizer
 
   c.rl = ml_collections.ConfigDict(dict(
-      algo="p3o",            # p3o | ppo | online_dpo
+      algo="p3o",            # any name in p3o_jax.rl.algorithms.names()
       iterations=1000,       # rollout + update rounds
       prompts_per_rollout=64,
       k=2,                   # responses per prompt (p3o: any K >= 2; online_dpo: 2)
       inner_epochs=4,
       num_minibatches=8,     # per epoch; prompts_per_rollout must divide evenly
       micro_batches=1,       # gradient accumulation inside a minibatch (exact; saves activations)
-      # P3O (P3O_SPEC.md)
+      # P3O (docs/algorithms.md); beta and eps are shared with the other policy-gradient methods
       variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False,
       clip_per_token=False, normalise="pair",
       # rewards
@@ -61,7 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
       gamma=1.0, lam=0.95, vf_coef=0.1, cliprange_value=0.2, critic="head",
       kl_init=0.05, kl_target=6.0, kl_horizon=10000, adaptive_kl=True, whiten_advantages=True,
       # online DPO
-      dpo_beta=0.1))
+      dpo_beta=0.1,
+      # rollout importance correction (every policy-gradient algorithm): "tis" multiplies the
+      # loss by min(pi_old / pi_sampler, rollout_is_cap), for a sampler in another precision
+      rollout_is="none", rollout_is_cap=2.0))
+  c.rl.update({name: default for name, (default, _) in algorithms.options().items()})
 
   c.eval = ml_collections.ConfigDict(dict(
       every=50, num_prompts=256,

@@ -14,7 +14,9 @@ are checked, so partial configs (tests, a single stage) validate too; each check
 checks the type (an int field must hold an int, not 2.5 or True).
 
 `CROSS_CHECKS` holds the rules that relate several fields (batch arithmetic, algorithm
-constraints); each runs only when all its fields are present.
+constraints); each runs only when all its fields are present. The algorithm names and the
+options only one algorithm reads come from the registry (`p3o_jax/rl/algorithms/`), see
+`schema()`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("p3o", "ppo", "online_dpo")
 VARIANTS = ("v1", "v2")
 KL_SOURCES = ("theta", "old")   # losses.p3o: current params (detached) or the rollout policy
 STAGES = ("sft", "rm", "rl", "eval", "pipeline")
@@ -160,7 +161,6 @@ SCHEMA: dict[str, Check] = {
     "rm.pairs_per_prompt": positive_int,
     "rm.num_prompts": non_negative_int,            # 0: all
     # RL: rollout and update sizes
-    "rl.algo": one_of(*ALGOS),
     "rl.iterations": positive_int,
     "rl.prompts_per_rollout": positive_int,
     "rl.k": integer(ge=2),
@@ -196,10 +196,13 @@ SCHEMA: dict[str, Check] = {
     "rl.whiten_advantages": boolean,
     # RL: online DPO
     "rl.dpo_beta": positive,
+    # RL: rollout importance correction
+    "rl.rollout_is": one_of("none", "tis"),
+    "rl.rollout_is_cap": number(ge=1),
+    "sampler.param_dtype": one_of("float32", "bfloat16"),
     # eval, pipeline
     "eval.every": positive_int,
     "eval.num_prompts": positive_int,
-    "pipeline.algos": names_from(*ALGOS),
     # checkpoints, logging, mesh
     "ckpt.every": positive_int,
     "ckpt.keep": positive_int,
@@ -231,8 +234,9 @@ def _micro_batches(prompts, num_minibatches, micro):
   return None
 
 
-def _dpo_pairs(algo, k):
-  return f"rl.algo='online_dpo' compares two responses: rl.k must be 2, got {k}" if algo == "online_dpo" and k != 2 else None
+def _k_fits_algo(algo, k):
+  from p3o_jax.rl import algorithms  # late: algorithm modules use this module's checks
+  return algorithms.get(algo).k_problem(k) if algo in algorithms.REGISTRY else None
 
 
 def _new_tokens(min_new, max_new):
@@ -255,7 +259,7 @@ def _one_fill(data, fsdp, tensor):
 CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[..., "str | None"]]] = [
     (("rl.prompts_per_rollout", "rl.num_minibatches"), _divides_rollout),
     (("rl.prompts_per_rollout", "rl.num_minibatches", "rl.micro_batches"), _micro_batches),
-    (("rl.algo", "rl.k"), _dpo_pairs),
+    (("rl.algo", "rl.k"), _k_fits_algo),
     (("sampler.min_new_tokens", "sampler.max_new_tokens"), _new_tokens),
     (("data.max_prompt_len", "sampler.max_new_tokens", "model.arch.max_position_embeddings"), _fits_positions),
     (("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_fill),
@@ -289,10 +293,20 @@ def all_paths(config, prefix: str = "") -> list[str]:
   return out
 
 
+def schema() -> dict[str, Check]:
+  """SCHEMA plus what the algorithm registry declares: the names `rl.algo` and `pipeline.algos`
+  take, and each algorithm's own options."""
+  from p3o_jax.rl import algorithms  # late: algorithm modules use this module's checks
+  names = algorithms.names()
+  out = {**SCHEMA, "rl.algo": one_of(*names), "pipeline.algos": names_from(*names)}
+  out.update({f"rl.{name}": check for name, (_, check) in algorithms.options().items() if check is not None})
+  return out
+
+
 def rule_for(path: str) -> "tuple[str, Check] | None":
-  """The SCHEMA entry whose key is the longest dotted suffix of `path`."""
+  """The schema() entry whose key is the longest dotted suffix of `path`."""
   best = None
-  for key, check in SCHEMA.items():
+  for key, check in schema().items():
     if (path == key or path.endswith("." + key)) and (best is None or len(key) > len(best[0])):
       best = (key, check)
   return best

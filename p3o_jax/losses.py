@@ -1,7 +1,9 @@
-"""Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), DPO, Bradley-Terry, SFT.
+"""Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), DPO, Bradley-Terry, SFT,
+and the pieces the other policy-gradient baselines share (clipped surrogate, k3 KL, group
+advantages; their losses live with each algorithm in `p3o_jax/rl/algorithms/`).
 
 Every loss is a pure function of arrays that returns `(loss, metrics)`; none knows about
-models, meshes or optimizers. Equations are those of `P3O_SPEC.md` (Wu et al. 2023,
+models, meshes or optimizers. Equations are those of docs/algorithms.md (P3O: Wu et al. 2023,
 "Pairwise Proximal Policy Optimization"); docstrings name the section they implement.
 
 Shape letters: B prompts (or sequences), K responses per prompt, P = K(K-1)/2 pairs,
@@ -68,10 +70,10 @@ def sequence_logprob(token_logp: Array, mask: Array) -> Array:
 
 
 def sequence_kl(logp: Array, ref_logp: Array, mask: Array) -> Array:
-  """l(y) = sum_t mask_t * [log pi(y_t|.) - log pi_ref(y_t|.)]   (spec, Notation: l_theta).
+  """l(y) = sum_t mask_t * [log pi(y_t|.) - log pi_ref(y_t|.)]   (docs/algorithms.md, Notation: l_theta).
 
   The one-sample (k1) estimate of KL(pi || pi_ref) for a sampled y; it can be negative for
-  one sample, which is correct (PITFALLS 4).
+  one sample, which is correct (docs/pitfalls.md, 4).
 
   Args:
     logp, ref_logp: [..., T] per-token log-probabilities under the policy and the reference.
@@ -97,6 +99,55 @@ def whiten(x: Array, mask: Array | None = None, shift_mean: bool = True) -> Arra
   if not shift_mean:
     out = out + mean
   return out if mask is None else jnp.where(mask, out, 0.0)
+
+
+def clipped_surrogate(log_ratio: Array, advantages: Array, eps_low: float, eps_high: float) -> tuple[Array, Array]:
+  """PPO's pessimistic surrogate, elementwise (to minimise), and where the clipped branch is active:
+
+    ratio = exp(log_ratio)
+    L     = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+
+  Works per token ([B, T]) or per sequence ([B]); eps_low < eps_high is DAPO's clip-higher.
+  """
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+  return jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+def k3_kl(logp: Array, ref_logp: Array) -> Array:
+  """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased
+  on samples of pi, with gradient through `logp` (the GRPO loss term; docs/pitfalls.md, 4)."""
+  log_ratio = ref_logp - logp
+  return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def group_advantages(rewards: Array, mask: Array | None = None, *, scale: bool = True,
+                     eps: float = 1e-4) -> Array:
+  """GRPO's group-relative advantages over each prompt's K responses, [B, K] -> [B, K]:
+
+    A_k = (r_k - mean_j r_j) / (std_j r_j + eps)      (scale=True; std with ddof=1, as TRL)
+    A_k =  r_k - mean_j r_j                            (scale=False: Dr. GRPO)
+
+  Masked responses are left out of the statistics and get 0. A group whose rewards are all
+  equal gets A = 0 (no NaN).
+  """
+  mask = jnp.ones(rewards.shape, bool) if mask is None else mask.astype(bool)
+  n = jnp.sum(mask, axis=-1, keepdims=True).astype(jnp.float32)
+  mean = masked_sum(rewards, mask, axis=-1)[:, None] / jnp.maximum(n, 1.0)
+  centred = jnp.where(mask, rewards - mean, 0.0)
+  if not scale:
+    return centred
+  std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0))
+  return centred / (std + eps)
+
+
+def leave_one_out_advantages(rewards: Array) -> Array:
+  """RLOO's advantages over each prompt's K responses, [B, K] -> [B, K]: r_k - mean_{j != k} r_j."""
+  k = rewards.shape[-1]
+  _check(k >= 2, f"a leave-one-out baseline needs at least 2 responses per prompt; got K={k}")
+  total = jnp.sum(rewards, axis=-1, keepdims=True)
+  return rewards - (total - rewards) / (k - 1)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -166,21 +217,22 @@ def p3o(
     clip_per_token: bool = False,
     normalise: str = "pair",
     normaliser: Array | float | None = None,
+    sample_weight: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """Pairwise Proximal Policy Optimization loss (to minimise), averaged over all pairs.
 
   For each prompt b and each pair of its responses (i, j), i < j (y1 = y_i, y2 = y_j):
 
-    l(y)     = logp(y) - ref_logp(y)                                    (spec, Notation)
-    rho_i    = exp(logp_i - old_logp_i)                                 (spec, Notation)
-    Delta_ij = sg[(r_i - r_j) - beta * (l_i - l_j)]                     (spec, Notation)
+    l(y)     = logp(y) - ref_logp(y)                                    (docs/algorithms.md, Notation)
+    rho_i    = exp(logp_i - old_logp_i)                                 (docs/algorithms.md, Notation)
+    Delta_ij = sg[(r_i - r_j) - beta * (l_i - l_j)]                     (docs/algorithms.md, Notation)
 
-  variant='v1' (spec, P3O-V1, separate clipping):
+  variant='v1' (docs/algorithms.md, P3O-V1: separate clipping):
     w_i  = clip(sg(rho_i), 1/c, c)
     J1   = w_j * min(rho_i * Delta,  clip(rho_i, 1-eps, 1+eps) * Delta)
     J2   = w_i * min(rho_j * -Delta, clip(rho_j, 1-eps, 1+eps) * -Delta)
     L_ij = -(J1 + J2) / 2
-  variant='v2' (spec, P3O-V2, joint clipping in log space; the authors' code):
+  variant='v2' (docs/algorithms.md, P3O-V2: joint clipping; the authors' code):
     u    = logp_i - logp_j,   u_old = old_logp_i - old_logp_j
     W    = clip(sg(rho_i * rho_j), 1/c, c)
     L_ij = max(-Delta * W * u / 2,  -Delta * W * clip(u, u_old - eps, u_old + eps) / 2)
@@ -194,7 +246,7 @@ def p3o(
   w_i rho_j; only its gradient carries the update.) Only reward differences enter, so
   adding any delta(x) to all K rewards of a prompt changes neither loss nor gradient.
 
-  K > 2 is the natural generalisation the spec names: the mean of L_ij over all K(K-1)/2
+  K > 2 is the natural generalisation the paper names as future work: the mean of L_ij over all K(K-1)/2
   pairs. At rho = 1 (and beta = 0) its negated gradient is
     (1/K) sum_i (r_i - mean_{j != i} r_j) grad log pi(y_i),
   REINFORCE with the leave-one-out baseline, whose expectation is the policy gradient.
@@ -207,8 +259,8 @@ def p3o(
     rewards: [B, K] scalar rewards r(y_k | x) (already clipped / scaled as configured).
     beta: KL coefficient inside Delta.
     variant: 'v2' (default, joint clipping) or 'v1' (separate clipping).
-    eps: clip range (spec: 0.2). For 'v2' it bounds the log of the relative ratio.
-    c: importance-weight clip, weights are clipped to [1/c, c] (spec: 10). Needs c >= 1.
+    eps: clip range (paper: 0.2). For 'v2' it bounds the log of the relative ratio.
+    c: importance-weight clip, weights are clipped to [1/c, c] (paper: 10). Needs c >= 1.
     kl_source: which log-probabilities make l inside Delta. 'theta' (default, the authors'
       code): sg(logp) - ref_logp, the current parameters, detached; it equals 'old' at the
       first inner step. 'old': old_logp - ref_logp, fixed for the whole rollout.
@@ -228,6 +280,9 @@ def p3o(
     normalise: 'pair' (default, the paper) or 'token' (the authors' later option: divide by
       the number of response tokens; see `p3o_normaliser`).
     normaliser: overrides the count divided by (see the module docstring).
+    sample_weight: [B, K] constant per-response weights (rollout importance correction, see
+      docs/algorithms.md, Rollout importance correction); pair (i, j) is weighted by
+      w_i * w_j, the pair having been drawn jointly. None: 1.
 
   Returns:
     (loss, metrics). Metrics (means over valid entries):
@@ -294,6 +349,10 @@ def p3o(
   if whiten_delta:
     std = jnp.sqrt(masked_var(delta, valid))
     delta = delta / jnp.where(std > _TINY, std, 1.0)
+  if sample_weight is not None:  # the loss is positively homogeneous in Delta: this weights each pair
+    _shape("sample_weight", sample_weight, (b, k))
+    sample_weight = jax.lax.stop_gradient(jnp.where(mask, sample_weight, 0.0))
+    delta = delta * sample_weight[:, i] * sample_weight[:, j]
 
   def outside(w):  # weight at the [1/c, c] clip
     return (w < 1.0 / c) | (w > c)
@@ -468,13 +527,12 @@ def ppo(
   advantages = jax.lax.stop_gradient(jnp.where(mask, advantages, 0.0))
   log_ratio = logp - old_logp
   ratio = jnp.exp(log_ratio)
-  pg_losses = -advantages * ratio
-  pg_losses_clip = -advantages * jnp.clip(ratio, 1.0 - eps, 1.0 + eps)
-  pg_loss = _ppo_reduce(jnp.maximum(pg_losses, pg_losses_clip), mask, normalise, normaliser)
+  pg_losses, clipped = clipped_surrogate(log_ratio, advantages, eps, eps)
+  pg_loss = _ppo_reduce(pg_losses, mask, normalise, normaliser)
 
   metrics = {
       "loss/policy_avg": pg_loss,
-      "policy/clipfrac_avg": masked_mean(pg_losses_clip > pg_losses, mask),
+      "policy/clipfrac_avg": masked_mean(clipped, mask),
       "policy/approxkl_avg": 0.5 * masked_mean(jnp.square(jax.lax.stop_gradient(log_ratio)), mask),
       "val/ratio": masked_mean(jax.lax.stop_gradient(ratio), mask),
   }
@@ -562,7 +620,7 @@ def bradley_terry(
     mask: Array | None = None,
     normaliser: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Reward-model loss L_R = -mean log sigma(r(y_w|x) - r(y_l|x))   (spec, pipeline step 2).
+  """Reward-model loss L_R = -mean log sigma(r(y_w|x) - r(y_l|x))   (docs/algorithms.md, The pipeline).
 
   Args:
     chosen_scores, rejected_scores: [B] scalar rewards. mask: [B] bool valid pairs.
@@ -589,7 +647,7 @@ def sft(
     *,
     normaliser: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Masked token negative log-likelihood, averaged per token   (spec, pipeline step 1).
+  """Masked token negative log-likelihood, averaged per token   (docs/algorithms.md, The pipeline).
 
     loss = -sum_{b,t} mask * log pi(y_t | x, y_<t) / sum_{b,t} mask
 

@@ -19,7 +19,6 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer
 
@@ -27,10 +26,10 @@ from p3o_jax import distributed, paths, sharding, supervised
 from p3o_jax.data import batching, hub, synthetic
 from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
-from p3o_jax.models import decoder, hf
+from p3o_jax.models import decoder, hf, policy as models
+from p3o_jax.models.policy import Policy
 from p3o_jax.rl import loop
-from p3o_jax.rl.loop import Policy
-from p3o_jax.rl.rollout import ModelReward, Roller, TextReward, decode_rows, reference_rewards
+from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller, reference_rewards
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "rl", "eval")
@@ -91,10 +90,6 @@ def _queries(config, tokenizer, prompts):
   return batching.tokenize_prompts(tokenizer, prompts, config.data.max_prompt_len)
 
 
-def _ids(tokenizer):
-  return tokenizer.eos_token_id, batching.pad_token_id(tokenizer)
-
-
 def reward_baseline(config, tok, reward, prompts: list[str], references: list[str] | None) -> np.ndarray | None:
   """Per-prompt rewards to subtract (rl.reward_baseline) for `prompts`.
 
@@ -130,35 +125,13 @@ def _placement(config):
   return lambda graph, abstract: sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=abstract)
 
 
-def load_policy(config, path: str) -> Policy:
+def _dtypes(config) -> dict:
+  return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+
+
+def load_policy(config, path: str, tokenizer=None) -> Policy:
   """A policy from an HF folder, each tensor placed straight onto its shards of config.mesh."""
-  cfg, graph, params = hf.load(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                               remat=config.model.remat, shardings=_placement(config))
-  return Policy(cfg, graph, params)
-
-
-def init_policy(config, cfg: decoder.DecoderConfig) -> Policy:
-  """A freshly initialised model, born sharded on config.mesh (no device holds it whole)."""
-  graph, abstract = decoder.abstract(cfg)
-  params = jax.jit(lambda: decoder.create(cfg, config.seed)[1], out_shardings=_placement(config)(graph, abstract))()
-  return Policy(cfg, graph, params)
-
-
-def with_scalar_head(config, policy: Policy) -> Policy:
-  """The policy's backbone with a zero scalar head and no LM head (reward model / critic)."""
-  cfg = policy.cfg.replace(lm_head=False, scalar_head=True, scalar_head_bias=False)
-  graph, abstract = decoder.abstract(cfg)
-  head = _placement(config)(graph, abstract)["scalar_kernel"]
-  kernel = abstract["scalar_kernel"]
-  params = {k: policy.params[k] for k in abstract if k != "scalar_kernel"}
-  params["scalar_kernel"] = jax.jit(lambda: jnp.zeros(kernel.shape, kernel.dtype), out_shardings=head)()
-  return Policy(cfg, graph, params)
-
-
-def _copy(params):
-  """A copy with the same layout (the update donates the buffers it is given)."""
-  layout = jax.tree.map(lambda x: x.sharding, params)
-  return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=layout)(params)
+  return models.load(path, _placement(config), tokenizer=tokenizer, **_dtypes(config))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -167,12 +140,10 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
   out = paths.join(workdir, "sft")
   tok = task.tokenizer
   if config.model.hf:
-    policy = load_policy(config, config.model.hf)
+    policy = load_policy(config, config.model.hf, tok)
   else:
-    arch = dict(config.model.arch)
-    policy = init_policy(config, decoder.DecoderConfig(
-        vocab_size=len(tok), dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-        remat=config.model.remat, **arch))
+    policy = models.init(decoder.DecoderConfig(vocab_size=len(tok), **_dtypes(config), **dict(config.model.arch)),
+                         config.seed, _placement(config), tok)
   if not task.sft_prompts:
     raise ValueError("the sft stage needs SFT data: set config.data.sft")
   max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
@@ -182,11 +153,10 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
                               max_len, config.data.max_prompt_len)
 
   return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
-                         make_batch, len(task.sft_prompts), tok, stop)
+                         make_batch, len(task.sft_prompts), stop)
 
 
-def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples, tok,
-                    stop) -> str:
+def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples, stop) -> str:
   """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf."""
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
@@ -195,7 +165,7 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
         ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
     logger.summary(name, metrics)
   path = paths.join(out, "hf")
-  hf.save(path, model.cfg, params, tokenizer=tok)
+  hf.save(path, model.cfg, params, tokenizer=model.tokenizer)
   return path
 
 
@@ -204,13 +174,12 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
   Each process samples its rows of every chunk; every process gets all pairs (the dataset)."""
   policy = load_policy(config, sft_policy_path(config, workdir))
   tok = task.tokenizer
-  eos, pad = _ids(tok)
   n = config.rm.num_prompts or len(task.rl_prompts)
   prompts = task.rl_prompts[:n]
   k = 2 * config.rm.pairs_per_prompt
-  gold = TextReward(task.gold, tok)
   mesh = sharding.mesh_from_config(config.mesh)
-  roller = Roller(policy.graph, policy.params, gold, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad, mesh=mesh)
+  roller = make_roller(config, policy.graph, policy.params, TextReward(task.gold, tok), tok, mesh=mesh,
+                       penalise_missing_eos=False)
   rng = np.random.default_rng(config.seed)
   out = {"prompt": [], "chosen": [], "rejected": []}
   chunk = 64
@@ -234,8 +203,7 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
   out = paths.join(workdir, "rm")
   tok = task.tokenizer
   prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
-  base = load_policy(config, sft_policy_path(config, workdir))
-  model = with_scalar_head(config, base)
+  model = models.with_scalar_head(load_policy(config, sft_policy_path(config, workdir), tok), _placement(config))
   max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
 
   def make_batch(idx):
@@ -244,7 +212,7 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str:
                                      config.data.max_prompt_len)
 
   return _fit_and_export("rm", config, out, config.rm, supervised.reward_loss_fn(model.graph), model,
-                         make_batch, len(prefs["prompt"]), tok, stop)
+                         make_batch, len(prefs["prompt"]), stop)
 
 
 def load_callable(spec: str, field: str) -> Callable:
@@ -262,20 +230,8 @@ def reward_source(config, workdir: str, tok):
   if config.model.reward_fn:
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
-  cfg, graph, params = hf.load(path, head="score", dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                               remat=config.model.remat, shardings=_placement(config))
-  return ModelReward(graph, params), Policy(cfg, graph, params)
-
-
-def _make_roller_factory(config, graph, ref_params, reward, gold, tok, mesh):
-  """value_fn -> Roller: the loop adds the critic's value function for PPO."""
-  eos, pad = _ids(tok)
-  penalty = config.rl.missing_eos_penalty or None
-
-  def factory(value_fn):
-    return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
-                  missing_eos_penalty=penalty, value_fn=value_fn, gold=gold, mesh=mesh)
-  return factory
+  rm = models.load(path, _placement(config), head="score", **_dtypes(config))
+  return ModelReward(rm.graph, rm.params), rm
 
 
 def _prompts(config, tok, texts: list[str], baseline) -> loop.Prompts:
@@ -283,24 +239,23 @@ def _prompts(config, tok, texts: list[str], baseline) -> loop.Prompts:
 
 
 def run_rl(config, workdir: str, task: Task, stop=None) -> str:
-  algo = config.rl.algo
-  out = paths.join(workdir, "rl", algo)
+  out = paths.join(workdir, "rl", config.rl.algo)
   tok = task.tokenizer
-  policy = load_policy(config, sft_policy_path(config, workdir))
-  mesh = sharding.mesh_from_config(config.mesh)
-  ref_params = _copy(policy.params)  # a copy: the update donates the policy's buffers
+  policy = load_policy(config, sft_policy_path(config, workdir), tok)
+  ref_params = models.copy(policy.params)  # a copy: the update donates the policy's buffers
   reward, rm = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
-  factory = _make_roller_factory(config, policy.graph, ref_params, reward, gold, tok, mesh)
+  roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
+                       mesh=sharding.mesh_from_config(config.mesh))
   train = _prompts(config, tok, task.rl_prompts,
                    reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
   held_out = _prompts(config, tok, task.eval_prompts,
                       reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
-  critic = None if rm is None else Policy(rm.cfg, rm.graph, _copy(rm.params))
+  critic = None if rm is None else Policy(rm.cfg, rm.graph, models.copy(rm.params))
   with _logger(config, out) as logger:
-    params, record = loop.train(config, out, policy, ref_params, factory, train_prompts=train,
-                                eval_prompts=held_out, logger=logger, critic=critic, stop=stop)
-    logger.summary(f"rl/{algo}", record)
+    params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
+                                logger=logger, critic=critic, stop=stop)
+    logger.summary(f"rl/{config.rl.algo}", record)
   path = paths.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
   return path
@@ -313,7 +268,6 @@ def run_eval(config, workdir: str, task: Task) -> str:
   Each process samples and scores its rows; process 0 judges and writes the report."""
   out = paths.join(workdir, "eval")
   tok = task.tokenizer
-  eos, pad = _ids(tok)
   policies = {"sft": sft_policy_path(config, workdir)}
   rl_root = paths.resolve(workdir) / "rl"
   for algo in sorted(p.name for p in rl_root.iterdir()) if rl_root.is_dir() else []:
@@ -329,8 +283,8 @@ def run_eval(config, workdir: str, task: Task) -> str:
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
-    roller = Roller(policy.graph, ref.params, reward, sampler_cfg=config.sampler, eos_id=eos, pad_id=pad,
-                    gold=gold, mesh=mesh)
+    roller = make_roller(config, policy.graph, ref.params, reward, tok, gold=gold, mesh=mesh,
+                         penalise_missing_eos=False)
     exp = roller(policy.params, *queries, jax.random.key(config.seed + 7), 1, split=split,
                  baseline=None if baseline is None else baseline[split.rows])
     rewards[name] = exp.all_rows(exp.scores)

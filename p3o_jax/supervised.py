@@ -11,7 +11,6 @@ whose position is checkpointed with the state: a resumed run sees the same batch
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import checkpoint, losses, sharding, train_state
+from p3o_jax import losses, resume, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
@@ -55,33 +54,27 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
         stop=None) -> tuple[dict, dict]:
   """Train `params` for stage_cfg.steps steps of stage_cfg.batch_size examples.
 
-  Resumes from `<workdir>/ckpt` when it holds a checkpoint. Returns (params, last metrics).
+  Resumes from `<workdir>/ckpt` when it holds a checkpoint (`resume.start`). Returns (params,
+  last metrics).
   """
   tx = train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps)
-  mesh = sharding.mesh_from_config(mesh_cfg)
-  state, state_shardings = train_state.create_on_mesh(params, tx, params_axes, mesh)
-  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0,
-                    out_shardings=(state_shardings, sharding.replicated(mesh)))
   order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
-  split = sharding.RowSplit(stage_cfg.batch_size, mesh)  # the rows of each batch this process feeds
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), keep=ckpt_cfg.keep)
-  start = 0
-  if ckpt_cfg.resume and ckpt.latest_step() is not None:
-    restored = ckpt.restore(jax.tree.map(checkpoint.abstract_like, state))
-    state, start = restored.state, restored.step
-    order.restore(restored.meta["data"])
-    log.info("%s: resumed from step %d", name, start)
+  run = resume.start(name, params, tx, params_axes, mesh_cfg=mesh_cfg, workdir=workdir, ckpt_cfg=ckpt_cfg,
+                     order=order)
+  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0,
+                    out_shardings=(run.shardings, sharding.replicated(run.mesh)))
+  split = sharding.RowSplit(stage_cfg.batch_size, run.mesh)  # the rows of each batch this process feeds
 
   metrics, t0, tokens, rows_read = {}, time.time(), 0, 0
-  bar = logger.progress(stage_cfg.steps, desc=name, initial=start)
+  bar = logger.progress(stage_cfg.steps, desc=name, initial=run.start)
   postfix = {}
-  for step in range(start, stage_cfg.steps):
+  for step in range(run.start, stage_cfg.steps):
     rows = next(order)[split.rows]
     rows_read += len(rows)
     batch = split.to_global(make_batch(rows))
     batch_tokens = int(_count_tokens(batch))
     tokens += batch_tokens
-    state, metrics = step_fn(state, batch)
+    run.state, metrics = step_fn(run.state, batch)
     done = step + 1
     if done % log_every == 0 or done == stage_cfg.steps:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -91,14 +84,10 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
       logger.log(done, {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/tokens_per_s": tokens / elapsed})
       postfix = {"loss": metrics["loss/total"]}
     bar.advance(1, tokens=batch_tokens, **postfix)
-    stopping = stop is not None and stop.requested
-    if done % ckpt_cfg.every == 0 or done == stage_cfg.steps or stopping:
-      ckpt.save(done, state, meta={"data": order.state()})
-    if stopping:
-      log.warning("%s: stop requested; saved step %d", name, done)
+    if run.checkpoint(done, stage_cfg.steps, stop):
       break
   bar.close()
-  ckpt.close()
+  run.close()
   log.info("%s: process %d of %d read %d examples: rows %s of each %d-row batch", name, jax.process_index(),
            jax.process_count(), rows_read, sharding.row_ranges(split.rows), stage_cfg.batch_size)
-  return state.params, {k: float(v) for k, v in metrics.items()}
+  return run.state.params, {k: float(v) for k, v in metrics.items()}

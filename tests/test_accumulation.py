@@ -1,6 +1,6 @@
-"""Gradient accumulation is exact (PITFALLS 8): splitting a minibatch into micro-batches gives the
-same loss and gradient as the whole minibatch, for P3O (pair and token normalisers, K=2 and 4),
-PPO and online DPO, with ragged masks."""
+"""Gradient accumulation is exact (docs/pitfalls.md, 8): splitting a minibatch into micro-batches
+gives the same loss and gradient as the whole minibatch, for every registered algorithm (P3O with
+pair and token normalisers at K=2 and 4, each GRPO loss type), with ragged masks."""
 
 import contextlib
 import io
@@ -8,14 +8,14 @@ import io
 import jax
 import jax.ad_checkpoint
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from p3o_jax import train_state
+from p3o_jax import config_base, train_state
 from p3o_jax.models import decoder
-from p3o_jax.rl import sequences, trainers
+from p3o_jax.rl import algorithms, sequences
+from p3o_jax.rl.update import make_update
 
 CFG = decoder.DecoderConfig(vocab_size=24, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                             intermediate_size=64, norm="rmsnorm", mlp="swiglu", activation="silu",
@@ -23,12 +23,10 @@ CFG = decoder.DecoderConfig(vocab_size=24, hidden_size=32, num_layers=1, num_hea
 G, P, R = 8, 5, 6  # prompts (groups) in the minibatch, prompt and response lengths
 
 
-def rl_config(**overrides):
-  c = ml_collections.ConfigDict(dict(
-      variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False, clip_per_token=False,
-      normalise="pair", cliprange_value=0.2, vf_coef=0.1, dpo_beta=0.1))
-  c.update(overrides)
-  return c
+def make_algo(graph, name="p3o", **overrides):
+  rl = config_base.base_config().rl
+  rl.update(algo=name, **overrides)
+  return algorithms.create(rl, graph, 1.0)
 
 
 def group_batch(graph, params, k, seed):
@@ -73,8 +71,8 @@ def test_p3o_micro_batches_equal_the_whole_minibatch(k, normalise):
   graph, params = decoder.create(CFG, seed=1)
   batch, rng = group_batch(graph, params, k, seed=k)
   batch["rewards"] = jnp.asarray(rng.standard_normal((G, k)), jnp.float32)
-  rl = rl_config(normalise=normalise)
-  assert_same_update(trainers.p3o_loss_fn(graph, rl, 1.0), params, batch, trainers.p3o_count(rl))
+  algo = make_algo(graph, normalise=normalise)
+  assert_same_update(algo.loss, params, batch, algo.count)
 
 
 def test_ppo_micro_batches_equal_the_whole_minibatch():
@@ -85,16 +83,29 @@ def test_ppo_micro_batches_equal_the_whole_minibatch():
     batch[name] = jnp.asarray(rng.standard_normal(mask.shape), jnp.float32) * mask
   params = {"policy": params, "critic": {"kernel": jnp.asarray(0.1 * rng.standard_normal((CFG.hidden_size, 1)),
                                                                jnp.float32), "bias": jnp.zeros((1,))}}
-  rl = rl_config()
-  assert_same_update(trainers.ppo_loss_fn(graph, None, rl, 1.0), params, batch, trainers.ppo_count(rl))
+  algo = make_algo(graph, "ppo")
+  assert_same_update(algo.loss, params, batch, algo.count)
 
 
 def test_online_dpo_micro_batches_equal_the_whole_minibatch():
   graph, params = decoder.create(CFG, seed=3)
   batch, rng = group_batch(graph, params, 2, seed=9)
   batch["chosen"] = jnp.asarray(rng.integers(0, 2, G), jnp.int32)
-  assert_same_update(trainers.online_dpo_loss_fn(graph, rl_config(), 1.0), params, batch,
-                     trainers.online_dpo_count(rl_config()))
+  algo = make_algo(graph, "online_dpo")
+  assert_same_update(algo.loss, params, batch, algo.count)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("rloo", {}), ("grpo", {"loss_type": "grpo"}), ("grpo", {"loss_type": "dr_grpo"}),
+    ("grpo", {"loss_type": "dapo"}), ("gspo", {"seq_eps_low": 0.05, "seq_eps_high": 0.08}),
+    ("reinforce_pp", {})], ids=["rloo", "grpo", "dr_grpo", "dapo", "gspo", "reinforce_pp"])
+def test_baseline_micro_batches_equal_the_whole_minibatch(name, overrides):
+  graph, params = decoder.create(CFG, seed=5)
+  batch, rng = group_batch(graph, params, 4, seed=13)
+  batch["rewards"] = jnp.asarray(rng.standard_normal((G, 4)), jnp.float32)
+  batch["advantages"] = jnp.asarray(rng.standard_normal(batch["response_mask"].shape), jnp.float32)
+  algo = make_algo(graph, name, beta=0.1, **overrides)
+  assert_same_update(algo.loss, params, batch, algo.count)
 
 
 def test_micro_batches_need_a_count():
@@ -109,18 +120,17 @@ def test_sharded_update_matches_one_device():
   graph, params = decoder.create(CFG, seed=4)
   batch, rng = group_batch(graph, params, 2, seed=11)
   batch["rewards"] = jnp.asarray(rng.standard_normal((G, 2)), jnp.float32)
-  rl = rl_config()
   tx = optax.adamw(1e-2)
-  loss_fn = trainers.p3o_loss_fn(graph, rl, 1.0)
+  loss_fn = make_algo(graph).loss
 
-  single = trainers.make_update(loss_fn, tx, epochs=2, num_minibatches=2)
+  single = make_update(loss_fn, tx, epochs=2, num_minibatches=2)
   state_a, metrics_a = single(train_state.create(jax.tree.map(jnp.copy, params), tx), batch, jax.random.key(0))
 
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   state = train_state.create(jax.tree.map(jnp.copy, params), tx)
   shardings = sharding.train_state_shardings(state, decoder.logical_axes(graph), mesh)
   assert not all(s.is_fully_replicated for s in jax.tree.leaves(shardings.params))
-  sharded = trainers.make_update(loss_fn, tx, epochs=2, num_minibatches=2, state_shardings=shardings)
+  sharded = make_update(loss_fn, tx, epochs=2, num_minibatches=2, state_shardings=shardings)
   state_b, metrics_b = sharded(jax.device_put(state, shardings), sharding.shard_batch(batch, mesh),
                                jax.random.key(0))
   np.testing.assert_allclose(metrics_b["loss/total"], metrics_a["loss/total"], rtol=1e-4, atol=1e-6)

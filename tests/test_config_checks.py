@@ -43,7 +43,7 @@ def test_valid_config_passes():
     (dict(optim__lr=-1.0), "optim.lr must be > 0, got -1"),
     (dict(optim__lr=0.0), "optim.lr must be > 0, got 0"),
     (dict(rl__k=1), "rl.k must be >= 2, got 1"),
-    (dict(rl__algo="grpo"), "rl.algo must be one of 'p3o', 'ppo', 'online_dpo'; got 'grpo'"),
+    (dict(rl__algo="gpro"), "rl.algo must be one of 'p3o', 'ppo', 'online_dpo', 'grpo', 'gspo', 'reinforce_pp', 'rloo'; got 'gpro'"),
     (dict(rl__variant="v3"), "rl.variant must be one of 'v1', 'v2'; got 'v3'"),
     (dict(rl__eps=0.0), "rl.eps must be > 0, got 0"),
     (dict(rl__c=0.5), "rl.c must be >= 1, got 0.5"),
@@ -81,7 +81,7 @@ def test_batch_arithmetic_and_cross_field_rules():
       "rl.micro_batches=3"]
   assert errors_for(rl__micro_batches=0)[0].startswith("rl.micro_batches")
   assert errors_for(rl__algo="online_dpo", rl__k=4) == [
-      "rl.algo='online_dpo' compares two responses: rl.k must be 2, got 4"]
+      "rl.algo='online_dpo' needs rl.k=2 responses per prompt, got 4"]
   assert errors_for(sampler__min_new_tokens=20) == ["sampler.min_new_tokens=20 must be <= sampler.max_new_tokens=16"]
   assert errors_for(mesh__data=-1, mesh__fsdp=-1)[0].startswith("at most one of mesh.data")
 
@@ -101,9 +101,38 @@ def test_partial_config_checks_only_present_fields():
   assert config_checks.problems(c) == ["rl.k must be >= 2, got 0"]
 
 
-def test_known_algorithms_agree_with_the_trainers():
-  from p3o_jax.rl import trainers
-  assert config_checks.ALGOS == tuple(trainers.ALGOS)
+def test_algorithm_choices_and_options_come_from_the_registry():
+  """rl.algo and pipeline.algos take exactly the registered names; an algorithm's own options are
+  in config_base with its default and checked by its rule; its K rule is a cross-check."""
+  import dataclasses
+  from p3o_jax import config_base
+  from p3o_jax.rl import algorithms
+  c = config_base.base_config()
+  for name in algorithms.names():
+    c.rl.algo, c.rl.k = name, 2
+    assert config_checks.problems(c) == [], name
+  c.rl.algo = "nope"
+  assert any("rl.algo" in p and "grpo" in p for p in config_checks.problems(c))
+  c.rl.algo, c.rl.loss_type = "grpo", "grpoo"
+  assert config_checks.problems(c) == ["rl.loss_type must be one of 'grpo', 'dr_grpo', 'dapo'; got 'grpoo'"]
+  c.rl.loss_type, c.rl.algo, c.rl.k = "grpo", "online_dpo", 3
+  assert config_checks.problems(c) == ["rl.algo='online_dpo' needs rl.k=2 responses per prompt, got 3"]
+
+  @dataclasses.dataclass(frozen=True)
+  class Hyper:
+    toy_option: float
+
+  toy = type("Toy", (algorithms.Algorithm,), {"name": "toy_algo", "Hyper": Hyper,
+                                              "options": {"toy_option": (1.5, config_checks.positive)}})
+  algorithms.register(toy)
+  try:
+    c = config_base.base_config()
+    assert c.rl.toy_option == 1.5
+    c.rl.algo, c.pipeline.algos, c.rl.toy_option = "toy_algo", ("p3o", "toy_algo"), -1.0
+    assert config_checks.problems(c) == ["rl.toy_option must be > 0, got -1.0"]
+    assert algorithms.create(c.rl, None, 1.0).hp == Hyper(-1.0)
+  finally:
+    del algorithms.REGISTRY["toy_algo"]
 
 
 def load_config_file(name, arg=None):

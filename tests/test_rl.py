@@ -1,8 +1,8 @@
-"""The RL plumbing (p3o_jax.rl: sequences, rollout, trainers) against independent references.
+"""The RL plumbing (p3o_jax.rl: sequences, rollout, algorithms) against independent references.
 
 References: a forward on each row's UNPADDED tokens (`decoder.token_logprobs`, positions
 0..L-1), NumPy loops for the PPO rewards, GAE and running moments, the Ziegler KL formula,
-and the demo vocabulary written out word by word. The PITFALLS.md item each test guards is
+and the demo vocabulary written out word by word. The docs/pitfalls.md item each test guards is
 named in its docstring. Models are tiny random decoders with a large init scale, so that a
 position or masking mistake moves the log-probs far beyond the tolerances.
 """
@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from p3o_jax import losses, sampling, train_state
+from p3o_jax import config_base, losses, sampling, train_state
 from p3o_jax.data import synthetic
 from p3o_jax.models import decoder
-from p3o_jax.rl import rollout, sequences, trainers
+from p3o_jax.rl import algorithms, rollout, sequences
+from p3o_jax.rl.update import make_update
 
 VOCAB = len(synthetic.VOCAB)  # the demo tokenizer's ids, so TextReward can decode samples
 PAD, EOS = 0, 1
@@ -41,15 +42,14 @@ SAMPLER = ml_collections.ConfigDict(dict(max_new_tokens=N, min_new_tokens=0, tem
 
 
 def rl_config(**overrides) -> ml_collections.ConfigDict:
-  """The rl fields the trainers read, named as in config_base.py, with its defaults (but K and
-  one epoch of one minibatch)."""
-  c = ml_collections.ConfigDict(dict(
-      algo="p3o", k=K, inner_epochs=1, num_minibatches=1,
-      variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False,
-      clip_per_token=False, normalise="pair",
-      gamma=1.0, lam=0.95, vf_coef=0.1, cliprange_value=0.2, dpo_beta=0.1))
-  c.update(overrides)
+  """config_base's rl defaults, but K and one epoch of one minibatch."""
+  c = config_base.base_config().rl
+  c.update(k=K, inner_epochs=1, num_minibatches=1, **overrides)
   return c
+
+
+def make_algo(name, graph=None, **overrides) -> algorithms.Algorithm:
+  return algorithms.create(rl_config(algo=name, **overrides), graph, TEMPERATURE)
 
 
 def optimizer(lr: float):
@@ -194,7 +194,7 @@ def rollout_key():
 
 @pytest.fixture(scope="module")
 def roller(policy, ref_params, reward_model):
-  """pad_id == eos_id on purpose (PITFALLS 2): after EOS a response holds more EOS ids, which
+  """pad_id == eos_id on purpose (docs/pitfalls.md, 2): after EOS a response holds more EOS ids, which
   only the mask marks as padding."""
   return rollout.Roller(policy[0], ref_params, rollout.ModelReward(*reward_model), sampler_cfg=SAMPLER,
                         eos_id=EOS, pad_id=EOS)
@@ -218,7 +218,7 @@ def experience(roller, policy, prompts, rollout_key):
 # ----------------------------------------------------------------------------- sequences
 
 def _logprobs_without_position_ids(graph, params, query, query_mask, response, response_mask):
-  """The mistake of PITFALLS 3: positions 0..T-1 run over the left padding."""
+  """The mistake of docs/pitfalls.md, 3: positions 0..T-1 run over the left padding."""
   tokens = jnp.concatenate([query, response], 1)
   mask = jnp.concatenate([query_mask, response_mask], 1)
   model = decoder.merge(graph, params)
@@ -243,7 +243,7 @@ def test_left_aligned_reference_is_the_unpadded_row():
 @pytest.mark.parametrize("cfg", [ROTARY, LEARNED], ids=["rotary", "learned"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_response_logprobs_equal_unpadded_rows(cfg, temperature):
-  """PITFALLS 1, 2, 3: left-padded query + right-padded response == each row without padding,
+  """docs/pitfalls.md, 1, 2, 3: left-padded query + right-padded response == each row without padding,
   at logits / T; 0 at padding."""
   graph, params = tiny(cfg, 4)
   rows = padded_rows(seed=5)
@@ -276,7 +276,7 @@ def _logp_and_logits(graph, params, query, query_mask, response, response_mask, 
 
 
 def test_temperature_scales_logits():
-  """PITFALLS 1: log-probs at T are log_softmax(logits / T) (NumPy), not the T=1 ones."""
+  """docs/pitfalls.md, 1: log-probs at T are log_softmax(logits / T) (NumPy), not the T=1 ones."""
   graph, params = tiny(ROTARY, 4)
   rows = padded_rows(seed=6)
   logp, logits = jitted(_logp_and_logits, graph)(params, *rows, 0.5)
@@ -290,7 +290,7 @@ def test_temperature_scales_logits():
 
 
 def test_response_scores_read_last_real_token(reward_model):
-  """PITFALLS 2, 3: the reward is the scalar at the last real response token of the unpadded row."""
+  """docs/pitfalls.md, 2, 3: the reward is the scalar at the last real response token of the unpadded row."""
   graph, params = reward_model
   rows = padded_rows(seed=7)
   got = np.asarray(jitted(sequences.response_scores, graph)(params, *rows))
@@ -302,7 +302,7 @@ def test_response_scores_read_last_real_token(reward_model):
 # ----------------------------------------------------------------------------- reward statistics
 
 def test_running_moments_match_numpy():
-  """PITFALLS 10: mean / std (ddof=1) of everything seen, over updates of different sizes,
+  """docs/pitfalls.md, 10: mean / std (ddof=1) of everything seen, over updates of different sizes,
   and a restored RunningMoments continues exactly."""
   rng = np.random.default_rng(8)
   batches = [rng.normal(3.0, 2.0, n) for n in (5, 1, 0, 17, 2)]
@@ -321,7 +321,7 @@ def test_running_moments_match_numpy():
 
 
 def test_process_scores_clip_then_scale_without_mean_shift():
-  """PITFALLS 7: clip to +-clip, then divide by the running std of all clipped scores so far
+  """docs/pitfalls.md, 7: clip to +-clip, then divide by the running std of all clipped scores so far
   (ddof=1); no mean is subtracted."""
   rng = np.random.default_rng(9)
   moments, seen = rollout.RunningMoments(), []
@@ -337,7 +337,7 @@ def test_process_scores_clip_then_scale_without_mean_shift():
 
 @pytest.mark.parametrize("scores", [[3.0, 3.0, 3.0], [4.0]], ids=["equal", "single"])
 def test_process_scores_zero_std_is_finite(scores):
-  """PITFALLS 7: a zero running std leaves the (clipped) scores unscaled, never inf / NaN."""
+  """docs/pitfalls.md, 7: a zero running std leaves the (clipped) scores unscaled, never inf / NaN."""
   got = rollout.process_scores(np.asarray(scores, np.float32), clip=3.5, moments=rollout.RunningMoments())
   np.testing.assert_array_equal(got, np.minimum(np.asarray(scores, np.float32), 3.5))
 
@@ -345,7 +345,7 @@ def test_process_scores_zero_std_is_finite(scores):
 # ----------------------------------------------------------------------------- rollout
 
 def test_experience_shapes_and_masks(experience, prompts):
-  """PITFALLS 2: the response mask runs up to and including the first EOS (pad == EOS here),
+  """docs/pitfalls.md, 2: the response mask runs up to and including the first EOS (pad == EOS here),
   has_eos agrees with it, and the prompts are repeated prompt-major."""
   exp = experience
   rows = len(PROMPTS) * K
@@ -365,7 +365,7 @@ def test_experience_shapes_and_masks(experience, prompts):
 
 
 def test_logp_old_is_teacher_forced(experience, policy, ref_params, prompts, rollout_key):
-  """PITFALLS 1: old and reference log-probs are the unpadded teacher-forced ones at logits / T,
+  """docs/pitfalls.md, 1: old and reference log-probs are the unpadded teacher-forced ones at logits / T,
   and the sampler's own log-probs agree with them; 0 at padding."""
   graph, params = policy
   exp = experience
@@ -382,13 +382,13 @@ def test_logp_old_is_teacher_forced(experience, policy, ref_params, prompts, rol
 
 
 def test_model_reward_scores(experience, reward_model):
-  """ModelReward scores each sampled row at its last real token (PITFALLS 2)."""
+  """ModelReward scores each sampled row at its last real token (docs/pitfalls.md, 2)."""
   rows = (experience.query, experience.query_mask, experience.response, experience.response_mask)
   np.testing.assert_allclose(experience.scores, unpadded_scores(*reward_model, *rows), atol=1e-5, rtol=0)
 
 
 def test_seq_kl(experience, roller, policy, prompts, rollout_key):
-  """PITFALLS 4: seq_kl = sum over real tokens of logp_old - logp_ref (k1, may be negative);
+  """docs/pitfalls.md, 4: seq_kl = sum over real tokens of logp_old - logp_ref (k1, may be negative);
   exactly 0 when the reference is the policy."""
   exp = experience
   want = [sum(exp.logp_old[i, t] - exp.logp_ref[i, t] for t in range(N) if exp.response_mask[i, t])
@@ -422,7 +422,7 @@ def test_text_reward_sees_decoded_rows(roller, policy, prompts, rollout_key):
 
 
 def test_missing_eos_penalty_checks_completion_only(experience, roller, policy, prompts, rollout_key):
-  """PITFALLS 6: the penalty is subtracted from responses without EOS only, whatever the
+  """docs/pitfalls.md, 6: the penalty is subtracted from responses without EOS only, whatever the
   prompt holds (two prompts contain EOS as a real token)."""
   assert any(EOS in p for p in PROMPTS)
   exp = variant(roller, missing_eos_penalty=2.5)(policy[1], *prompts, rollout_key, K)
@@ -449,7 +449,7 @@ def test_per_prompt_baseline_is_subtracted_from_each_of_its_rows(experience, rol
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_reward_names_rows(roller, policy, prompts, rollout_key, bad):
-  """PITFALLS 7: a NaN / inf score is an error naming the rows, not a silent NaN update."""
+  """docs/pitfalls.md, 7: a NaN / inf score is an error naming the rows, not a silent NaN update."""
   def fn(prompt_texts, response_texts):
     scores = np.zeros(len(response_texts), np.float32)
     scores[[2, 9]] = bad
@@ -470,7 +470,7 @@ def test_reward_of_wrong_shape_is_an_error(roller, policy, prompts, rollout_key,
 
 
 def test_decode_rows():
-  """PITFALLS 2: only masked-in tokens are decoded; the response's final EOS is dropped, a
+  """docs/pitfalls.md, 2: only masked-in tokens are decoded; the response's final EOS is dropped, a
   stray special token mid-response is kept, a truncated response keeps its last token."""
   tok = synthetic.build_tokenizer()
   ids = {w: i for i, w in enumerate(synthetic.VOCAB)}
@@ -484,7 +484,7 @@ def test_decode_rows():
   assert responses == ["1 3", "2 <pad> 4 9"]
 
 
-# ----------------------------------------------------------------------------- trainers: host side
+# ----------------------------------------------------------------------------- algorithms: host side
 
 def synthetic_experience(seed, rows=6, k=2, r=5, values=True):
   """An Experience with random log-probs and values, junk in their padding."""
@@ -520,11 +520,12 @@ def numpy_ppo_targets(exp, scores, kl_coef, gamma, lam):
 
 @pytest.mark.parametrize("whiten", [False, True])
 def test_ppo_prepare_matches_numpy(whiten):
-  """PITFALLS 2, 4: per-token reward -kl_coef * (logp_old - logp_ref) on real tokens plus the
+  """docs/pitfalls.md, 2, 4: per-token reward -kl_coef * (logp_old - logp_ref) on real tokens plus the
   score at the LAST real token; GAE over real tokens only; padding gets nothing."""
   exp = synthetic_experience(seed=10)
   kl_coef, gamma, lam = 0.3, 0.9, 0.8
-  batch = trainers.ppo_prepare(exp, exp.scores, kl_coef=kl_coef, gamma=gamma, lam=lam, whiten_advantages=whiten)
+  algo = make_algo("ppo", gamma=gamma, lam=lam, whiten_advantages=whiten)
+  batch, _ = algo.prepare(exp, exp.scores, kl_coef)
   rows, r = exp.response.shape
   flat = {name: np.asarray(v).reshape(rows, *np.shape(v)[2:]) for name, v in batch.items()}
   rewards, raw_adv, ret = numpy_ppo_targets(exp, exp.scores, kl_coef, gamma, lam)
@@ -549,13 +550,13 @@ def test_ppo_prepare_matches_numpy(whiten):
 
 def test_adaptive_kl_follows_ziegler():
   """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon); no target: fixed."""
-  kl = trainers.AdaptiveKL(0.05, target=6.0, horizon=10000)
+  kl = make_algo("ppo", kl_init=0.05, kl_target=6.0, kl_horizon=10000, adaptive_kl=True).kl_controller()
   value = 0.05
   for current, n in ((6.0, 256), (9.0, 128), (100.0, 512), (0.0, 64), (4.5, 1000)):
     kl.update(current, n)
     value *= 1.0 + min(max(current / 6.0 - 1.0, -0.2), 0.2) * n / 10000
     np.testing.assert_allclose(kl.value, value, rtol=1e-12)
-  fixed = trainers.AdaptiveKL(0.05, target=None, horizon=10000)
+  fixed = make_algo("ppo", kl_init=0.05, adaptive_kl=False).kl_controller()
   for current in (0.0, 50.0):
     fixed.update(current, 512)
   assert fixed.value == 0.05
@@ -564,16 +565,16 @@ def test_adaptive_kl_follows_ziegler():
 def test_online_dpo_prepare():
   """The higher score is chosen; K != 2 is an error."""
   exp = synthetic_experience(seed=11, rows=8, values=False)
-  batch = trainers.online_dpo_prepare(exp, exp.scores)
+  batch, _ = make_algo("online_dpo").prepare(exp, exp.scores, 0.05)
   pairs = exp.scores.reshape(-1, 2)
   np.testing.assert_array_equal(batch["chosen"], [1 if b > a else 0 for a, b in pairs])
   assert set(np.asarray(batch["chosen"]).tolist()) == {0, 1}, "the seed should give both outcomes"
   np.testing.assert_array_equal(np.asarray(batch["logp_ref"]).reshape(exp.logp_ref.shape), exp.logp_ref)
   with pytest.raises(ValueError, match="k=3"):
-    trainers.online_dpo_prepare(synthetic_experience(seed=12, rows=9, k=3), np.zeros(9))
+    make_algo("online_dpo").prepare(synthetic_experience(seed=12, rows=9, k=3), np.zeros(9), 0.05)
 
 
-# ----------------------------------------------------------------------------- trainers: the update
+# ----------------------------------------------------------------------------- algorithms: the update
 
 @pytest.fixture(scope="module")
 def p3o_update(policy):
@@ -582,10 +583,8 @@ def p3o_update(policy):
 
   def get(epochs, minibatches, lr):
     if (epochs, minibatches, lr) not in cache:
-      rl = rl_config(inner_epochs=epochs, num_minibatches=minibatches)
       tx = optimizer(lr)
-      loss_fn = trainers.p3o_loss_fn(policy[0], rl, TEMPERATURE)
-      update = trainers.make_update(loss_fn, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches)
+      update = make_update(make_algo("p3o", policy[0]).loss, tx, epochs=epochs, num_minibatches=minibatches)
       cache[epochs, minibatches, lr] = update, tx
     return cache[epochs, minibatches, lr]
 
@@ -593,10 +592,10 @@ def p3o_update(policy):
 
 
 def test_first_p3o_step_ratio_is_one(experience, policy, p3o_update):
-  """PITFALLS 1: on the first step of an update the importance ratio is 1 (the rollout and the
+  """docs/pitfalls.md, 1: on the first step of an update the importance ratio is 1 (the rollout and the
   loss use the same logits / T), and the step moves the parameters."""
   update, tx = p3o_update(1, 1, 1e-2)
-  batch = trainers.p3o_prepare(experience, experience.scores)
+  batch = make_algo("p3o").prepare(experience, experience.scores, 0.05)[0]
   state, metrics = update(fresh_state(policy[1], tx), batch, jax.random.key(0))
   assert metrics["val/ratio"].shape == (1, 1)
   assert abs(float(metrics["val/ratio"][0, 0]) - 1.0) <= 1e-6
@@ -609,7 +608,7 @@ def test_zero_lr_changes_nothing_and_metric_shapes(experience, policy, p3o_updat
   """lr = 0 leaves the params bitwise unchanged over 2 epochs x 2 minibatches; every metric
   comes back [epochs, minibatches], with ratio 1 at every step (the policy never moves)."""
   update, tx = p3o_update(2, 2, 0.0)
-  batch = trainers.p3o_prepare(experience, experience.scores)
+  batch = make_algo("p3o").prepare(experience, experience.scores, 0.05)[0]
   state, metrics = update(fresh_state(policy[1], tx), batch, jax.random.key(0))
   assert_trees_equal(state.params, policy[1])
   assert int(state.step) == 4
@@ -621,7 +620,7 @@ def test_zero_lr_changes_nothing_and_metric_shapes(experience, policy, p3o_updat
 
 
 def test_p3o_update_is_invariant_to_per_prompt_reward_shifts(experience, policy, p3o_update):
-  """PITFALLS 7 / P3O: a constant added to the K rewards of each prompt leaves two successive
+  """docs/pitfalls.md, 7 / P3O: a constant added to the K rewards of each prompt leaves two successive
   updates (the second off-policy, so ratios and clipping are live; Adam; grad clipping)
   bitwise unchanged; a rescale of the rewards does not.
 
@@ -635,7 +634,7 @@ def test_p3o_update_is_invariant_to_per_prompt_reward_shifts(experience, policy,
   assert np.array_equal((rewards + shift) - shift, rewards)
 
   def two_updates(r):
-    batch = trainers.p3o_prepare(experience, r)
+    batch, _ = make_algo("p3o").prepare(experience, r, 0.05)
     state, first = update(fresh_state(policy[1], tx), batch, jax.random.key(1))
     state, second = update(state, batch, jax.random.key(2))
     return state, first, second
@@ -651,7 +650,7 @@ def test_p3o_update_is_invariant_to_per_prompt_reward_shifts(experience, policy,
 
 
 def test_ppo_loss_at_rollout_params(experience, policy):
-  """PITFALLS 1 for PPO: at the rollout params the loss sees ratio 1, and its critic head
+  """docs/pitfalls.md, 1 for PPO: at the rollout params the loss sees ratio 1, and its critic head
   reproduces the rollout values (so the value clip starts centred)."""
   graph, params = policy
   rng = np.random.default_rng(14)
@@ -659,13 +658,11 @@ def test_ppo_loss_at_rollout_params(experience, policy):
             "bias": jnp.asarray([0.3], jnp.float32)}
   both = {"policy": params, "critic": critic}
   exp = experience
-  values = np.asarray(trainers.critic_values_fn(graph, None)(both, exp.query, exp.query_mask, exp.response,
-                                                             exp.response_mask))
+  algo = make_algo("ppo", graph)
+  values = np.asarray(jax.jit(algo.value_fn())(both, exp.query, exp.query_mask, exp.response, exp.response_mask))
   assert np.abs(values * exp.response_mask).max() > 1e-2
-  batch = trainers.ppo_prepare(dataclasses.replace(exp, values=values), exp.scores, kl_coef=0.05, gamma=1.0,
-                               lam=0.95)
-  loss_fn = trainers.ppo_loss_fn(graph, None, rl_config(algo="ppo"), TEMPERATURE)
-  _, metrics = jax.jit(loss_fn)(both, batch)
+  batch, _ = algo.prepare(dataclasses.replace(exp, values=values), exp.scores, 0.05)
+  _, metrics = jax.jit(algo.loss)(both, batch)
   assert abs(float(metrics["val/ratio"]) - 1.0) <= 1e-6
   mask = exp.response_mask > 0
   returns = np.asarray(batch["returns"]).reshape(mask.shape)

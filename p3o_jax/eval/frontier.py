@@ -1,6 +1,6 @@
 """KL-reward frontier: mean reward against mean sequence-level KL, per algorithm.
 
-The paper's main plot (P3O_SPEC.md, "How it is evaluated"): every N steps the policy
+The paper's main plot (docs/algorithms.md, How it is evaluated): every N steps the policy
 samples responses to held-out prompts; for each response the caller computes
 
   seq_kl[n]  = sum over response tokens of log pi_theta - log pi_ref   (k1, on own samples)

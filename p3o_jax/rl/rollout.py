@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import sampling, sharding
+from p3o_jax.data import batching
 from p3o_jax.rl import sequences
 
 
@@ -61,7 +62,7 @@ def score_rows(reward: RewardSource, rows: sharding.RowSplit, device: dict, host
 
 
 def decode_rows(tokenizer, query, query_mask, response, response_mask):
-  """Texts of the real tokens only: masks, never token ids, decide what is real (PITFALLS 2).
+  """Texts of the real tokens only: masks, never token ids, decide what is real (docs/pitfalls.md, 2).
 
   The response keeps special tokens other than its final EOS, so a stray pad or BOS that the
   policy emitted is scored as what it is rather than silently dropped.
@@ -84,18 +85,19 @@ class Experience:
   query_mask: np.ndarray      # [n, P]
   response: np.ndarray        # [n, R] right-padded after EOS
   response_mask: np.ndarray   # [n, R] 1 up to and including the first EOS
-  logp_old: np.ndarray        # [n, R] per-token, under the policy that sampled
+  logp_old: np.ndarray        # [n, R] per-token, the trainer's forward of the policy that sampled
   logp_ref: np.ndarray        # [n, R] per-token, under the frozen reference
   scores: np.ndarray          # [n] reward source output, after the missing-EOS penalty
   has_eos: np.ndarray         # [n] bool
   k: int                      # responses per prompt
-  values: np.ndarray | None = None  # [n, R] PPO only
+  logp_sampler: np.ndarray | None = None  # [n, R] the sampler's own log-probs (rollout IS correction)
+  values: np.ndarray | None = None  # [n, R] when the algorithm has a critic
   gold: np.ndarray | None = None    # [n] the demo's gold reward, for logging
   rows: sharding.RowSplit | None = None  # which of the N global rows these are (None: all)
 
   @property
   def seq_kl(self) -> np.ndarray:
-    """k1 estimate of KL(pi || pi_ref) per response: sum_t log pi - log pi_ref (PITFALLS 4)."""
+    """k1 estimate of KL(pi || pi_ref) per response: sum_t log pi - log pi_ref (docs/pitfalls.md, 4)."""
     return ((self.logp_old - self.logp_ref) * self.response_mask).sum(-1)
 
   def all_rows(self, x) -> np.ndarray:
@@ -113,56 +115,66 @@ class Experience:
 
 
 class Roller:
-  """Samples and scores. Holds the jitted functions so they compile once per shape."""
+  """Samples and scores. Holds the jitted functions so they compile once per shape.
+
+  Built by `make_roller` from the config. `sampler_dtype` ('float32' | 'bfloat16') is the dtype
+  the sampler reads the policy's weights in, as an inference engine serving bf16 weights would;
+  the trainer's old log-probs always come from the weights as stored, and the sampler's own
+  log-probs are kept beside them for the rollout importance correction.
+  """
 
   def __init__(self, graph, ref_params, reward: RewardSource, *, sampler_cfg, eos_id: int, pad_id: int,
-               missing_eos_penalty: float | None = None, value_fn: Callable | None = None,
-               gold: RewardSource | None = None, mesh=None):
+               missing_eos_penalty: float | None = None, gold: RewardSource | None = None, mesh=None,
+               sampler_dtype: str = "float32"):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
     # Each batch shard of the mesh samples its own rows (sampling.generate); without a mesh,
     # one device does everything.
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     self.sampler_cfg, self.eos_id, self.pad_id = sampler_cfg, eos_id, pad_id
     self.missing_eos_penalty = missing_eos_penalty
-    self._value_fn = value_fn
+    self._sampler_weights = None if sampler_dtype == "float32" else jax.jit(
+        lambda p: jax.tree.map(lambda x: x.astype(sampler_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
     self._passes: dict = {}
 
-  def _teacher_forced(self, out_sharding, k: int, with_values: bool):
+  def _teacher_forced(self, out_sharding, k: int, value_fn):
     """One jitted program for the rows' teacher-forced passes: old and reference log-probs
-    (and PPO's values), its outputs laid out row-split like the batch."""
-    key = (out_sharding, k, with_values)
+    (and the critic's values), its outputs laid out row-split like the batch."""
+    key = (out_sharding, k, value_fn)
     if key not in self._passes:
       logprobs = functools.partial(sequences.response_logprobs, self.graph,
                                    temperature=self.sampler_cfg.temperature)
 
-      def passes(params, ref_params, value_params, query, query_mask, response, response_mask):
+      def passes(params, ref_params, value_params, query, query_mask, response, response_mask, logp_sampler):
         query, query_mask = jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0)
         rows = (query, query_mask, response, response_mask)
         out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
                # Old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1.
-               "logp_old": logprobs(params, *rows), "logp_ref": logprobs(ref_params, *rows)}
-        if with_values:
-          out["values"] = self._value_fn(value_params, *rows)
+               "logp_old": logprobs(params, *rows), "logp_ref": logprobs(ref_params, *rows),
+               "logp_sampler": logp_sampler}
+        if value_fn is not None:
+          out["values"] = value_fn(value_params, *rows)
         return out
       self._passes[key] = jax.jit(passes, out_shardings=out_sharding)
     return self._passes[key]
 
-  def __call__(self, params, query, query_mask, rng, k: int, value_params=None,
-               baseline: np.ndarray | None = None, split: sharding.RowSplit | None = None) -> Experience:
+  def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
+               split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
-    without `split`); baseline: their per-prompt rewards subtracted from each of the K scores."""
+    without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
+    critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params)."""
     split = split or sharding.RowSplit(len(query), self.mesh)
     rows = split.repeat(k)
     prompts = split.to_global({"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)})
     s = self.sampler_cfg
     out = sampling.generate(
-        self.graph, params, prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
+        self.graph, params if self._sampler_weights is None else self._sampler_weights(params),
+        prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
         num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
-    with_values = self._value_fn is not None and value_params is not None
-    device = self._teacher_forced(rows.sharding, k, with_values)(
-        params, self.ref_params, value_params if with_values else None, prompts["query"], prompts["query_mask"],
-        out.tokens, out.mask.astype(jnp.int32))
+    value_fn, value_params = critic if critic is not None else (None, None)
+    device = self._teacher_forced(rows.sharding, k, value_fn)(
+        params, self.ref_params, value_params, prompts["query"], prompts["query_mask"],
+        out.tokens, out.mask.astype(jnp.int32), out.logprobs)
     host = {name: rows.local(x) for name, x in device.items()}
     has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
     scores = np.asarray(score_rows(self.reward, rows, device, host), np.float32)
@@ -179,10 +191,21 @@ class Roller:
     exp = Experience(
         query=host["query"], query_mask=host["query_mask"], response=host["response"],
         response_mask=host["response_mask"], logp_old=host["logp_old"], logp_ref=host["logp_ref"],
-        scores=scores, has_eos=has_eos, k=k, values=host.get("values"), rows=rows)
+        scores=scores, has_eos=has_eos, k=k, logp_sampler=host["logp_sampler"], values=host.get("values"),
+        rows=rows)
     if self.gold is not None:
       exp.gold = np.asarray(score_rows(self.gold, rows, device, host), np.float32)
     return exp
+
+
+def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, gold: RewardSource | None = None,
+                mesh=None, penalise_missing_eos: bool = True) -> Roller:
+  """The Roller for `config` (sampler settings, EOS/pad ids, missing-EOS penalty): the one place
+  a rollout is assembled, for RL, the demo's preference pairs and the eval stage."""
+  penalty = (config.rl.missing_eos_penalty or None) if penalise_missing_eos else None
+  return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=tokenizer.eos_token_id,
+                pad_id=batching.pad_token_id(tokenizer), missing_eos_penalty=penalty, gold=gold, mesh=mesh,
+                sampler_dtype=config.sampler.param_dtype)
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,

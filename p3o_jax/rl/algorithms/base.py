@@ -1,0 +1,179 @@
+"""What every RL algorithm is to the loop: one registered object, created from `config.rl`.
+
+An algorithm declares what it needs from the rollout (a critic, how many responses per
+prompt), holds its hyperparameters in a frozen dataclass read once from `config.rl`, and
+supplies
+
+    prepare(exp, rewards, kl_coef) -> batch     host side: arrays grouped [G, K, ...]
+    loss(params, batch, normaliser) -> (loss, metrics)   pure; traced inside the update
+    count(batch) -> normaliser                  the minibatch's loss count (exact micro-batching)
+
+A group is the K responses to one prompt, kept together so that pairs and group baselines
+never straddle minibatches. The loop (`p3o_jax/rl/loop.py`) and the pipeline name no
+algorithm: they look one up by `config.rl.algo` in `REGISTRY`. Adding an algorithm is one
+module in this package (found and imported by `__init__.py`) and its tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from p3o_jax.models import decoder
+from p3o_jax.rl import sequences
+from p3o_jax.rl.rollout import Experience
+
+REGISTRY: dict[str, type["Algorithm"]] = {}
+
+ROLLOUT_IS_MODES = ("none", "tis")
+
+
+class KLController:
+  """The KL coefficient the loop logs and passes to `prepare`. Fixed unless a target is given:
+  then Ziegler et al.'s adaptive rule (trlx defaults: init 0.05, target 6, horizon 10000)."""
+
+  def __init__(self, value: float, target: float | None = None, horizon: int = 10000):
+    self.value, self.target, self.horizon = float(value), target, horizon
+
+  def update(self, current_kl: float, n_steps: int):
+    if self.target:
+      error = np.clip(current_kl / self.target - 1.0, -0.2, 0.2)
+      self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def rollout_is_weights(exp: Experience, level: str, cap: float) -> tuple[np.ndarray, dict]:
+  """Truncated importance weights min(pi_old_trainer / pi_sampler, cap) of the rollout's samples.
+
+  The sampler may run the policy in another precision (or engine) than the trainer, so the
+  samples come from pi_sampler while every loss assumes pi_old. `level='token'`: one weight per
+  response token [n, R]; `'sequence'`: the product over the response's tokens [n].
+  Returns the weights and their metrics (mean, max before truncation, fraction truncated),
+  over every process's rows.
+  """
+  mask = exp.response_mask.astype(bool)
+  log_w = np.where(mask, exp.logp_old - exp.logp_sampler, 0.0)
+  if level == "sequence":
+    log_w, valid = log_w.sum(-1), mask.any(-1)
+  else:
+    valid = mask
+  raw = np.exp(np.minimum(log_w, 80.0))  # exp(80) is finite in float32 and far above any cap
+  weights = np.where(valid, np.minimum(raw, cap), 0.0).astype(np.float32)
+  every_w, every_raw, every_valid = (exp.all_rows(x) for x in (weights, raw, valid))
+  metrics = {"rollout_is/weight_mean": float(every_w[every_valid].mean()) if every_valid.any() else 1.0,
+             "rollout_is/weight_max": float(every_raw[every_valid].max()) if every_valid.any() else 1.0,
+             "rollout_is/truncated_frac": float((every_raw[every_valid] > cap).mean()) if every_valid.any() else 0.0}
+  return weights, metrics
+
+
+def group(exp: Experience, **extra) -> dict:
+  """Rollout arrays regrouped [n, ...] -> [n / K, K, ...] plus any extra per-row arrays."""
+  arrays = dict(query=exp.query, query_mask=exp.query_mask, response=exp.response,
+                response_mask=exp.response_mask, logp_old=exp.logp_old, logp_ref=exp.logp_ref, **extra)
+  return {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items()}
+
+
+def rows(batch: dict) -> dict:
+  """[M, K, ...] -> [M * K, ...] for the model forward."""
+  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+
+
+def hyperparameters(cls: type, rl) -> Any:
+  """The frozen dataclass `cls` filled from the config.rl fields of the same names."""
+  missing = [f.name for f in dataclasses.fields(cls) if f.name not in rl]
+  if missing:
+    raise ValueError(f"config.rl lacks {missing}, which {cls.__qualname__} needs")
+  return cls(**{f.name: rl[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutIS:
+  """Rollout importance-sampling correction, shared by every policy-gradient algorithm."""
+  rollout_is: str
+  rollout_is_cap: float
+
+
+class Algorithm:
+  """Base class: a policy-only algorithm whose params are the policy's and whose KL
+  coefficient is fixed at `rl.beta`. Subclasses set the class attributes and override
+  `prepare`, `loss` and `count` (and, with a critic, `init_params` / `value_fn`)."""
+
+  name: ClassVar[str]
+  Hyper: ClassVar[type]                        # frozen dataclass of the config.rl fields it reads
+  # config.rl fields this algorithm adds: name -> (default, check(value) -> problem or None)
+  options: ClassVar[dict[str, tuple[Any, Callable]]] = {}
+  weight_level: ClassVar[str | None] = "token"  # rollout IS weights per 'token', 'sequence', or None
+  uses_critic: ClassVar[bool] = False
+  exact_k: ClassVar[int | None] = None         # responses per prompt it requires (None: any K >= 2)
+  order: ClassVar[int] = 10                    # where it is listed: the paper's algorithms first
+
+  def __init__(self, rl, graph, temperature: float, critic_graph=None):
+    self.hp = hyperparameters(self.Hyper, rl)
+    self.correction = hyperparameters(RolloutIS, rl)
+    self.graph, self.temperature, self.critic_graph = graph, temperature, critic_graph
+
+  @classmethod
+  def k_problem(cls, k: int) -> str | None:
+    if cls.exact_k is not None and k != cls.exact_k:
+      return f"rl.algo={cls.name!r} needs rl.k={cls.exact_k} responses per prompt, got {k}"
+    return None
+
+  # -- parameters and the rollout's needs
+  def init_params(self, policy, critic=None) -> tuple[Any, Any]:
+    """(trainable params, their logical axes) from the policy (and the reward model as
+    `critic`, for algorithms that initialise a critic from it; both `models.policy.Policy`)."""
+    return policy.params, decoder.logical_axes(policy.graph)
+
+  def policy_params(self, params):
+    return params
+
+  def value_fn(self) -> Callable | None:
+    """Rollout-time values(params, query, query_mask, response, response_mask) -> [N, R], or None."""
+    return None
+
+  def kl_controller(self) -> KLController:
+    return KLController(getattr(self.hp, "beta", 0.0))
+
+  # -- the update
+  def prepare(self, exp: Experience, rewards: np.ndarray, kl_coef: float) -> tuple[dict, dict]:
+    """(batch grouped [G, K, ...], host metrics). Adds the rollout IS weights when on."""
+    batch = self.make_batch(exp, rewards, kl_coef)
+    if self.correction.rollout_is == "none" or self.weight_level is None:
+      return batch, {}
+    weights, metrics = rollout_is_weights(exp, self.weight_level, self.correction.rollout_is_cap)
+    batch["sample_weight"] = weights.reshape(-1, exp.k, *weights.shape[1:])
+    return batch, metrics
+
+  def make_batch(self, exp: Experience, rewards: np.ndarray, kl_coef: float) -> dict:
+    return group(exp, rewards=rewards)
+
+  def loss(self, params, batch: dict, normaliser=None):
+    raise NotImplementedError
+
+  def count(self, batch: dict):
+    """Valid responses of the whole minibatch (sequence-mean losses)."""
+    return jnp.sum(jnp.any(batch["response_mask"] > 0, axis=-1)).astype(jnp.float32)
+
+  # -- helpers for subclasses
+  def token_logprobs(self, params, batch: dict):
+    """Per-token log-probs [M, K, R] of the batch's responses under `params`, the model and
+    the hidden states [M * K, R, D]."""
+    flat = rows({k: batch[k] for k in ("query", "query_mask", "response", "response_mask")})
+    logp, model, hidden = sequences.response_logprobs_and_hidden(
+        self.graph, params, flat["query"], flat["query_mask"], flat["response"], flat["response_mask"],
+        self.temperature)
+    return logp.reshape(batch["response_mask"].shape), model, hidden
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+  """Class decorator: adds `cls` to REGISTRY under `cls.name`."""
+  if cls.name in REGISTRY:
+    raise ValueError(f"two algorithms are named {cls.name!r}")
+  for option, (default, _) in cls.options.items():
+    for other in REGISTRY.values():
+      if option in other.options and other.options[option][0] != default:
+        raise ValueError(f"rl.{option}: {cls.name} and {other.name} declare different defaults")
+  REGISTRY[cls.name] = cls
+  return cls

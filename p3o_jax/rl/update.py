@@ -1,0 +1,38 @@
+"""The one jitted RL update every algorithm shares: inner epochs x minibatches as nested
+`lax.scan`s, each scan step the pure `(state, batch) -> (state, metrics)` of
+`train_state.make_step` over the algorithm's loss."""
+
+from __future__ import annotations
+
+import jax
+
+from p3o_jax import train_state
+
+
+def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None,
+                micro_batches: int = 1, count_fn=None):
+  """(state, batch of G groups, rng) -> (state, metrics[epochs, num_minibatches]), jitted once.
+
+  Every epoch reshuffles the groups; G must divide evenly into minibatches (config checks it).
+  With `state_shardings` the new state keeps the old one's layout on the mesh, so the donated
+  buffers are reused and the next call hits the same compiled program. `micro_batches` and
+  `count_fn` accumulate each minibatch's gradient exactly (see train_state.make_step).
+  """
+  step = train_state.make_step(loss_fn, tx, micro_batches=micro_batches, count_fn=count_fn)
+
+  def update(state, batch, rng):
+    G = next(iter(batch.values())).shape[0]
+    size = G // num_minibatches
+
+    def epoch(state, key):
+      order = jax.random.permutation(key, G)[: size * num_minibatches].reshape(num_minibatches, size)
+      return jax.lax.scan(lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], batch)), state, order)
+
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, epochs))
+    return state, metrics
+
+  if state_shardings is None:
+    return jax.jit(update, donate_argnums=0)
+  mesh = jax.tree.leaves(state_shardings)[0].mesh  # metrics replicated: every process reads them
+  return jax.jit(update, donate_argnums=0,
+                 out_shardings=(state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))

@@ -247,3 +247,106 @@ def sft(token_logp, mask):
   vals = [float(token_logp[b, t]) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
   nll = -sum(vals) / len(vals)
   return {"loss": nll, "sft/nll": nll, "sft/ppl": math.exp(nll)}
+
+
+# ---------------------------------------------------------------------------- the baselines
+# Inputs as the algorithm modules take them: [B, K, T] token log-probs and masks, [B, K] rewards.
+
+
+def numeric_grad(fn, x, h=1e-6):
+  """Central differences of a scalar float64 function, one entry at a time."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    up, down = x.copy(), x.copy()
+    up[idx] += h
+    down[idx] -= h
+    grad[idx] = (fn(up) - fn(down)) / (2 * h)
+  return grad
+
+
+def _group_stats(values):
+  mean = sum(values) / len(values)
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+  return mean, std
+
+
+def rloo(logp, old_logp, ref_logp, scores, mask, *, beta, eps):
+  """TRL RLOOTrainer: R_k = score_k - beta * sum_t (old - ref); A_k = R_k - mean of the others;
+  rho_k = exp(sum_t logp - old); mean over responses of max(-A rho, -A clip(rho))."""
+  b_size, k_size, _ = logp.shape
+  terms = []
+  for b in range(b_size):
+    reward = []
+    for k in range(k_size):
+      m = mask[b, k].astype(bool)
+      reward.append(scores[b, k] - beta * float(np.sum(old_logp[b, k][m] - ref_logp[b, k][m])))
+    for k in range(k_size):
+      m = mask[b, k].astype(bool)
+      adv = reward[k] - (sum(reward) - reward[k]) / (k_size - 1)
+      rho = math.exp(float(np.sum(logp[b, k][m] - old_logp[b, k][m])))
+      terms.append(max(-adv * rho, -adv * _clip(rho, 1 - eps, 1 + eps)))
+  return sum(terms) / len(terms)
+
+
+def grpo(logp, old_logp, ref_logp, rewards, mask, *, loss_type, beta, eps, eps_low, eps_high):
+  """TRL GRPOTrainer's loss types: per-sequence token mean ('grpo'), sum over max_new_tokens x
+  sequences ('dr_grpo', no std), token mean over the batch with clip-higher ('dapo')."""
+  b_size, k_size, t_size = logp.shape
+  lo, hi = (eps_low, eps_high) if loss_type == "dapo" else (eps, eps)
+  total, tokens, seq_means = 0.0, 0, []
+  for b in range(b_size):
+    mean, std = _group_stats(list(rewards[b]))
+    for k in range(k_size):
+      adv = rewards[b, k] - mean if loss_type == "dr_grpo" else (rewards[b, k] - mean) / (std + 1e-4)
+      seq = []
+      for t in range(t_size):
+        if not mask[b, k, t]:
+          continue
+        ratio = math.exp(logp[b, k, t] - old_logp[b, k, t])
+        x = ref_logp[b, k, t] - logp[b, k, t]
+        term = max(-adv * ratio, -adv * _clip(ratio, 1 - lo, 1 + hi)) + beta * (math.exp(x) - x - 1)
+        seq.append(term)
+      total += sum(seq)
+      tokens += len(seq)
+      seq_means.append(sum(seq) / max(len(seq), 1))
+  if loss_type == "grpo":
+    return sum(seq_means) / (b_size * k_size)
+  if loss_type == "dr_grpo":
+    return total / (t_size * b_size * k_size)
+  return total / tokens
+
+
+def gspo(logp, old_logp, ref_logp, rewards, mask, *, beta, eps_low, eps_high):
+  """GSPO (Zheng et al. 2025): s_k = exp(mean_t (logp - old)), group-normalised advantages,
+  the sequence surrogate clipped to [1 - eps_low, 1 + eps_high], plus beta * mean_t k3."""
+  b_size, k_size, _ = logp.shape
+  terms = []
+  for b in range(b_size):
+    mean, std = _group_stats(list(rewards[b]))
+    for k in range(k_size):
+      m = mask[b, k].astype(bool)
+      adv = (rewards[b, k] - mean) / (std + 1e-4)
+      s = math.exp(float(np.mean(logp[b, k][m] - old_logp[b, k][m])))
+      x = ref_logp[b, k][m] - logp[b, k][m]
+      kl = float(np.mean(np.exp(x) - x - 1))
+      terms.append(max(-adv * s, -adv * _clip(s, 1 - eps_low, 1 + eps_high)) + beta * kl)
+  return sum(terms) / len(terms)
+
+
+def reinforce_pp_advantages(scores, logp_old, logp_ref, mask, *, kl_coef):
+  """OpenRLHF's REINFORCE++: r_t = -kl_coef (old - ref) (+ score at the last real token),
+  G_t = sum_{s >= t} r_s, then (G - mean) / sqrt(var + 1e-8) over every real token."""
+  rows, t_size = logp_old.shape
+  returns = np.zeros((rows, t_size))
+  for i in range(rows):
+    n = int(mask[i].sum())
+    r = [-kl_coef * (logp_old[i, t] - logp_ref[i, t]) for t in range(n)]
+    r[n - 1] += scores[i]
+    running = 0.0
+    for t in reversed(range(n)):
+      running += r[t]
+      returns[i, t] = running
+  real = mask.astype(bool)
+  mean, var = returns[real].mean(), returns[real].var()
+  return np.where(real, (returns - mean) / np.sqrt(var + 1e-8), 0.0)

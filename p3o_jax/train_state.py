@@ -68,7 +68,7 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micro_batc
 
   With micro_batches > 1 the batch is cut along its leading axis and the gradients are summed
   over a `lax.scan`, so only one micro-batch's activations are alive at a time. Exactness
-  (PITFALLS 8): `count_fn(batch)` gives the whole batch's loss normaliser and every
+  (docs/pitfalls.md, 8): `count_fn(batch)` gives the whole batch's loss normaliser and every
   micro-batch loss is divided by it (`loss_fn(params, micro, normaliser)`), so the summed
   gradient IS the full-batch gradient, whatever the split. Metrics named `loss/*` are summed
   over micro-batches (they share that normaliser); the others are micro-batch means.

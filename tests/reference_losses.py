@@ -1,6 +1,6 @@
 """Plain NumPy (float64) references for p3o_jax.losses, written from the formulas with loops.
 
-Each function follows the equation as written in P3O_SPEC.md (or the cited paper), one
+Each function follows the equation as written in docs/algorithms.md (or the cited paper), one
 pair / one token at a time, so that it shares no vectorisation trick with the JAX code.
 """
 

@@ -1,4 +1,4 @@
-"""p3o_jax.losses against independent NumPy references and the properties P3O_SPEC.md states."""
+"""p3o_jax.losses against independent NumPy references and the properties docs/algorithms.md states."""
 
 import functools
 

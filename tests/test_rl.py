@@ -669,3 +669,24 @@ def test_ppo_loss_at_rollout_params(experience, policy):
   want_value_loss = 0.5 * np.mean((values[mask] - returns[mask]) ** 2)
   np.testing.assert_allclose(float(metrics["loss/value_avg"]), want_value_loss, rtol=1e-5)
   assert float(metrics["val/clipfrac_avg"]) == 0.0
+
+
+def test_bf16_sampler_weights_give_importance_weights_away_from_one(roller, policy, prompts, rollout_key):
+  """sampler.param_dtype='bfloat16' samples with the weights rounded to bf16 while the trainer's
+  old log-probs use them as stored: the sampler's own log-probs are kept, they differ from the
+  trainer's, and 'tis' puts the truncated ratio into the batch (docs/algorithms.md, Rollout
+  importance correction)."""
+  bf16 = rollout.Roller(policy[0], roller.ref_params, roller.reward, sampler_cfg=SAMPLER, eos_id=EOS, pad_id=EOS,
+                        sampler_dtype="bfloat16")
+  exp = bf16(policy[1], *prompts, rollout_key, K)
+  mask = exp.response_mask > 0
+  gap = np.abs(exp.logp_sampler - exp.logp_old)[mask]
+  assert gap.max() > 1e-3, "bf16 weights should move the sampler's log-probs"
+  assert gap.max() < 0.5
+  fp32 = roller(policy[1], *prompts, rollout_key, K)
+  np.testing.assert_allclose(fp32.logp_sampler[fp32.response_mask > 0], fp32.logp_old[fp32.response_mask > 0],
+                             atol=1e-4)
+  batch, metrics = make_algo("p3o", rollout_is="tis", rollout_is_cap=2.0).prepare(exp, exp.scores, 0.05)
+  seq_ratio = np.exp(((exp.logp_old - exp.logp_sampler) * mask).sum(-1))
+  np.testing.assert_allclose(np.asarray(batch["sample_weight"]).reshape(-1), np.minimum(seq_ratio, 2.0), rtol=1e-5)
+  assert abs(metrics["rollout_is/weight_mean"] - 1.0) > 1e-4

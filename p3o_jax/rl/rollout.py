@@ -229,7 +229,7 @@ def reference_rewards(reward: RewardSource, query, query_mask, response, respons
 
 class RunningMoments:
   """Running mean/std over all rewards seen (Chan et al. parallel update); host-side, saved
-  in checkpoints so a resumed run scales rewards exactly as before (PITFALLS 10)."""
+  in checkpoints so a resumed run scales rewards exactly as before (docs/pitfalls.md, 10)."""
 
   def __init__(self, count=0.0, mean=0.0, m2=0.0):
     self.count, self.mean, self.m2 = float(count), float(mean), float(m2)

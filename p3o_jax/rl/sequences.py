@@ -2,7 +2,7 @@
 
 A row is a left-padded query [N, P] followed by a right-padded response [N, R]. Positions
 come from the concatenated mask, so left padding and padding after EOS are both handled
-(PITFALLS 2, 3). Log-probs use logits / temperature, exactly as the sampler does (PITFALLS 1).
+(docs/pitfalls.md, 2, 3). Log-probs use logits / temperature, exactly as the sampler does (docs/pitfalls.md, 1).
 """
 
 from __future__ import annotations

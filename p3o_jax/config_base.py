@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
       reward_hf="",        # HF dir or hub id of a trained reward model (skips the rm stage)
       reward_fn="",        # 'package.module:function' of (prompts, responses) -> scores, instead of a RM
       dtype="float32", param_dtype="float32",
+      frozen_dtype="bfloat16",  # the reference and reward model's weights: never trained, so bf16
+                                # storage halves their memory at a tested cost (README, Memory)
       remat=False))        # gradient checkpointing: recompute each block in the backward pass
   c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
 
@@ -40,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   optim = lambda lr: ml_collections.ConfigDict(dict(
       lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0, warmup_steps=0,
-      schedule="constant"))
+      schedule="constant", mu_dtype="float32"))  # Adam's first moment: bfloat16 halves its memory
   c.sft = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, optim=optim(1e-5)))
   c.rm = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, pairs_per_prompt=1, num_prompts=0,
                                         optim=optim(1e-5)))
@@ -54,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       inner_epochs=4,
       num_minibatches=8,     # per epoch; prompts_per_rollout must divide evenly
       micro_batches=1,       # gradient accumulation inside a minibatch (exact; saves activations)
+      rollout_chunk=0,       # sample / score this many prompts at a time (exact; 0: the whole rollout)
       # P3O (docs/algorithms.md); beta and eps are shared with the other policy-gradient methods
       variant="v2", beta=0.05, eps=0.2, c=10.0, kl_source="theta", whiten_delta=False,
       clip_per_token=False, normalise="pair",

@@ -126,6 +126,7 @@ SCHEMA: dict[str, Check] = {
     "model.reward_hf": string,
     "model.dtype": one_of(*DTYPES),
     "model.param_dtype": one_of(*DTYPES),
+    "model.frozen_dtype": one_of(*DTYPES),
     "model.remat": boolean,
     "arch.vocab_size": positive_int,
     "arch.hidden_size": positive_int,
@@ -153,6 +154,7 @@ SCHEMA: dict[str, Check] = {
     "optim.grad_clip": non_negative,               # 0: off
     "optim.warmup_steps": non_negative_int,
     "optim.schedule": one_of(*SCHEDULES),
+    "optim.mu_dtype": one_of("float32", "bfloat16"),
     # supervised stages
     "sft.steps": positive_int,
     "sft.batch_size": positive_int,
@@ -167,6 +169,7 @@ SCHEMA: dict[str, Check] = {
     "rl.inner_epochs": positive_int,
     "rl.num_minibatches": positive_int,
     "rl.micro_batches": positive_int,              # gradient accumulation steps per minibatch
+    "rl.rollout_chunk": non_negative_int,          # 0: the whole rollout at once
     # RL: P3O
     "rl.variant": one_of(*VARIANTS),
     "rl.beta": non_negative,
@@ -256,7 +259,14 @@ def _one_fill(data, fsdp, tensor):
   return None
 
 
+def _chunk_divides(prompts, chunk):
+  if chunk and prompts % chunk:
+    return f"rl.rollout_chunk={chunk} must divide rl.prompts_per_rollout={prompts}"
+  return None
+
+
 CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[..., "str | None"]]] = [
+    (("rl.prompts_per_rollout", "rl.rollout_chunk"), _chunk_divides),
     (("rl.prompts_per_rollout", "rl.num_minibatches"), _divides_rollout),
     (("rl.prompts_per_rollout", "rl.num_minibatches", "rl.micro_batches"), _micro_batches),
     (("rl.algo", "rl.k"), _k_fits_algo),

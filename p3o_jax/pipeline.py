@@ -230,7 +230,7 @@ def reward_source(config, workdir: str, tok):
   if config.model.reward_fn:
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
-  rm = models.load(path, _placement(config), head="score", **_dtypes(config))
+  rm = models.load(path, _placement(config), head="score", **{**_dtypes(config), "param_dtype": config.model.frozen_dtype})
   return ModelReward(rm.graph, rm.params), rm
 
 
@@ -242,7 +242,7 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
   out = paths.join(workdir, "rl", config.rl.algo)
   tok = task.tokenizer
   policy = load_policy(config, sft_policy_path(config, workdir), tok)
-  ref_params = models.copy(policy.params)  # a copy: the update donates the policy's buffers
+  ref_params = models.frozen_copy(policy.params, config.model.frozen_dtype)
   reward, rm = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
   roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
@@ -251,10 +251,9 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
                    reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
   held_out = _prompts(config, tok, task.eval_prompts,
                       reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
-  critic = None if rm is None else Policy(rm.cfg, rm.graph, models.copy(rm.params))
   with _logger(config, out) as logger:
     params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
-                                logger=logger, critic=critic, stop=stop)
+                                logger=logger, critic=rm, stop=stop)
     logger.summary(f"rl/{config.rl.algo}", record)
   path = paths.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
@@ -275,7 +274,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
       policies[algo] = os.fspath(rl_root / algo / "hf")
   reward, _ = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
-  ref = load_policy(config, policies["sft"])
+  ref = models.load(policies["sft"], _placement(config), **{**_dtypes(config), "param_dtype": config.model.frozen_dtype})
   mesh = sharding.mesh_from_config(config.mesh)
   split = sharding.RowSplit(len(task.eval_prompts), mesh)
   queries = _queries(config, tok, [task.eval_prompts[i] for i in split.rows])

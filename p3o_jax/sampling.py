@@ -291,16 +291,23 @@ def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
   return axes
 
 
-def _jitted(graph, *, mesh: Mesh | None, **static):
+def _row_uniforms(rng, steps: int, samples: int, total_prompts: int, prompt_ids):
+  """The uniforms of rows prompt_ids[b] * samples + k of a `total_prompts`-prompt batch: a chunk
+  of a rollout draws exactly what the whole rollout would for its rows."""
+  rows = (prompt_ids[:, None] * samples + jnp.arange(samples)[None]).reshape(-1)
+  return jnp.take(_uniforms(rng, steps, total_prompts * samples), rows, axis=1)
+
+
+def _jitted(graph, *, mesh: Mesh | None, total_prompts: int, **static):
   """generate's jitted function: rng in, uniforms drawn inside, then one decode loop for the
   whole batch, or one per batch shard of `mesh`."""
   run = _sample_fn(graph, **static)
   steps, samples = static["max_new_tokens"], static["num_samples"]
+  draw = lambda rng, prompt_ids: _row_uniforms(rng, steps, samples, total_prompts, prompt_ids)
   axes = _batch_axes(mesh)
   if not axes:
-    def whole(params, prompt_tokens, prompt_mask, rng, *settings):
-      uniforms = _uniforms(rng, steps, prompt_tokens.shape[0] * samples)
-      return run(params, prompt_tokens, prompt_mask, uniforms, *settings)
+    def whole(params, prompt_tokens, prompt_mask, rng, prompt_ids, *settings):
+      return run(params, prompt_tokens, prompt_mask, draw(rng, prompt_ids), *settings)
     return jax.jit(whole)
 
   rows, replicated = PartitionSpec(axes), PartitionSpec()
@@ -314,8 +321,8 @@ def _jitted(graph, *, mesh: Mesh | None, **static):
       in_specs=(replicated, rows, rows, PartitionSpec(None, axes), replicated, replicated, replicated),
       out_specs=SampleOutput(*([rows] * len(SampleOutput._fields))))
 
-  def split(params, prompt_tokens, prompt_mask, rng, *settings):
-    uniforms = _uniforms(rng, steps, prompt_tokens.shape[0] * samples)
+  def split(params, prompt_tokens, prompt_mask, rng, prompt_ids, *settings):
+    uniforms = draw(rng, prompt_ids)
     uniforms = jax.lax.with_sharding_constraint(uniforms, NamedSharding(mesh, PartitionSpec(None, axes)))
     out = sharded_run(params, prompt_tokens, prompt_mask, uniforms, *settings)
     return out._replace(num_steps=out.num_steps.max())
@@ -350,7 +357,8 @@ def _compiled(graph: decoder.Graph, mesh: Mesh | None, **static):
 def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, eos_id: int,
-             pad_id: int, greedy: bool = False, mesh: Mesh | None = None) -> SampleOutput:
+             pad_id: int, greedy: bool = False, mesh: Mesh | None = None,
+             prompt_ids=None, total_prompts: int | None = None) -> SampleOutput:
   """Sample `num_samples` responses for each LEFT-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (see `pad_prompts`); rng: a PRNG key.
@@ -365,6 +373,10 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
   B must be divisible by the number of shards, else the whole batch runs as one (logged), as
   it does on a mesh with tensor > 1.
   The same rng gives the same samples with or without a mesh.
+
+  prompt_ids, total_prompts: these prompts are rows `prompt_ids` [B] of a batch of
+  `total_prompts` (a chunk of a rollout); each row then samples with the randomness it has in
+  the whole batch, so a rollout sampled chunk by chunk equals the one sampled at once.
   """
   if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):
     raise ValueError(f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} "
@@ -400,10 +412,15 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
                 np.shape(prompt_tokens)[0], shards)
   if shards == 1 or np.shape(prompt_tokens)[0] % shards:
     mesh = None
+  batch = np.shape(prompt_tokens)[0]
+  if prompt_ids is None:
+    prompt_ids, total_prompts = np.arange(batch), batch
+  if total_prompts is None or np.shape(prompt_ids) != (batch,):
+    raise ValueError(f"prompt_ids must hold one id per prompt ({batch}) and come with total_prompts")
   run = _compiled(graph, mesh, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                   top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
-                  eos_id=int(eos_id), pad_id=int(pad_id))
+                  eos_id=int(eos_id), pad_id=int(pad_id), total_prompts=int(total_prompts))
   as_int32 = lambda x: x if getattr(x, "dtype", None) == np.int32 else np.asarray(x, np.int32)
-  return run(params, as_int32(prompt_tokens), as_int32(prompt_mask), rng,
+  return run(params, as_int32(prompt_tokens), as_int32(prompt_mask), rng, as_int32(prompt_ids),
              np.float32(temperature if temperature > 0 else 1.0), np.float32(top_p),
              np.int32(min_new_tokens))

@@ -19,7 +19,8 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   """AdamW with warmup + (constant | cosine | linear) decay and global-norm clipping.
 
   `optim` is the config's `optim` block: lr, b1, b2, weight_decay, grad_clip,
-  warmup_steps, schedule.
+  warmup_steps, schedule, mu_dtype (the first moment's dtype: 'bfloat16' halves its memory;
+  the second moment and the weights stay in their own dtype).
   """
   warmup = min(int(optim.get("warmup_steps", 0)), max(total_steps - 1, 0))
   kind = optim.get("schedule", "constant")
@@ -37,7 +38,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   if optim.get("grad_clip", 0) and optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.get("eps", 1e-8),
-                           weight_decay=optim.weight_decay))
+                           weight_decay=optim.weight_decay, mu_dtype=optim.get("mu_dtype", "float32")))
   return optax.chain(*parts)
 
 

@@ -51,7 +51,9 @@ def with_scalar_head(policy: Policy, placement: Placement) -> Policy:
   return Policy(cfg, graph, params, policy.tokenizer)
 
 
-def copy(params):
-  """A copy with the same layout (the RL update donates the buffers it is given)."""
+def frozen_copy(params, dtype: str):
+  """A copy in `dtype` (floating leaves), with the same layout: the frozen reference, which the
+  RL update's buffer donation must not touch."""
   layout = jax.tree.map(lambda x: x.sharding, params)
-  return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=layout)(params)
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
+  return jax.jit(lambda tree: jax.tree.map(cast, tree), out_shardings=layout)(params)

@@ -56,11 +56,14 @@ def rollout_metrics(exp: Experience, kl_coef: float) -> dict:
   return out
 
 
-def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step: int, algo: str) -> dict:
+def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step: int, algo: str,
+             chunk: int = 0) -> dict:
   """One sample per held-out prompt: the KL-reward frontier point at this step, as the record
-  the frontier reader loads (`frontier.eval_record`)."""
+  the frontier reader loads (`frontier.eval_record`). `chunk` prompts at a time when it divides
+  their number."""
   baseline = None if prompts.baseline is None else prompts.baseline[split.rows]
-  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split)
+  chunk = chunk if chunk and prompts.count % chunk == 0 else None
+  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk)
   gold = None if exp.gold is None else exp.all_rows(exp.gold)
   point = frontier.frontier_point(algo, step, exp.all_rows(exp.seq_kl), exp.all_rows(exp.scores), gold)
   return {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
@@ -73,7 +76,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
 
   Each process tokenizes only the prompt rows its devices hold (sharding.RowSplit) of the
   global order a single process would use. `critic`: the reward model, for algorithms that
-  initialise a separate critic from it.
+  initialise a separate critic from it (they copy it: the update donates its buffers).
   """
   rl = config.rl
   algo = algorithms.create(rl, policy.graph, config.sampler.temperature)
@@ -98,7 +101,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
 
   def held_out(step):
     record = evaluate(roller, algo.policy_params(run.state.params), eval_prompts, eval_split, eval_queries,
-                      jax.random.key(config.seed + 1), step, rl.algo)  # the same samples' keys at every eval
+                      jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk)  # same keys at every eval
     logger.log(step, record)
     return record
 
@@ -110,7 +113,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     idx = next(order)[split.rows]
     prompts_read += len(idx)
     exp = roller(algo.policy_params(run.state.params), *train_prompts.tokenize(idx), rollout_key, rl.k,
-                 split=split, critic=None if value_fn is None else (value_fn, run.state.params),
+                 split=split, critic=None if value_fn is None else (value_fn, run.state.params), chunk=rl.rollout_chunk,
                  baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx])
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)

@@ -158,11 +158,50 @@ class Roller:
     return self._passes[key]
 
   def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
-               split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None) -> Experience:
+               split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None,
+               chunk: int | None = None) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
     without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
-    critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params)."""
+    critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params);
+    chunk: sample, score and teacher-force `chunk` prompts at a time (of the split's n), so one
+    chunk's KV cache and activations are the peak; the result equals one chunk's."""
     split = split or sharding.RowSplit(len(query), self.mesh)
+    chunk = split.n if not chunk or chunk >= split.n else int(chunk)
+    if split.n % chunk:
+      raise ValueError(f"rl.rollout_chunk={chunk} must divide the {split.n} prompts of a rollout")
+    count, held = split.n // chunk, len(split.rows)
+    if held % count:
+      raise ValueError(f"this process holds {held} of the {split.n} prompts; rl.rollout_chunk={chunk} "
+                       f"cuts them into {count} chunks")
+    # Chunk c is every process's c-th block of its own rows, so no process reads a prompt it
+    # does not hold; `prompt_ids` tells the sampler where each of the chunk's rows sits in the
+    # whole rollout, so it draws the randomness that row would draw there.
+    parts, mine = [], held // count
+    for c in range(count):
+      piece = slice(c * mine, (c + 1) * mine)
+      part = split if count == 1 else sharding.RowSplit(chunk, self.mesh)
+      if len(part.rows) != mine:
+        raise ValueError(f"rl.rollout_chunk={chunk}: a chunk would give this process {len(part.rows)} prompts, "
+                         f"but it holds {mine} per chunk; choose a chunk that data x fsdp divides")
+      prompt_ids = np.arange(split.n) if count == 1 else part.gather(np.asarray(split.rows)[piece])
+      parts.append(self._chunk(params, np.asarray(query)[piece], np.asarray(query_mask)[piece], rng, k, part,
+                               critic, prompt_ids, split.n))
+    host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    rows = split.repeat(k)
+    has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
+    scores = host.pop("scores")
+    if baseline is not None:
+      scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
+    if self.missing_eos_penalty is not None:
+      scores = scores - self.missing_eos_penalty * (~has_eos)
+    return Experience(
+        query=host["query"], query_mask=host["query_mask"], response=host["response"],
+        response_mask=host["response_mask"], logp_old=host["logp_old"], logp_ref=host["logp_ref"],
+        scores=scores, has_eos=has_eos, k=k, logp_sampler=host["logp_sampler"], values=host.get("values"),
+        gold=host.get("gold"), rows=rows)
+
+  def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts) -> dict:
+    """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
     rows = split.repeat(k)
     prompts = split.to_global({"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)})
     s = self.sampler_cfg
@@ -170,13 +209,13 @@ class Roller:
         self.graph, params if self._sampler_weights is None else self._sampler_weights(params),
         prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
         num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
+        min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh,
+        prompt_ids=prompt_ids, total_prompts=total_prompts)
     value_fn, value_params = critic if critic is not None else (None, None)
     device = self._teacher_forced(rows.sharding, k, value_fn)(
         params, self.ref_params, value_params, prompts["query"], prompts["query_mask"],
         out.tokens, out.mask.astype(jnp.int32), out.logprobs)
     host = {name: rows.local(x) for name, x in device.items()}
-    has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
     scores = np.asarray(score_rows(self.reward, rows, device, host), np.float32)
     if scores.shape != (len(rows.rows),):  # a scalar or [N, 1] would broadcast silently below
       raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
@@ -184,18 +223,10 @@ class Roller:
     if not np.all(np.isfinite(scores)):
       bad = rows.rows[np.flatnonzero(~np.isfinite(scores))]
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")
-    if baseline is not None:
-      scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
-    if self.missing_eos_penalty is not None:
-      scores = scores - self.missing_eos_penalty * (~has_eos)
-    exp = Experience(
-        query=host["query"], query_mask=host["query_mask"], response=host["response"],
-        response_mask=host["response_mask"], logp_old=host["logp_old"], logp_ref=host["logp_ref"],
-        scores=scores, has_eos=has_eos, k=k, logp_sampler=host["logp_sampler"], values=host.get("values"),
-        rows=rows)
+    host["scores"] = scores
     if self.gold is not None:
-      exp.gold = np.asarray(score_rows(self.gold, rows, device, host), np.float32)
-    return exp
+      host["gold"] = np.asarray(score_rows(self.gold, rows, device, host), np.float32)
+    return host
 
 
 def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, gold: RewardSource | None = None,

@@ -39,8 +39,8 @@ class KLController:
     self.value, self.target, self.horizon = float(value), target, horizon
 
   def update(self, current_kl: float, n_steps: int):
-    if self.target:
-      error = np.clip(current_kl / self.target - 1.0, -0.2, 0.2)
+    if self.target:  # a Python float, as a resumed run reads it back: NumPy scalars would promote
+      error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))  # float32 arrays to float64
       self.value *= 1.0 + error * n_steps / self.horizon
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,7 +22,7 @@ def ppo_advantages(exp, scores: np.ndarray, *, kl_coef: float, gamma: float, lam
   """Per-token reward -kl_coef * (log pi_old - log pi_ref) plus the score at the last response
   token; GAE advantages against the rollout values; returns = advantages + values."""
   mask = exp.response_mask.astype(np.float32)
-  rewards = -kl_coef * (exp.logp_old - exp.logp_ref) * mask
+  rewards = -np.float32(kl_coef) * (exp.logp_old - exp.logp_ref) * mask  # float32 whatever kl_coef's type
   last = np.maximum(mask.sum(-1).astype(np.int64) - 1, 0)
   rewards[np.arange(len(last)), last] += scores
   values = exp.values * mask
@@ -82,7 +83,13 @@ class PPO(Algorithm):
     else:
       if critic is None:
         raise ValueError("rl.critic='separate' needs a reward model to initialise the critic from")
-      self.critic_graph, critic_params = critic.graph, critic.params
+      # A trainable copy in the policy's param dtype (the reward model may be stored in
+      # model.frozen_dtype), with its layout: the update donates the buffers it is given.
+      dtype = jax.tree.leaves(policy.params)[0].dtype
+      layout = jax.tree.map(lambda x: x.sharding, critic.params)
+      self.critic_graph = critic.graph
+      critic_params = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree),
+                              out_shardings=layout)(critic.params)
       critic_axes = decoder.logical_axes(critic.graph)
     return ({"policy": policy.params, "critic": critic_params},
             {"policy": decoder.logical_axes(policy.graph), "critic": critic_axes})

@@ -21,7 +21,7 @@ def reinforce_pp_advantages(scores, logp_old, logp_ref, mask, *, kl_coef: float)
     r_t = -kl_coef * (logp_old_t - logp_ref_t) + [t = last] * score,   G_t = sum_{s >= t} r_s
   """
   mask = np.asarray(mask, np.float32)
-  rewards = -kl_coef * (np.asarray(logp_old) - np.asarray(logp_ref)) * mask
+  rewards = -np.float32(kl_coef) * (np.asarray(logp_old, np.float32) - np.asarray(logp_ref, np.float32)) * mask
   last = np.maximum(mask.sum(-1).astype(np.int64) - 1, 0)
   rewards[np.arange(len(last)), last] += scores
   return np.cumsum(rewards[:, ::-1], axis=-1)[:, ::-1] * mask

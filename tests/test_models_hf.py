@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import hf_fixtures as fx  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
-ATOL = 1e-4
+ATOL = 1e-5  # fp32 logits and rewards against transformers
 LENGTHS = (8, 6, 4)  # ragged, left padded to T
 T = 8
 PROMPT = 5           # the cache test prefills 5 columns and decodes the last 3 one by one
@@ -152,7 +152,7 @@ def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
 
 # ----------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama"])
 def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
@@ -224,7 +224,7 @@ def test_rope_and_eps_names_in_both_config_formats():
 
 
 def test_unsupported_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, llama, qwen2"):
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, qwen2"):
     hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
 
 
@@ -235,6 +235,7 @@ def test_unsupported_model_type_names_the_supported_ones():
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"hidden_act": "quick_gelu"}, "quick_gelu"),
+    ("gptj", {"rotary_dim": None}, "rotary_dim"),
 ])
 def test_unsupported_features_raise(kind, change, message):
   with pytest.raises(ValueError, match=message):

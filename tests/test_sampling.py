@@ -102,7 +102,7 @@ def test_logprobs_equal_teacher_forced(neox, prompts, temperature):
 
 # ----------------------------------------------------------------------------- greedy vs HF
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama"])
 def test_greedy_matches_transformers(kind, prompts, tmp_path):
   model = fx.build(kind, tmp_path)
   _, graph, params = hf.load(str(tmp_path))

@@ -1,15 +1,16 @@
-"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), Llama, Qwen2.
+"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Qwen2.
 
 Shape letters used in comments:
   B batch, T query length, S key (cache) length, D model width, V vocab,
   H query heads, G key/value heads (GQA), R = H // G, K head dim, F MLP width.
 
-| family   | norm      | position         | residual   | MLP    | biases          | tied |
-|----------|-----------|------------------|------------|--------|-----------------|------|
-| gpt2     | LayerNorm | learned          | sequential | GELU   | all             | yes  |
-| gpt_neox | LayerNorm | rotary (partial) | parallel   | GELU   | all             | no   |
-| llama    | RMSNorm   | rotary           | sequential | SwiGLU | none            | opt. |
-| qwen2    | RMSNorm   | rotary           | sequential | SwiGLU | q, k, v only    | opt. |
+| family   | norm      | position                   | residual           | MLP    | biases       | tied |
+|----------|-----------|----------------------------|--------------------|--------|--------------|------|
+| gpt2     | LayerNorm | learned                    | sequential         | GELU   | all          | yes  |
+| gpt_neox | LayerNorm | rotary (partial)           | parallel           | GELU   | all          | no   |
+| gptj     | LayerNorm | rotary (partial, pairwise) | parallel, one norm | GELU   | MLP, LM head | no   |
+| llama    | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
+| qwen2    | RMSNorm   | rotary                     | sequential         | SwiGLU | q, k, v only | opt. |
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`); `p3o_jax.sharding` maps them to mesh axes, so this file knows no mesh.
@@ -47,11 +48,14 @@ class DecoderConfig:
   position: str = "rotary"             # "learned" | "rotary"
   rotary_pct: float = 1.0              # fraction of head_dim that is rotated (Pythia: 0.25)
   rope_theta: float = 10000.0
+  rotary_interleaved: bool = False     # rotate feature pairs (2i, 2i+1) (GPT-J), not halves (NeoX, Llama)
   parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
+  shared_norm: bool = False            # parallel residual with one norm: x + attn(ln x) + mlp(ln x) (GPT-J)
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
   tie_embeddings: bool = False
+  lm_head_bias: bool = False           # GPT-J's LM head has a bias
   lm_head: bool = True                 # False for a reward model backbone
   scalar_head: bool = False            # value / reward head: hidden -> 1
   scalar_head_bias: bool = False
@@ -85,6 +89,8 @@ class DecoderConfig:
                            ("dtype", tuple(DTYPES)), ("param_dtype", tuple(DTYPES))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+    if self.shared_norm and not self.parallel_residual:
+      raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
 
 
 ACTIVATIONS = {
@@ -136,19 +142,27 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rotary_tables(positions, rot_dim: int, theta: float):
-  """cos, sin of shape [B, T, rot_dim] for the rotate-half convention (NeoX, Llama)."""
+def rotary_tables(positions, rot_dim: int, theta: float, interleaved: bool = False):
+  """cos, sin of shape [B, T, rot_dim]: frequency i at features (i, i + rot_dim/2) for the
+  rotate-half convention (NeoX, Llama), at features (2i, 2i+1) when interleaved (GPT-J)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot_dim/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)
+  if interleaved:
+    angles = jnp.repeat(angles, 2, axis=-1)
+  else:
+    angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rotary(x, cos, sin, rot_dim: int):
+def apply_rotary(x, cos, sin, rot_dim: int, interleaved: bool = False):
   """x: [B, T, N, K]; rotates the first rot_dim features of each head."""
   x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-  half = rot_dim // 2
-  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  if interleaved:  # GPT-J's rotate_every_two: (a, b) -> (-b, a) for each pair (2i, 2i+1)
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot_dim // 2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_rot.shape)
+  else:
+    half = rot_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
   return jnp.concatenate([x_rot, x_pass], axis=-1)
@@ -180,8 +194,9 @@ class Attention(nnx.Module):
     v = proj(self.v_kernel, getattr(self, "v_bias", None))  # [B, T, G, K]
     if cfg.position == "rotary":
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
-      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta)
-      q, k = apply_rotary(q, cos, sin, rot_dim), apply_rotary(k, cos, sin, rot_dim)
+      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta, cfg.rotary_interleaved)
+      rotate = lambda x: apply_rotary(x, cos, sin, rot_dim, cfg.rotary_interleaved)
+      q, k = rotate(q), rotate(k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     if cache is not None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
@@ -234,16 +249,19 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-    self.parallel = cfg.parallel_residual
+    self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_norm
     self.attn_norm = Norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = Norm(cfg, rngs)
+    if not cfg.shared_norm:
+      self.mlp_norm = Norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, mask, cache, cache_index):
-    attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+    normed = self.attn_norm(x)
+    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index)
     if self.parallel:
-      return x + attn_out + self.mlp(self.mlp_norm(x)), cache
+      mlp_in = normed if self.shared_norm else self.mlp_norm(x)
+      return x + attn_out + self.mlp(mlp_in), cache
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -264,6 +282,8 @@ class Decoder(nnx.Module):
     self.final_norm = Norm(cfg, rngs)
     if cfg.lm_head and not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.lm_head and cfg.lm_head_bias:
+      self.lm_head_bias = _param(rngs, cfg, (cfg.vocab_size,), ("vocab",), "zeros")
     if cfg.scalar_head:
       self.scalar_kernel = _param(rngs, cfg, (cfg.hidden_size, 1), ("embed", None))
       if cfg.scalar_head_bias:
@@ -295,8 +315,12 @@ class Decoder(nnx.Module):
   def logits(self, hidden):
     """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype)).astype(jnp.float32)
-    return (hidden @ self.lm_head[...].astype(hidden.dtype)).astype(jnp.float32)
+      logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype))
+    else:
+      logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+    if self.cfg.lm_head_bias:
+      logits = logits + self.lm_head_bias[...].astype(hidden.dtype)
+    return logits.astype(jnp.float32)
 
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""

@@ -14,6 +14,7 @@ HF layouts (shape letters as in decoder.py):
   GPT-2 Conv1D weight   [in, out]          -> reshaped only
   GPT-2 c_attn          [D, 3*H*K]         out dim is [q | k | v] blocks: [3, H, K]
   NeoX query_key_value  [3*H*K, D]         out dim is interleaved per head: [H, 3, K]
+  GPT-J                 separate q/k/v/out Linear without bias; ln_1 feeds attention and MLP
 
 Heads (`head=`):
   None     the causal LM head (`lm_head.weight` / `embed_out.weight`, or tied embeddings).
@@ -52,18 +53,20 @@ from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2")
-BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "llama": "model.", "qwen2": "model."}
-EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "llama": "embed_tokens.weight",
-              "qwen2": "embed_tokens.weight"}
-CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2")
+BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "gptj": "transformer.", "llama": "model.",
+               "qwen2": "model."}
+EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "gptj": "wte.weight",
+              "llama": "embed_tokens.weight", "qwen2": "embed_tokens.weight"}
+CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "gptj": "GPTJForCausalLM",
                    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
-                 "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+                 "gptj": "GPTJForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                 "qwen2": "Qwen2ForSequenceClassification"}
 # Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                      r"\.attention\.bias|\.attention\.masked_bias)$")
-HEAD_TENSORS = ("lm_head.weight", "embed_out.weight", "score.weight")
+HEAD_TENSORS = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "score.weight")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model"]
 
@@ -125,6 +128,25 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               rope_theta=theta, parallel_residual=hf.get("use_parallel_residual", True),
               qkv_bias=bias, out_bias=bias, mlp_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
+  elif model_type == "gptj":
+    # transformers' GPTJRotaryEmbedding: base 10000, rotary_dim features of each head, pairs
+    # (2i, 2i+1) rotated together (modeling_gptj.py: rotate_every_two).
+    heads, head_dim = hf["n_head"], hf["n_embd"] // hf["n_head"]
+    rotary_dim = hf.get("rotary_dim")
+    if rotary_dim is None or not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+      raise ValueError(f"gptj with rotary_dim={rotary_dim!r} is not supported; expected an even "
+                       f"number in (0, head_dim={head_dim}]")
+    pct = rotary_dim / head_dim
+    if int(head_dim * pct) != rotary_dim:
+      raise ValueError(f"gptj rotary_dim={rotary_dim} is not representable as a fraction of {head_dim}")
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],
+              num_heads=heads, intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+              max_position_embeddings=hf.get("n_positions", 2048), norm="layernorm",
+              norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+              activation=_activation(hf.get("activation_function", "gelu_new")), position="rotary",
+              rotary_pct=pct, rope_theta=10000.0, rotary_interleaved=True, parallel_residual=True,
+              shared_norm=True, qkv_bias=False, out_bias=False, mlp_bias=True, lm_head_bias=True,
+              tie_embeddings=hf.get("tie_word_embeddings", False))
   else:  # llama, qwen2
     if hf.get("mlp_bias"):
       raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
@@ -169,6 +191,11 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
                 n_ctx=cfg.max_position_embeddings, activation_function=cfg.activation,
                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                 scale_attn_weights=True)
+  elif mt == "gptj":
+    arch = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                n_inner=cfg.mlp_width, n_positions=cfg.max_position_embeddings,
+                rotary_dim=int(cfg.dim_per_head * cfg.rotary_pct), activation_function=cfg.activation,
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
   elif mt == "gpt_neox":
     arch = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                 num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_width,
@@ -283,6 +310,22 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
     norm("final_layer_norm", ("final_norm",))
     lm_head_name = "embed_out.weight"
 
+  elif mt == "gptj":
+    add("wte.weight", (("embed",),), (V, D))
+    for i in range(cfg.num_layers):
+      h, L = f"h.{i}", ("layers", i)
+      a, m = L + ("attn",), L + ("mlp",)
+      norm(f"{h}.ln_1", L + ("attn_norm",))
+      for name in ("q", "k", "v"):
+        add(f"{h}.attn.{name}_proj.weight", (a + (f"{name}_kernel",),), (H * K, D), transpose=True)
+      add(f"{h}.attn.out_proj.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
+      add(f"{h}.mlp.fc_in.weight", (m + ("up_kernel",),), (F, D), transpose=True)
+      add(f"{h}.mlp.fc_in.bias", (m + ("up_bias",),), (F,))
+      add(f"{h}.mlp.fc_out.weight", (m + ("down_kernel",),), (D, F), transpose=True)
+      add(f"{h}.mlp.fc_out.bias", (m + ("down_bias",),), (D,))
+    norm("ln_f", ("final_norm",))
+    lm_head_name = "lm_head.weight"
+
   else:  # llama, qwen2
     add("embed_tokens.weight", (("embed",),), (V, D))
     for i in range(cfg.num_layers):
@@ -305,6 +348,8 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
 
   if cfg.lm_head and not cfg.tie_embeddings:
     add(lm_head_name, (("lm_head",),), (V, D), transpose=True, base=False)
+  if cfg.lm_head and cfg.lm_head_bias:
+    add("lm_head.bias", (("lm_head_bias",),), (V,), base=False)
   if cfg.scalar_head:
     add("score.weight", (("scalar_kernel",),), (1, D), transpose=True, base=False)
   return rules

@@ -142,6 +142,40 @@ def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, causal.params)
 
 
+def _logprob_grads(graph, params, tokens, mask):
+  loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
+  return jax.jit(jax.grad(loss))(params)
+
+
+def test_blocked_attention_matches_transformers_and_its_gradient(causal):
+  """Queries in blocks of 3 (T=8: two full blocks and one padded) against transformers, and
+  the same logits and gradients as all queries at once."""
+  blocked, _ = decoder.abstract(causal.cfg.replace(attention_block=3))
+  whole, _ = decoder.abstract(causal.cfg.replace(attention_block=0))
+  logits = _jitted_logits(blocked)(causal.params, causal.tokens, causal.mask)
+  assert _max_err(logits, causal.ref, causal.mask) < ATOL
+  assert _max_err(logits, _jitted_logits(whole)(causal.params, causal.tokens, causal.mask), causal.mask) < ATOL
+  got = _logprob_grads(blocked, causal.params, causal.tokens, causal.mask)
+  want = _logprob_grads(whole, causal.params, causal.tokens, causal.mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_blocked_attention_bounds_the_score_memory():
+  """One block's scores at a time, forward and backward: the unblocked gradient needs
+  temporaries beyond one layer's [B, H, T, T] float32 scores, the blocked one a fraction."""
+  T, B, H = 512, 2, 4
+  scores = B * H * T * T * 4
+  temp = {}
+  for block in (0, 64):
+    cfg = decoder.DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=H, num_kv_heads=2,
+                                max_position_embeddings=T, attention_block=block)
+    graph, params = decoder.create(cfg)
+    tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+    loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
+    temp[block] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp[0] > scores and temp[64] < temp[0] / 4, (temp, scores)
+
+
 def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
   cfg, _, params = hf.load(str(causal.dir), head="score", seed=3)
   assert not cfg.lm_head and cfg.scalar_head and "lm_head" not in params

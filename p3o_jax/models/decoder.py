@@ -63,6 +63,7 @@ class DecoderConfig:
   dtype: str = "float32"               # activations
   param_dtype: str = "float32"
   init_std: float = 0.02
+  attention_block: int = 512           # queries per attention block (0: all at once); see `attend`
   remat: bool = False                  # recompute each block in the backward pass: activation
                                        # memory of one block instead of all, ~1/3 more compute
 
@@ -168,6 +169,36 @@ def apply_rotary(x, cos, sin, rot_dim: int, interleaved: bool = False):
   return jnp.concatenate([x_rot, x_pass], axis=-1)
 
 
+def _attend_all(q, k, v, mask):
+  """Softmax attention of every query over every key: q [B, T, G, R, K], k, v [B, G, S, K],
+  mask [B, T, S] -> [B, T, G, R, K]. Scores and softmax in float32."""
+  scores = jnp.einsum("btgrk,bgsk->bgrts", q, k).astype(jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bgrts,bgsk->btgrk", probs, v)
+
+
+def attend(q, k, v, mask, block: int = 0):
+  """`_attend_all` one block of `block` queries at a time (0: all at once).
+
+  Each block sees all S keys under its own mask rows, so the result is the same for any mask
+  and any block. Only one block's [B, H, block, S] float32 scores exist at a time, and the
+  backward pass recomputes them per block instead of keeping all T rows per layer.
+  """
+  B, T = q.shape[:2]
+  if not block or T <= block:
+    return _attend_all(q, k, v, mask)
+  n = -(-T // block)
+  pad = n * block - T  # padded query rows see no key; they are cut off below
+  q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  blocks = lambda x: x.reshape(B, n, block, *x.shape[2:]).swapaxes(0, 1)  # [n, B, block, ...]
+  one = jax.checkpoint(lambda qm: _attend_all(qm[0], k, v, qm[1]))
+  out = jax.lax.map(one, (blocks(q), blocks(mask)))
+  return out.swapaxes(0, 1).reshape(B, n * block, *out.shape[3:])[:, :T]
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
@@ -204,13 +235,8 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=2)
       cache = LayerCache(k, v)
     B, T, H, K = q.shape
-    G = cfg.kv_heads
-    q = q.reshape(B, T, G, H // G, K)
-    scores = jnp.einsum("btgrk,bgsk->bgrts", q, k.astype(dtype)).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(K))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bgrts,bgsk->btgrk", probs, v.astype(dtype)).reshape(B, T, H, K)
+    q = q.reshape(B, T, cfg.kv_heads, H // cfg.kv_heads, K)
+    out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block).reshape(B, T, H, K)
     out = jnp.einsum("btnk,nkd->btd", out, self.o_kernel[...].astype(dtype))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dtype)

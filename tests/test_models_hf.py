@@ -94,8 +94,12 @@ def test_bfloat16_is_as_accurate_as_transformers_in_bfloat16(causal):
   assert err(ours).max() < 0.1 * np.abs(causal.ref[real]).max()  # and bf16-small in absolute terms
 
 
-def test_kv_cache_decoding_matches_full_forward(causal):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_kv_cache_decoding_matches_full_forward(causal, scan):
   cfg, graph, params = causal.cfg, causal.graph, causal.params
+  if scan:  # one stacked [B, L, G, S, K] cache carried through the scan over layers
+    cfg = cfg.replace(scan_layers=True)
+    graph, params = decoder.abstract(cfg)[0], decoder.stack_layers(params)
   tokens, mask = jnp.asarray(causal.tokens), jnp.asarray(causal.mask)
   positions = decoder.positions_from_mask(mask)
   B = tokens.shape[0]
@@ -174,6 +178,27 @@ def test_blocked_attention_bounds_the_score_memory():
     loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
     temp[block] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
   assert temp[0] > scores and temp[64] < temp[0] / 4, (temp, scores)
+
+
+def test_scan_layers_matches_unrolled_and_round_trips(causal, tmp_path):
+  """scan_layers: HF import stacks the same tensors; logits and gradients (with remat inside
+  the scan) equal the unrolled model's; export writes the same checkpoint back."""
+  cfg, graph, params = hf.load(str(causal.dir), scan_layers=True)
+  assert cfg.scan_layers and decoder.logical_axes(graph)["layers"]["attn"]["q_kernel"][0] == "layers"
+  jax.tree.map(np.testing.assert_array_equal, params, decoder.stack_layers(causal.params))
+  logits = _jitted_logits(graph)(params, causal.tokens, causal.mask)
+  assert _max_err(logits, causal.logits, causal.mask) < 1e-6
+  remat, _ = decoder.abstract(cfg.replace(remat=True))
+  got = decoder.unstack_layers(_logprob_grads(remat, params, causal.tokens, causal.mask))
+  want = _logprob_grads(causal.graph, causal.params, causal.tokens, causal.mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+  hf.save(str(tmp_path / "scan"), cfg, params, config_overrides=fx.IDS)
+  hf.save(str(tmp_path / "unrolled"), causal.cfg, causal.params, config_overrides=fx.IDS)
+  a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("scan", "unrolled"))
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert json.load(open(tmp_path / "scan" / "config.json")) == json.load(open(tmp_path / "unrolled" / "config.json"))
 
 
 def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):

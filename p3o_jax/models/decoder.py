@@ -66,6 +66,8 @@ class DecoderConfig:
   attention_block: int = 512           # queries per attention block (0: all at once); see `attend`
   remat: bool = False                  # recompute each block in the backward pass: activation
                                        # memory of one block instead of all, ~1/3 more compute
+  scan_layers: bool = False            # blocks' params stacked on a leading `layers` axis and run
+                                       # by one lax.scan: compile time independent of depth
 
   @property
   def kv_heads(self) -> int:
@@ -106,7 +108,8 @@ ACTIVATIONS = {
 
 class LayerCache(NamedTuple):
   # Heads before slots, the layout the attention dots read: a [B, S, G, K] cache would be
-  # transposed in full at every decode step.
+  # transposed in full at every decode step. With scan_layers one LayerCache holds every
+  # layer, [B, L, G, S, K]: batch stays first, so code that repeats or splits rows is the same.
   k: jax.Array  # [B, G, S, K]
   v: jax.Array  # [B, G, S, K]
 
@@ -215,7 +218,8 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
 
-  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, layer=None):
+    """layer: None, or this layer's index into a stacked [B, L, G, S, K] cache (scan_layers)."""
     cfg = self.cfg
     dtype = x.dtype
     proj = lambda w, b: jnp.einsum("btd,dnk->btnk", x, w[...].astype(dtype)) + (
@@ -229,11 +233,18 @@ class Attention(nnx.Module):
       rotate = lambda x: apply_rotary(x, cos, sin, rot_dim, cfg.rotary_interleaved)
       q, k = rotate(q), rotate(k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
-    if cache is not None:
+    if cache is not None and layer is None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
       k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=2)
       cache = LayerCache(k, v)
+    elif cache is not None:
+      # Only the new slots are written into the stacked cache (in place in a loop carry); a
+      # whole-layer write would copy the cache at every decode step.
+      at = tuple(jnp.asarray(i, jnp.int32) for i in (0, layer, 0, cache_index, 0))
+      write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[:, None].astype(buf.dtype), at)
+      cache = LayerCache(write(cache.k, k), write(cache.v, v))
+      k, v = (jax.lax.dynamic_index_in_dim(buf, layer, axis=1, keepdims=False) for buf in cache)
     B, T, H, K = q.shape
     q = q.reshape(B, T, cfg.kv_heads, H // cfg.kv_heads, K)
     out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block).reshape(B, T, H, K)
@@ -282,9 +293,9 @@ class Block(nnx.Module):
       self.mlp_norm = Norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, cache, cache_index):
+  def __call__(self, x, positions, mask, cache, cache_index, layer=None):
     normed = self.attn_norm(x)
-    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index)
+    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index, layer)
     if self.parallel:
       mlp_in = normed if self.shared_norm else self.mlp_norm(x)
       return x + attn_out + self.mlp(mlp_in), cache
@@ -296,6 +307,15 @@ def _uncached_block(layer: Block, x, positions, mask):
   return layer(x, positions, mask, None, 0)[0]
 
 
+def _stacked_blocks(cfg: DecoderConfig, rngs: nnx.Rngs) -> Block:
+  """cfg.num_layers Blocks as one, each param with a leading `layers` axis (logical name too)."""
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(cfg, rngs)
+  return make(rngs)
+
+
 class Decoder(nnx.Module):
   """Token ids -> final hidden states; `logits` and `scalar` read heads off them."""
 
@@ -304,7 +324,10 @@ class Decoder(nnx.Module):
     self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
     if cfg.position == "learned":
       self.pos_embed = _param(rngs, cfg, (cfg.max_position_embeddings, cfg.hidden_size), (None, "embed"))
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, rngs)
     if cfg.lm_head and not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
@@ -315,11 +338,13 @@ class Decoder(nnx.Module):
       if cfg.scalar_head_bias:
         self.scalar_bias = _param(rngs, cfg, (1,), (None,), "zeros")
 
-  def __call__(self, tokens, positions, mask, cache: list[LayerCache] | None = None, cache_index=0):
+  def __call__(self, tokens, positions, mask, cache: list[LayerCache] | LayerCache | None = None,
+               cache_index=0):
     """tokens, positions: [B, T] int; mask: [B, T, S] bool, True where query t may see key s.
 
-    Without a cache S == T. With a cache (one LayerCache per layer, each [B, G, S, K]) this
-    chunk is written at slots [cache_index, cache_index + T) and attends over all S slots.
+    Without a cache S == T. With a cache (`init_cache`: one LayerCache per layer, each
+    [B, G, S, K], or one stacked LayerCache with scan_layers) this chunk is written at slots
+    [cache_index, cache_index + T) and attends over all S slots.
     Returns hidden states [B, T, D] and the updated cache (None without one).
     """
     cfg = self.cfg
@@ -327,6 +352,9 @@ class Decoder(nnx.Module):
     x = self.embed[...].astype(dtype)[tokens]
     if cfg.position == "learned":
       x = x + self.pos_embed[...].astype(dtype)[positions]
+    if cfg.scan_layers:
+      x, cache = self._scan(x, positions, mask, cache, cache_index)
+      return self.final_norm(x), cache
     if cache is None:
       block = nnx.remat(_uncached_block) if cfg.remat else _uncached_block
       for layer in self.layers:
@@ -337,6 +365,25 @@ class Decoder(nnx.Module):
       x, layer_cache = layer(x, positions, mask, cache[i], cache_index)
       new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
+
+  def _scan(self, x, positions, mask, cache, cache_index):
+    """The blocks as one lax.scan over the stacked params (and the stacked cache, carried)."""
+    graphdef, state = nnx.split(self.layers)
+    if cache is None:
+      block = _uncached_block
+      if self.cfg.remat:  # inside the scan: each step saves its input and recomputes the rest
+        block = nnx.remat(block, prevent_cse=False)
+
+      def step(x, layer_state):
+        return block(nnx.merge(graphdef, layer_state), x, positions, mask), None
+      return jax.lax.scan(step, x, state)[0], None
+
+    def cached_step(carry, layer_state_and_index):
+      x, cache = carry
+      layer_state, i = layer_state_and_index
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, cache, cache_index, i), None
+    index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    return jax.lax.scan(cached_step, (x, cache), (state, index))[0]
 
   def logits(self, hidden):
     """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
@@ -424,10 +471,26 @@ def causal_mask(padding_mask):
   return causal[None] & padding_mask.astype(bool)[:, None, :]
 
 
-def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache]:
-  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache] | LayerCache:
+  """Zeros: one LayerCache per layer, or one stacked [B, L, G, S, K] with scan_layers."""
   dtype = DTYPES[cfg.dtype]
+  if cfg.scan_layers:
+    shape = (batch, cfg.num_layers, cfg.kv_heads, length, cfg.dim_per_head)
+    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
   return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def stack_layers(params: dict) -> dict:
+  """Params of an unrolled model (layers {0: ..., 1: ...}) -> those of its scan_layers twin."""
+  layers = params["layers"]
+  return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in range(len(layers))))}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of `stack_layers`."""
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers)}}
 
 
 def forward(graph: Graph, params: dict, tokens, padding_mask):

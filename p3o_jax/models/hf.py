@@ -217,7 +217,7 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
   # The round trip must reproduce every architecture field, or the export would be wrong.
   back = config_from_hf(hf)
   keep = ("lm_head", "scalar_head", "scalar_head_bias", "dtype", "param_dtype", "init_std", "remat",
-          "attention_block")
+          "attention_block", "scan_layers")
   diffs = [f"{f.name}={getattr(cfg, f.name)!r} (would be {getattr(back, f.name)!r})"
            for f in dataclasses.fields(cfg) if f.name not in keep
            and _normal(cfg, f.name) != _normal(back, f.name)]
@@ -403,6 +403,23 @@ def _get(tree: dict, path: Path):
   return tree
 
 
+def _stacked_path(path: Path) -> tuple[Path, int | None]:
+  """A table path ("layers", i, ...) -> (its scan_layers path ("layers", ...), i); others as is."""
+  if path[0] == "layers":
+    return ("layers",) + tuple(path[2:]), path[1]
+  return path, None
+
+
+def _param_at(params: dict, path: Path, scanned: bool):
+  """The param at a table path; with scan_layers, layer i of the stacked param (a one-layer
+  slice, so a sharded model gathers one layer of one tensor at a time on export)."""
+  if not scanned:
+    return _get(params, path)
+  stacked, layer = _stacked_path(path)
+  leaf = _get(params, stacked)
+  return leaf if layer is None else leaf[layer]
+
+
 # ----------------------------------------------------------------------------- load
 
 def _resolve(path_or_hub_id: str, revision: str | None) -> str:
@@ -487,15 +504,29 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
   names = tensors.names()
   prefix = _base_prefix(names, cfg)
   graph, abstract_params = decoder.abstract(cfg)
-  shapes = _leaf_shapes(abstract_params)
+  # The table names one layer at a time: shapes of the unrolled model, even with scan_layers.
+  shapes = _leaf_shapes(decoder.abstract(cfg.replace(scan_layers=False))[1] if cfg.scan_layers
+                        else abstract_params)
   rules = _rules(cfg)
   _check_table(rules, shapes, exclude=[("scalar_bias",)])
+  if cfg.scan_layers:  # all layers of one param in a row, so each stack is placed as soon as full
+    rules = sorted(rules, key=lambda r: (1, r.ours[0][2:], r.ours[0][1]) if r.ours[0][0] == "layers" else (0,))
+  pending: dict = {}  # scan_layers: stacked path -> {layer: host array}
 
   target = None if shardings is None else shardings(graph, abstract_params)
   param_type = decoder.DTYPES[param_dtype]
 
   def place(path, value):
     value = np.asarray(value).astype(param_type)
+    if cfg.scan_layers:
+      path, layer = _stacked_path(path)
+      if layer is not None:
+        held = pending.setdefault(path, {})
+        held[layer] = value
+        if len(held) < cfg.num_layers:
+          return None
+        del pending[path]
+        value = np.stack([held[i] for i in range(cfg.num_layers)])
     if target is None:
       return jnp.asarray(value)
     return jax.make_array_from_callback(value.shape, _get(target, path), lambda index: value[index])
@@ -519,7 +550,9 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
                        f"from config.json")
     used.add(name)
     for p, value in zip(rule.ours, _from_hf(rule, array, shapes)):
-      _set(params, p, place(p, value))
+      placed = place(p, value)
+      if placed is not None:
+        _set(params, _stacked_path(p)[0] if cfg.scan_layers else p, placed)
     del array
   if cfg.scalar_head_bias:
     _set(params, ("scalar_bias",), place(("scalar_bias",), np.zeros(shapes[("scalar_bias",)])))
@@ -577,7 +610,7 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
                      f"{[expected.get(p) for p in bad[:5]]}, got {[got.get(p) for p in bad[:5]]}")
   prefix = BASE_PREFIX[cfg.model_type]
   rules = _rules(cfg)
-  shards = _plan_shards(rules, params, max_shard_bytes)
+  shards = _plan_shards(rules, params, max_shard_bytes, cfg.scan_layers)
   writer = jax.process_index() == 0
   tmp = _staging_dir(path) if writer else None
   try:
@@ -585,7 +618,7 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
     for number, group in enumerate(shards, 1):
       tensors = {}
       for rule in group:
-        arrays = [_host_array(_get(params, p)) for p in rule.ours]  # every process takes part
+        arrays = [_host_array(_param_at(params, p, cfg.scan_layers)) for p in rule.ours]  # all processes
         if writer:
           tensors[(prefix if rule.base else "") + rule.hf_name] = _to_hf(rule, arrays)
       if writer:
@@ -620,12 +653,18 @@ def _host_array(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _plan_shards(rules: list[Rule], params: dict, max_bytes: int) -> list[list[Rule]]:
+def _plan_shards(rules: list[Rule], params: dict, max_bytes: int, scanned: bool = False) -> list[list[Rule]]:
   """Rules grouped into files of at most max_bytes (a tensor larger than that gets its own)."""
   groups, size = [[]], 0
+
+  def param_bytes(path):
+    stacked, layer = _stacked_path(path) if scanned else (path, None)
+    leaf = _get(params, stacked)
+    shape = np.shape(leaf)[1:] if layer is not None else np.shape(leaf)
+    return int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+
   for rule in rules:
-    nbytes = sum(int(np.prod(np.shape(_get(params, p)))) * np.dtype(_get(params, p).dtype).itemsize
-                 for p in rule.ours)
+    nbytes = sum(param_bytes(p) for p in rule.ours)
     if groups[-1] and size + nbytes > max_bytes:
       groups.append([])
       size = 0

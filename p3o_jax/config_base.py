@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
       reward_hf="",        # HF dir or hub id of a trained reward model (skips the rm stage)
       reward_fn="",        # 'package.module:function' of (prompts, responses) -> scores, instead of a RM
       dtype="float32", param_dtype="float32",
-      remat=False))        # gradient checkpointing: recompute each block in the backward pass
+      remat=False,         # gradient checkpointing: recompute each block in the backward pass
+      scan_layers=False))  # one lax.scan over stacked blocks: compile time flat in depth
   c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
 
   c.data = ml_collections.ConfigDict(dict(

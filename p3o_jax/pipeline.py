@@ -126,7 +126,8 @@ def _placement(config):
 
 
 def _dtypes(config) -> dict:
-  return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+  return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+              scan_layers=config.model.scan_layers)
 
 
 def load_policy(config, path: str, tokenizer=None) -> Policy:

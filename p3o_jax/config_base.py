@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32", param_dtype="float32",
       frozen_dtype="bfloat16",  # the reference and reward model's weights: never trained, so bf16
                                 # storage halves their memory at a tested cost (README, Memory)
-      remat=False))        # gradient checkpointing: recompute each block in the backward pass
+      remat=False,         # gradient checkpointing: recompute each block in the backward pass
+      scan_layers=False))  # one lax.scan over stacked blocks: compile time flat in depth
   c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
 
   c.data = ml_collections.ConfigDict(dict(

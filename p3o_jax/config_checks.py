@@ -128,6 +128,7 @@ SCHEMA: dict[str, Check] = {
     "model.param_dtype": one_of(*DTYPES),
     "model.frozen_dtype": one_of(*DTYPES),
     "model.remat": boolean,
+    "model.scan_layers": boolean,
     "arch.vocab_size": positive_int,
     "arch.hidden_size": positive_int,
     "arch.num_layers": positive_int,

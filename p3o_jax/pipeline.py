@@ -125,8 +125,11 @@ def _placement(config):
   return lambda graph, abstract: sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=abstract)
 
 
-def _dtypes(config) -> dict:
-  return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+def _dtypes(config, frozen: bool = False) -> dict:
+  """How models are built; `frozen`: the weights of a model never trained (reference, reward
+  model) in model.frozen_dtype."""
+  return dict(dtype=config.model.dtype, param_dtype=config.model.frozen_dtype if frozen else config.model.param_dtype,
+              remat=config.model.remat, scan_layers=config.model.scan_layers)
 
 
 def load_policy(config, path: str, tokenizer=None) -> Policy:
@@ -230,7 +233,7 @@ def reward_source(config, workdir: str, tok):
   if config.model.reward_fn:
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
-  rm = models.load(path, _placement(config), head="score", **{**_dtypes(config), "param_dtype": config.model.frozen_dtype})
+  rm = models.load(path, _placement(config), head="score", **_dtypes(config, frozen=True))
   return ModelReward(rm.graph, rm.params), rm
 
 
@@ -274,7 +277,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
       policies[algo] = os.fspath(rl_root / algo / "hf")
   reward, _ = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
-  ref = models.load(policies["sft"], _placement(config), **{**_dtypes(config), "param_dtype": config.model.frozen_dtype})
+  ref = models.load(policies["sft"], _placement(config), **_dtypes(config, frozen=True))
   mesh = sharding.mesh_from_config(config.mesh)
   split = sharding.RowSplit(len(task.eval_prompts), mesh)
   queries = _queries(config, tok, [task.eval_prompts[i] for i in split.rows])

@@ -41,6 +41,7 @@ RULES: dict[str, Any] = {
     "head_dim": None,
     "norm": None,
     "length": None,
+    "layers": None,     # scan_layers' stacking axis: never split, each device holds its shards of all layers
 }
 
 

@@ -24,6 +24,12 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=96, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=500.0,
         use_parallel_residual=True, max_position_embeddings=64, tie_word_embeddings=False, **IDS),
+    # GPT-J: one LayerNorm for the parallel attention and MLP; head_dim 16 with rotary_dim 8
+    # rotates 4 interleaved feature pairs; LM head with a bias.
+    "gptj": lambda: transformers.GPTJConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, rotary_dim=8, n_positions=64,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=False, **IDS),
     # GQA (4 query heads, 2 kv heads), head_dim 24 != hidden/heads, untied.
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

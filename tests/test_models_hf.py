@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import hf_fixtures as fx  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
-ATOL = 1e-4
+ATOL = 1e-5  # fp32 logits and rewards against transformers
 LENGTHS = (8, 6, 4)  # ragged, left padded to T
 T = 8
 PROMPT = 5           # the cache test prefills 5 columns and decodes the last 3 one by one
@@ -94,8 +94,12 @@ def test_bfloat16_is_as_accurate_as_transformers_in_bfloat16(causal):
   assert err(ours).max() < 0.1 * np.abs(causal.ref[real]).max()  # and bf16-small in absolute terms
 
 
-def test_kv_cache_decoding_matches_full_forward(causal):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_kv_cache_decoding_matches_full_forward(causal, scan):
   cfg, graph, params = causal.cfg, causal.graph, causal.params
+  if scan:  # one stacked [B, L, G, S, K] cache carried through the scan over layers
+    cfg = cfg.replace(scan_layers=True)
+    graph, params = decoder.abstract(cfg)[0], decoder.stack_layers(params)
   tokens, mask = jnp.asarray(causal.tokens), jnp.asarray(causal.mask)
   positions = decoder.positions_from_mask(mask)
   B = tokens.shape[0]
@@ -142,6 +146,61 @@ def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, causal.params)
 
 
+def _logprob_grads(graph, params, tokens, mask):
+  loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
+  return jax.jit(jax.grad(loss))(params)
+
+
+def test_blocked_attention_matches_transformers_and_its_gradient(causal):
+  """Queries in blocks of 3 (T=8: two full blocks and one padded) against transformers, and
+  the same logits and gradients as all queries at once."""
+  blocked, _ = decoder.abstract(causal.cfg.replace(attention_block=3))
+  whole, _ = decoder.abstract(causal.cfg.replace(attention_block=0))
+  logits = _jitted_logits(blocked)(causal.params, causal.tokens, causal.mask)
+  assert _max_err(logits, causal.ref, causal.mask) < ATOL
+  assert _max_err(logits, _jitted_logits(whole)(causal.params, causal.tokens, causal.mask), causal.mask) < ATOL
+  got = _logprob_grads(blocked, causal.params, causal.tokens, causal.mask)
+  want = _logprob_grads(whole, causal.params, causal.tokens, causal.mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_blocked_attention_bounds_the_score_memory():
+  """One block's scores at a time, forward and backward: the unblocked gradient needs
+  temporaries beyond one layer's [B, H, T, T] float32 scores, the blocked one a fraction."""
+  T, B, H = 512, 2, 4
+  scores = B * H * T * T * 4
+  temp = {}
+  for block in (0, 64):
+    cfg = decoder.DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=H, num_kv_heads=2,
+                                max_position_embeddings=T, attention_block=block)
+    graph, params = decoder.create(cfg)
+    tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+    loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
+    temp[block] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp[0] > scores and temp[64] < temp[0] / 4, (temp, scores)
+
+
+def test_scan_layers_matches_unrolled_and_round_trips(causal, tmp_path):
+  """scan_layers: HF import stacks the same tensors; logits and gradients (with remat inside
+  the scan) equal the unrolled model's; export writes the same checkpoint back."""
+  cfg, graph, params = hf.load(str(causal.dir), scan_layers=True)
+  assert cfg.scan_layers and decoder.logical_axes(graph)["layers"]["attn"]["q_kernel"][0] == "layers"
+  jax.tree.map(np.testing.assert_array_equal, params, decoder.stack_layers(causal.params))
+  logits = _jitted_logits(graph)(params, causal.tokens, causal.mask)
+  assert _max_err(logits, causal.logits, causal.mask) < 1e-6
+  remat, _ = decoder.abstract(cfg.replace(remat=True))
+  got = decoder.unstack_layers(_logprob_grads(remat, params, causal.tokens, causal.mask))
+  want = _logprob_grads(causal.graph, causal.params, causal.tokens, causal.mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+  hf.save(str(tmp_path / "scan"), cfg, params, config_overrides=fx.IDS)
+  hf.save(str(tmp_path / "unrolled"), causal.cfg, causal.params, config_overrides=fx.IDS)
+  a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("scan", "unrolled"))
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert json.load(open(tmp_path / "scan" / "config.json")) == json.load(open(tmp_path / "unrolled" / "config.json"))
+
+
 def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
   cfg, _, params = hf.load(str(causal.dir), head="score", seed=3)
   assert not cfg.lm_head and cfg.scalar_head and "lm_head" not in params
@@ -152,7 +211,7 @@ def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
 
 # ----------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama"])
 def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
@@ -224,7 +283,7 @@ def test_rope_and_eps_names_in_both_config_formats():
 
 
 def test_unsupported_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, llama, qwen2"):
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, qwen2"):
     hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
 
 
@@ -235,6 +294,7 @@ def test_unsupported_model_type_names_the_supported_ones():
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"hidden_act": "quick_gelu"}, "quick_gelu"),
+    ("gptj", {"rotary_dim": None}, "rotary_dim"),
 ])
 def test_unsupported_features_raise(kind, change, message):
   with pytest.raises(ValueError, match=message):

@@ -102,7 +102,7 @@ def test_logprobs_equal_teacher_forced(neox, prompts, temperature):
 
 # ----------------------------------------------------------------------------- greedy vs HF
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama"])
 def test_greedy_matches_transformers(kind, prompts, tmp_path):
   model = fx.build(kind, tmp_path)
   _, graph, params = hf.load(str(tmp_path))
@@ -117,6 +117,18 @@ def test_greedy_matches_transformers(kind, prompts, tmp_path):
   for k in range(K):  # greedy: every sample of a prompt is the same
     np.testing.assert_array_equal(np.asarray(out.tokens)[k::K], ref)
   check_structure(out, fx.EOS_ID, fx.PAD_ID)
+
+
+def test_scan_layers_samples_the_same_tokens(neox, prompts):
+  """The sampler on the scan_layers twin (stacked params and cache) draws the same tokens."""
+  _, graph, params = neox
+  cfg = decoder.merge(graph, params).cfg.replace(scan_layers=True)
+  scanned, _ = decoder.abstract(cfg)
+  want = sample(graph, params, *prompts, seed=3)
+  got = sample(scanned, decoder.stack_layers(params), *prompts, seed=3)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert len(set(np.asarray(want.tokens).ravel().tolist())) > 5  # sampled, not one repeated token
 
 
 # ----------------------------------------------------------------------------- top-k / top-p

@@ -76,6 +76,24 @@ def test_sharded_forward_matches_unsharded(mesh):
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=1e-5)
 
 
+def test_scan_layers_params_are_split_like_unrolled_ones(mesh):
+  """Stacked blocks: the leading `layers` axis is never split, the others as per layer."""
+  cfg = CFG.replace(scan_layers=True)
+  graph, _ = decoder.abstract(cfg)
+  params = decoder.stack_layers(decoder.create(CFG, seed=1)[1])
+  sharded, shardings = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
+  layers = shardings["layers"]
+  assert layers["attn"]["q_kernel"].spec == P(None, "fsdp", "tensor", None)
+  assert layers["mlp"]["down_kernel"].spec == P(None, "tensor", "fsdp")
+  assert sharded["layers"]["attn"]["q_kernel"].addressable_shards[0].data.shape == (2, 8, 2, 4)
+  tokens = jax.random.randint(jax.random.key(0), (4, 6), 0, CFG.vocab_size)
+  padding = jnp.array([[0, 0, 1, 1, 1, 1]] * 2 + [[1] * 6] * 2, dtype=jnp.int32)
+  run = lambda g: jax.jit(lambda p, tok, pad: decoder.token_logprobs(g, p, tok, pad))
+  unrolled_graph, unrolled = decoder.create(CFG, seed=1)
+  np.testing.assert_allclose(np.asarray(run(graph)(sharded, tokens, padding)),
+                             np.asarray(run(unrolled_graph)(unrolled, tokens, padding)), atol=1e-5, rtol=1e-5)
+
+
 def test_optimizer_state_and_replicated_fraction(mesh, caplog):
   graph, params = decoder.create(CFG, seed=0)
   shardings = sharding.logical_to_mesh(decoder.logical_axes(graph), mesh, shapes=params)

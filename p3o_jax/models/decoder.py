@@ -1,15 +1,16 @@
-"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), Llama, Qwen2.
+"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Qwen2.
 
 Shape letters used in comments:
   B batch, T query length, S key (cache) length, D model width, V vocab,
   H query heads, G key/value heads (GQA), R = H // G, K head dim, F MLP width.
 
-| family   | norm      | position         | residual   | MLP    | biases          | tied |
-|----------|-----------|------------------|------------|--------|-----------------|------|
-| gpt2     | LayerNorm | learned          | sequential | GELU   | all             | yes  |
-| gpt_neox | LayerNorm | rotary (partial) | parallel   | GELU   | all             | no   |
-| llama    | RMSNorm   | rotary           | sequential | SwiGLU | none            | opt. |
-| qwen2    | RMSNorm   | rotary           | sequential | SwiGLU | q, k, v only    | opt. |
+| family   | norm      | position                   | residual           | MLP    | biases       | tied |
+|----------|-----------|----------------------------|--------------------|--------|--------------|------|
+| gpt2     | LayerNorm | learned                    | sequential         | GELU   | all          | yes  |
+| gpt_neox | LayerNorm | rotary (partial)           | parallel           | GELU   | all          | no   |
+| gptj     | LayerNorm | rotary (partial, pairwise) | parallel, one norm | GELU   | MLP, LM head | no   |
+| llama    | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
+| qwen2    | RMSNorm   | rotary                     | sequential         | SwiGLU | q, k, v only | opt. |
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`); `p3o_jax.sharding` maps them to mesh axes, so this file knows no mesh.
@@ -47,11 +48,14 @@ class DecoderConfig:
   position: str = "rotary"             # "learned" | "rotary"
   rotary_pct: float = 1.0              # fraction of head_dim that is rotated (Pythia: 0.25)
   rope_theta: float = 10000.0
+  rotary_interleaved: bool = False     # rotate feature pairs (2i, 2i+1) (GPT-J), not halves (NeoX, Llama)
   parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
+  shared_norm: bool = False            # parallel residual with one norm: x + attn(ln x) + mlp(ln x) (GPT-J)
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
   tie_embeddings: bool = False
+  lm_head_bias: bool = False           # GPT-J's LM head has a bias
   lm_head: bool = True                 # False for a reward model backbone
   scalar_head: bool = False            # value / reward head: hidden -> 1
   scalar_head_bias: bool = False
@@ -59,8 +63,11 @@ class DecoderConfig:
   dtype: str = "float32"               # activations
   param_dtype: str = "float32"
   init_std: float = 0.02
+  attention_block: int = 512           # queries per attention block (0: all at once); see `attend`
   remat: bool = False                  # recompute each block in the backward pass: activation
                                        # memory of one block instead of all, ~1/3 more compute
+  scan_layers: bool = False            # blocks' params stacked on a leading `layers` axis and run
+                                       # by one lax.scan: compile time independent of depth
 
   @property
   def kv_heads(self) -> int:
@@ -85,6 +92,8 @@ class DecoderConfig:
                            ("dtype", tuple(DTYPES)), ("param_dtype", tuple(DTYPES))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+    if self.shared_norm and not self.parallel_residual:
+      raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
 
 
 ACTIVATIONS = {
@@ -99,7 +108,8 @@ ACTIVATIONS = {
 
 class LayerCache(NamedTuple):
   # Heads before slots, the layout the attention dots read: a [B, S, G, K] cache would be
-  # transposed in full at every decode step.
+  # transposed in full at every decode step. With scan_layers one LayerCache holds every
+  # layer, [B, L, G, S, K]: batch stays first, so code that repeats or splits rows is the same.
   k: jax.Array  # [B, G, S, K]
   v: jax.Array  # [B, G, S, K]
 
@@ -136,22 +146,60 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rotary_tables(positions, rot_dim: int, theta: float):
-  """cos, sin of shape [B, T, rot_dim] for the rotate-half convention (NeoX, Llama)."""
+def rotary_tables(positions, rot_dim: int, theta: float, interleaved: bool = False):
+  """cos, sin of shape [B, T, rot_dim]: frequency i at features (i, i + rot_dim/2) for the
+  rotate-half convention (NeoX, Llama), at features (2i, 2i+1) when interleaved (GPT-J)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot_dim/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)
+  if interleaved:
+    angles = jnp.repeat(angles, 2, axis=-1)
+  else:
+    angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rotary(x, cos, sin, rot_dim: int):
+def apply_rotary(x, cos, sin, rot_dim: int, interleaved: bool = False):
   """x: [B, T, N, K]; rotates the first rot_dim features of each head."""
   x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-  half = rot_dim // 2
-  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  if interleaved:  # GPT-J's rotate_every_two: (a, b) -> (-b, a) for each pair (2i, 2i+1)
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot_dim // 2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_rot.shape)
+  else:
+    half = rot_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
   return jnp.concatenate([x_rot, x_pass], axis=-1)
+
+
+def _attend_all(q, k, v, mask):
+  """Softmax attention of every query over every key: q [B, T, G, R, K], k, v [B, G, S, K],
+  mask [B, T, S] -> [B, T, G, R, K]. Scores and softmax in float32."""
+  scores = jnp.einsum("btgrk,bgsk->bgrts", q, k).astype(jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bgrts,bgsk->btgrk", probs, v)
+
+
+def attend(q, k, v, mask, block: int = 0):
+  """`_attend_all` one block of `block` queries at a time (0: all at once).
+
+  Each block sees all S keys under its own mask rows, so the result is the same for any mask
+  and any block. Only one block's [B, H, block, S] float32 scores exist at a time, and the
+  backward pass recomputes them per block instead of keeping all T rows per layer.
+  """
+  B, T = q.shape[:2]
+  if not block or T <= block:
+    return _attend_all(q, k, v, mask)
+  n = -(-T // block)
+  pad = n * block - T  # padded query rows see no key; they are cut off below
+  q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  blocks = lambda x: x.reshape(B, n, block, *x.shape[2:]).swapaxes(0, 1)  # [n, B, block, ...]
+  one = jax.checkpoint(lambda qm: _attend_all(qm[0], k, v, qm[1]))
+  out = jax.lax.map(one, (blocks(q), blocks(mask)))
+  return out.swapaxes(0, 1).reshape(B, n * block, *out.shape[3:])[:, :T]
 
 
 class Attention(nnx.Module):
@@ -170,7 +218,8 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
 
-  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, layer=None):
+    """layer: None, or this layer's index into a stacked [B, L, G, S, K] cache (scan_layers)."""
     cfg = self.cfg
     dtype = x.dtype
     proj = lambda w, b: jnp.einsum("btd,dnk->btnk", x, w[...].astype(dtype)) + (
@@ -180,22 +229,25 @@ class Attention(nnx.Module):
     v = proj(self.v_kernel, getattr(self, "v_bias", None))  # [B, T, G, K]
     if cfg.position == "rotary":
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
-      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta)
-      q, k = apply_rotary(q, cos, sin, rot_dim), apply_rotary(k, cos, sin, rot_dim)
+      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta, cfg.rotary_interleaved)
+      rotate = lambda x: apply_rotary(x, cos, sin, rot_dim, cfg.rotary_interleaved)
+      q, k = rotate(q), rotate(k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
-    if cache is not None:
+    if cache is not None and layer is None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
       k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=2)
       cache = LayerCache(k, v)
+    elif cache is not None:
+      # Only the new slots are written into the stacked cache (in place in a loop carry); a
+      # whole-layer write would copy the cache at every decode step.
+      at = tuple(jnp.asarray(i, jnp.int32) for i in (0, layer, 0, cache_index, 0))
+      write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[:, None].astype(buf.dtype), at)
+      cache = LayerCache(write(cache.k, k), write(cache.v, v))
+      k, v = (jax.lax.dynamic_index_in_dim(buf, layer, axis=1, keepdims=False) for buf in cache)
     B, T, H, K = q.shape
-    G = cfg.kv_heads
-    q = q.reshape(B, T, G, H // G, K)
-    scores = jnp.einsum("btgrk,bgsk->bgrts", q, k.astype(dtype)).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(K))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bgrts,bgsk->btgrk", probs, v.astype(dtype)).reshape(B, T, H, K)
+    q = q.reshape(B, T, cfg.kv_heads, H // cfg.kv_heads, K)
+    out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block).reshape(B, T, H, K)
     out = jnp.einsum("btnk,nkd->btd", out, self.o_kernel[...].astype(dtype))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dtype)
@@ -234,22 +286,34 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-    self.parallel = cfg.parallel_residual
+    self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_norm
     self.attn_norm = Norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = Norm(cfg, rngs)
+    if not cfg.shared_norm:
+      self.mlp_norm = Norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, cache, cache_index):
-    attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+  def __call__(self, x, positions, mask, cache, cache_index, layer=None):
+    normed = self.attn_norm(x)
+    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index, layer)
     if self.parallel:
-      return x + attn_out + self.mlp(self.mlp_norm(x)), cache
+      mlp_in = normed if self.shared_norm else self.mlp_norm(x)
+      return x + attn_out + self.mlp(mlp_in), cache
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
 def _uncached_block(layer: Block, x, positions, mask):
   return layer(x, positions, mask, None, 0)[0]
+
+
+def _stacked_blocks(cfg: DecoderConfig, rngs: nnx.Rngs) -> Block:
+  """cfg.num_layers Blocks as one, each param with a leading `layers` axis (logical name too)."""
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(cfg, rngs)
+  return make(rngs)
 
 
 class Decoder(nnx.Module):
@@ -260,20 +324,27 @@ class Decoder(nnx.Module):
     self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
     if cfg.position == "learned":
       self.pos_embed = _param(rngs, cfg, (cfg.max_position_embeddings, cfg.hidden_size), (None, "embed"))
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, rngs)
     if cfg.lm_head and not cfg.tie_embeddings:
       self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.lm_head and cfg.lm_head_bias:
+      self.lm_head_bias = _param(rngs, cfg, (cfg.vocab_size,), ("vocab",), "zeros")
     if cfg.scalar_head:
       self.scalar_kernel = _param(rngs, cfg, (cfg.hidden_size, 1), ("embed", None))
       if cfg.scalar_head_bias:
         self.scalar_bias = _param(rngs, cfg, (1,), (None,), "zeros")
 
-  def __call__(self, tokens, positions, mask, cache: list[LayerCache] | None = None, cache_index=0):
+  def __call__(self, tokens, positions, mask, cache: list[LayerCache] | LayerCache | None = None,
+               cache_index=0):
     """tokens, positions: [B, T] int; mask: [B, T, S] bool, True where query t may see key s.
 
-    Without a cache S == T. With a cache (one LayerCache per layer, each [B, G, S, K]) this
-    chunk is written at slots [cache_index, cache_index + T) and attends over all S slots.
+    Without a cache S == T. With a cache (`init_cache`: one LayerCache per layer, each
+    [B, G, S, K], or one stacked LayerCache with scan_layers) this chunk is written at slots
+    [cache_index, cache_index + T) and attends over all S slots.
     Returns hidden states [B, T, D] and the updated cache (None without one).
     """
     cfg = self.cfg
@@ -281,6 +352,9 @@ class Decoder(nnx.Module):
     x = self.embed[...].astype(dtype)[tokens]
     if cfg.position == "learned":
       x = x + self.pos_embed[...].astype(dtype)[positions]
+    if cfg.scan_layers:
+      x, cache = self._scan(x, positions, mask, cache, cache_index)
+      return self.final_norm(x), cache
     if cache is None:
       block = nnx.remat(_uncached_block) if cfg.remat else _uncached_block
       for layer in self.layers:
@@ -292,11 +366,34 @@ class Decoder(nnx.Module):
       new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
 
+  def _scan(self, x, positions, mask, cache, cache_index):
+    """The blocks as one lax.scan over the stacked params (and the stacked cache, carried)."""
+    graphdef, state = nnx.split(self.layers)
+    if cache is None:
+      block = _uncached_block
+      if self.cfg.remat:  # inside the scan: each step saves its input and recomputes the rest
+        block = nnx.remat(block, prevent_cse=False)
+
+      def step(x, layer_state):
+        return block(nnx.merge(graphdef, layer_state), x, positions, mask), None
+      return jax.lax.scan(step, x, state)[0], None
+
+    def cached_step(carry, layer_state_and_index):
+      x, cache = carry
+      layer_state, i = layer_state_and_index
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, cache, cache_index, i), None
+    index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    return jax.lax.scan(cached_step, (x, cache), (state, index))[0]
+
   def logits(self, hidden):
     """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype)).astype(jnp.float32)
-    return (hidden @ self.lm_head[...].astype(hidden.dtype)).astype(jnp.float32)
+      logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype))
+    else:
+      logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+    if self.cfg.lm_head_bias:
+      logits = logits + self.lm_head_bias[...].astype(hidden.dtype)
+    return logits.astype(jnp.float32)
 
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""
@@ -374,10 +471,26 @@ def causal_mask(padding_mask):
   return causal[None] & padding_mask.astype(bool)[:, None, :]
 
 
-def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache]:
-  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[LayerCache] | LayerCache:
+  """Zeros: one LayerCache per layer, or one stacked [B, L, G, S, K] with scan_layers."""
   dtype = DTYPES[cfg.dtype]
+  if cfg.scan_layers:
+    shape = (batch, cfg.num_layers, cfg.kv_heads, length, cfg.dim_per_head)
+    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
   return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def stack_layers(params: dict) -> dict:
+  """Params of an unrolled model (layers {0: ..., 1: ...}) -> those of its scan_layers twin."""
+  layers = params["layers"]
+  return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in range(len(layers))))}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of `stack_layers`."""
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers)}}
 
 
 def forward(graph: Graph, params: dict, tokens, padding_mask):

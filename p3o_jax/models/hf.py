@@ -14,6 +14,7 @@ HF layouts (shape letters as in decoder.py):
   GPT-2 Conv1D weight   [in, out]          -> reshaped only
   GPT-2 c_attn          [D, 3*H*K]         out dim is [q | k | v] blocks: [3, H, K]
   NeoX query_key_value  [3*H*K, D]         out dim is interleaved per head: [H, 3, K]
+  GPT-J                 separate q/k/v/out Linear without bias; ln_1 feeds attention and MLP
 
 Heads (`head=`):
   None     the causal LM head (`lm_head.weight` / `embed_out.weight`, or tied embeddings).
@@ -52,18 +53,20 @@ from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2")
-BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "llama": "model.", "qwen2": "model."}
-EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "llama": "embed_tokens.weight",
-              "qwen2": "embed_tokens.weight"}
-CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2")
+BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "gptj": "transformer.", "llama": "model.",
+               "qwen2": "model."}
+EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "gptj": "wte.weight",
+              "llama": "embed_tokens.weight", "qwen2": "embed_tokens.weight"}
+CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "gptj": "GPTJForCausalLM",
                    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
-                 "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+                 "gptj": "GPTJForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                 "qwen2": "Qwen2ForSequenceClassification"}
 # Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                      r"\.attention\.bias|\.attention\.masked_bias)$")
-HEAD_TENSORS = ("lm_head.weight", "embed_out.weight", "score.weight")
+HEAD_TENSORS = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "score.weight")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model"]
 
@@ -125,6 +128,25 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               rope_theta=theta, parallel_residual=hf.get("use_parallel_residual", True),
               qkv_bias=bias, out_bias=bias, mlp_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
+  elif model_type == "gptj":
+    # transformers' GPTJRotaryEmbedding: base 10000, rotary_dim features of each head, pairs
+    # (2i, 2i+1) rotated together (modeling_gptj.py: rotate_every_two).
+    heads, head_dim = hf["n_head"], hf["n_embd"] // hf["n_head"]
+    rotary_dim = hf.get("rotary_dim")
+    if rotary_dim is None or not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+      raise ValueError(f"gptj with rotary_dim={rotary_dim!r} is not supported; expected an even "
+                       f"number in (0, head_dim={head_dim}]")
+    pct = rotary_dim / head_dim
+    if int(head_dim * pct) != rotary_dim:
+      raise ValueError(f"gptj rotary_dim={rotary_dim} is not representable as a fraction of {head_dim}")
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],
+              num_heads=heads, intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+              max_position_embeddings=hf.get("n_positions", 2048), norm="layernorm",
+              norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+              activation=_activation(hf.get("activation_function", "gelu_new")), position="rotary",
+              rotary_pct=pct, rope_theta=10000.0, rotary_interleaved=True, parallel_residual=True,
+              shared_norm=True, qkv_bias=False, out_bias=False, mlp_bias=True, lm_head_bias=True,
+              tie_embeddings=hf.get("tie_word_embeddings", False))
   else:  # llama, qwen2
     if hf.get("mlp_bias"):
       raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
@@ -169,6 +191,11 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
                 n_ctx=cfg.max_position_embeddings, activation_function=cfg.activation,
                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                 scale_attn_weights=True)
+  elif mt == "gptj":
+    arch = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                n_inner=cfg.mlp_width, n_positions=cfg.max_position_embeddings,
+                rotary_dim=int(cfg.dim_per_head * cfg.rotary_pct), activation_function=cfg.activation,
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
   elif mt == "gpt_neox":
     arch = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                 num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_width,
@@ -189,7 +216,8 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
   hf = {**common, **arch}
   # The round trip must reproduce every architecture field, or the export would be wrong.
   back = config_from_hf(hf)
-  keep = ("lm_head", "scalar_head", "scalar_head_bias", "dtype", "param_dtype", "init_std", "remat")
+  keep = ("lm_head", "scalar_head", "scalar_head_bias", "dtype", "param_dtype", "init_std", "remat",
+          "attention_block", "scan_layers")
   diffs = [f"{f.name}={getattr(cfg, f.name)!r} (would be {getattr(back, f.name)!r})"
            for f in dataclasses.fields(cfg) if f.name not in keep
            and _normal(cfg, f.name) != _normal(back, f.name)]
@@ -283,6 +311,22 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
     norm("final_layer_norm", ("final_norm",))
     lm_head_name = "embed_out.weight"
 
+  elif mt == "gptj":
+    add("wte.weight", (("embed",),), (V, D))
+    for i in range(cfg.num_layers):
+      h, L = f"h.{i}", ("layers", i)
+      a, m = L + ("attn",), L + ("mlp",)
+      norm(f"{h}.ln_1", L + ("attn_norm",))
+      for name in ("q", "k", "v"):
+        add(f"{h}.attn.{name}_proj.weight", (a + (f"{name}_kernel",),), (H * K, D), transpose=True)
+      add(f"{h}.attn.out_proj.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
+      add(f"{h}.mlp.fc_in.weight", (m + ("up_kernel",),), (F, D), transpose=True)
+      add(f"{h}.mlp.fc_in.bias", (m + ("up_bias",),), (F,))
+      add(f"{h}.mlp.fc_out.weight", (m + ("down_kernel",),), (D, F), transpose=True)
+      add(f"{h}.mlp.fc_out.bias", (m + ("down_bias",),), (D,))
+    norm("ln_f", ("final_norm",))
+    lm_head_name = "lm_head.weight"
+
   else:  # llama, qwen2
     add("embed_tokens.weight", (("embed",),), (V, D))
     for i in range(cfg.num_layers):
@@ -305,6 +349,8 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
 
   if cfg.lm_head and not cfg.tie_embeddings:
     add(lm_head_name, (("lm_head",),), (V, D), transpose=True, base=False)
+  if cfg.lm_head and cfg.lm_head_bias:
+    add("lm_head.bias", (("lm_head_bias",),), (V,), base=False)
   if cfg.scalar_head:
     add("score.weight", (("scalar_kernel",),), (1, D), transpose=True, base=False)
   return rules
@@ -355,6 +401,23 @@ def _get(tree: dict, path: Path):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def _stacked_path(path: Path) -> tuple[Path, int | None]:
+  """A table path ("layers", i, ...) -> (its scan_layers path ("layers", ...), i); others as is."""
+  if path[0] == "layers":
+    return ("layers",) + tuple(path[2:]), path[1]
+  return path, None
+
+
+def _param_at(params: dict, path: Path, scanned: bool):
+  """The param at a table path; with scan_layers, layer i of the stacked param (a one-layer
+  slice, so a sharded model gathers one layer of one tensor at a time on export)."""
+  if not scanned:
+    return _get(params, path)
+  stacked, layer = _stacked_path(path)
+  leaf = _get(params, stacked)
+  return leaf if layer is None else leaf[layer]
 
 
 # ----------------------------------------------------------------------------- load
@@ -441,15 +504,29 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
   names = tensors.names()
   prefix = _base_prefix(names, cfg)
   graph, abstract_params = decoder.abstract(cfg)
-  shapes = _leaf_shapes(abstract_params)
+  # The table names one layer at a time: shapes of the unrolled model, even with scan_layers.
+  shapes = _leaf_shapes(decoder.abstract(cfg.replace(scan_layers=False))[1] if cfg.scan_layers
+                        else abstract_params)
   rules = _rules(cfg)
   _check_table(rules, shapes, exclude=[("scalar_bias",)])
+  if cfg.scan_layers:  # all layers of one param in a row, so each stack is placed as soon as full
+    rules = sorted(rules, key=lambda r: (1, r.ours[0][2:], r.ours[0][1]) if r.ours[0][0] == "layers" else (0,))
+  pending: dict = {}  # scan_layers: stacked path -> {layer: host array}
 
   target = None if shardings is None else shardings(graph, abstract_params)
   param_type = decoder.DTYPES[param_dtype]
 
   def place(path, value):
     value = np.asarray(value).astype(param_type)
+    if cfg.scan_layers:
+      path, layer = _stacked_path(path)
+      if layer is not None:
+        held = pending.setdefault(path, {})
+        held[layer] = value
+        if len(held) < cfg.num_layers:
+          return None
+        del pending[path]
+        value = np.stack([held[i] for i in range(cfg.num_layers)])
     if target is None:
       return jnp.asarray(value)
     return jax.make_array_from_callback(value.shape, _get(target, path), lambda index: value[index])
@@ -473,7 +550,9 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
                        f"from config.json")
     used.add(name)
     for p, value in zip(rule.ours, _from_hf(rule, array, shapes)):
-      _set(params, p, place(p, value))
+      placed = place(p, value)
+      if placed is not None:
+        _set(params, _stacked_path(p)[0] if cfg.scan_layers else p, placed)
     del array
   if cfg.scalar_head_bias:
     _set(params, ("scalar_bias",), place(("scalar_bias",), np.zeros(shapes[("scalar_bias",)])))
@@ -531,7 +610,7 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
                      f"{[expected.get(p) for p in bad[:5]]}, got {[got.get(p) for p in bad[:5]]}")
   prefix = BASE_PREFIX[cfg.model_type]
   rules = _rules(cfg)
-  shards = _plan_shards(rules, params, max_shard_bytes)
+  shards = _plan_shards(rules, params, max_shard_bytes, cfg.scan_layers)
   writer = jax.process_index() == 0
   tmp = _staging_dir(path) if writer else None
   try:
@@ -539,7 +618,7 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
     for number, group in enumerate(shards, 1):
       tensors = {}
       for rule in group:
-        arrays = [_host_array(_get(params, p)) for p in rule.ours]  # every process takes part
+        arrays = [_host_array(_param_at(params, p, cfg.scan_layers)) for p in rule.ours]  # all processes
         if writer:
           tensors[(prefix if rule.base else "") + rule.hf_name] = _to_hf(rule, arrays)
       if writer:
@@ -574,12 +653,18 @@ def _host_array(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _plan_shards(rules: list[Rule], params: dict, max_bytes: int) -> list[list[Rule]]:
+def _plan_shards(rules: list[Rule], params: dict, max_bytes: int, scanned: bool = False) -> list[list[Rule]]:
   """Rules grouped into files of at most max_bytes (a tensor larger than that gets its own)."""
   groups, size = [[]], 0
+
+  def param_bytes(path):
+    stacked, layer = _stacked_path(path) if scanned else (path, None)
+    leaf = _get(params, stacked)
+    shape = np.shape(leaf)[1:] if layer is not None else np.shape(leaf)
+    return int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+
   for rule in rules:
-    nbytes = sum(int(np.prod(np.shape(_get(params, p)))) * np.dtype(_get(params, p).dtype).itemsize
-                 for p in rule.ours)
+    nbytes = sum(param_bytes(p) for p in rule.ours)
     if groups[-1] and size + nbytes > max_bytes:
       groups.append([])
       size = 0

@@ -27,7 +27,7 @@ class Policy:
 
 def load(path: str, placement: Placement, *, head: str | None = None, tokenizer=None, **dtypes) -> Policy:
   """A model from a Hugging Face folder or hub id (`head='score'`: a reward model), each tensor
-  placed straight onto its shards. `dtypes`: dtype, param_dtype, remat (see hf.load)."""
+  placed straight onto its shards. `dtypes`: dtype, param_dtype, remat, scan_layers (see hf.load)."""
   kwargs = {"head": head} if head else {}
   cfg, graph, params = hf.load(path, shardings=placement, **kwargs, **dtypes)
   return Policy(cfg, graph, params, tokenizer)

@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from p3o_jax import checkpoint, config_checks, distributed, paths, pipeline, sharding
+from p3o_jax import checkpoint, compile_cache, config_checks, distributed, paths, pipeline, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].",
                                           lock_config=True)
@@ -32,6 +32,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..nu
 _LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None, "Devices this process owns, e.g. 0,1,2,3 "
                                    "(default: all it sees, or what the cluster assigns).")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join.")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, "JAX's persistent compilation cache folder, or 'off' "
+                                     "(default: $P3O_JAX_COMPILE_CACHE, else ~/.cache/p3o_jax/jax).")
 
 
 def run(config, workdir: str) -> dict[str, str]:
@@ -51,6 +53,7 @@ def run(config, workdir: str) -> dict[str, str]:
   try:
     task = pipeline.load_task(config, workdir)
     for stage in stages:
+      compiled_before = compile_cache.snapshot()
       if stage == "sft":
         outputs["sft policy (HF)"] = pipeline.run_sft(config, workdir, task, stop)
       elif stage == "rm":
@@ -67,6 +70,7 @@ def run(config, workdir: str) -> dict[str, str]:
         report = pipeline.run_eval(config, workdir, task)
         outputs["report"] = report
         outputs["plots"] = paths.join(workdir, "eval", "*.png")
+      compile_cache.report(stage, compiled_before)
       if stop.requested:
         logging.warning("stopped by signal after stage %s; rerun the same command to resume", stage)
         break
@@ -91,6 +95,7 @@ def main(argv):
   elif any(v is not None for v in explicit):
     raise app.UsageError("--coordinator_address, --num_processes, --process_id and --local_device_ids "
                          "need --distributed")
+  compile_cache.enable(_COMPILE_CACHE.value)
   run(_CONFIG.value, _WORKDIR.value)
 
 

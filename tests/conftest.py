@@ -11,3 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The persistent compilation cache, as `python -m p3o_jax.main` uses it: the xdist workers and
+# the subprocess tests load what another process already compiled.
+from p3o_jax import compile_cache  # noqa: E402
+
+compile_cache.enable()

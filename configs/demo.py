@@ -32,7 +32,9 @@ def get_config(arg=None):
   c.data.demo = ml_collections.ConfigDict(dict(
       n_train_prompts=2048, n_eval_prompts=128, n_sft=4096, ops=("sort",),
       min_digits=3, max_digits=6, noise_frac=0.6, token_noise=0.4, length_noise=0.3,
-      bt_temperature=0.1))
+      bt_temperature=0.1,
+      seed=-1))  # the task's prompts and demonstrations (-1: config.seed); bench/frontier.py fixes
+                 # it so that config.seed varies only the RL run
   c.data.max_prompt_len = 8        # "sort" + up to 6 digits + "="
   c.sampler.max_new_tokens = 10    # up to 6 digits + EOS, with room to ramble
 

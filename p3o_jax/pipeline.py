@@ -52,8 +52,9 @@ class Task:
 def load_task(config, workdir: str) -> Task:
   if config.task == "demo":
     d = config.data.demo
+    task_seed = d.get("seed", -1)  # the prompts and demonstrations; -1: config.seed
     task = synthetic.make_demo_task(
-        config.seed, d.n_train_prompts, d.n_eval_prompts, n_sft=d.n_sft, ops=tuple(d.ops),
+        config.seed if task_seed < 0 else task_seed, d.n_train_prompts, d.n_eval_prompts, n_sft=d.n_sft, ops=tuple(d.ops),
         min_digits=d.min_digits, max_digits=d.max_digits, noise_frac=d.noise_frac,
         token_noise=d.token_noise, length_noise=d.length_noise)
     if distributed.is_main():

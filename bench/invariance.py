@@ -12,7 +12,8 @@ with the unshifted run: bitwise equality, the largest weight difference, the lar
     python bench/invariance.py --out runs/invariance --jobs 2
     python bench/invariance.py --out /tmp/inv --quick            # runlocal sizes, 6 iterations
 
-Reward clipping (rl.reward_clip) and running-std scaling (rl.reward_scaling) are off in every arm.
+Reward clipping (rl.reward_clip, set to 1e6) and running-std scaling (rl.reward_scaling) are off in
+every arm.
 Both act on the shifted reward: a clip at +-10 flattens most prompts' rewards when delta has std
 10, and the running std grows from ~0.3 to ~10, dividing every reward difference by ~30. Either
 changes the reward differences themselves, which no algorithm is meant to be invariant to, so
@@ -47,6 +48,7 @@ DEFAULT_ALGORITHMS = ["P3O-V2", "PPO", "RLOO", "GRPO", "online DPO"]
 QUICK = dict(config_arg=":runlocal", iterations=6,
              extra=("--config.optim.lr=2e-3", "--config.data.demo.n_eval_prompts=64", "--config.eval.num_prompts=64"))
 FULL = dict(config_arg="", iterations=20, extra=())
+NO_CLIP = 1e6  # rl.reward_clip must be > 0 (config_checks); no shifted reward comes near it
 
 
 def make_runs(algorithms, offsets, seed: int, beta: float) -> list[Run]:
@@ -54,7 +56,7 @@ def make_runs(algorithms, offsets, seed: int, beta: float) -> list[Run]:
   for label in algorithms:
     slug, algo, options = ALGORITHMS[label]
     for offset in offsets:
-      rl = {"algo": algo, **options, **beta_options(algo, beta), "reward_clip": 0.0, "reward_scaling": False}
+      rl = {"algo": algo, **options, **beta_options(algo, beta), "reward_clip": NO_CLIP, "reward_scaling": False}
       args = tuple(f"--config.rl.{k}={v}" for k, v in rl.items()) + (
           f"--config.model.reward_fn=p3o_jax.data.shifted_gold:{OFFSETS[offset]}", f"--config.seed={seed}")
       runs.append(Run(f"{slug}-{offset}", "sort", label, beta, seed, algo, args))

@@ -270,7 +270,7 @@ def main(argv=None):
   parser.add_argument("--iterations", type=int, help="rl.iterations (default: the demo config's)")
   parser.add_argument("--jobs", type=int, default=1, help="RL runs in parallel processes")
   parser.add_argument("--timeout", type=float, default=None, help="seconds per stage (default 180 quick, 1200)")
-  parser.add_argument("--no-compile-cache", action="store_true", help="no shared persistent compilation cache")
+  parser.add_argument("--no-compile-cache", action="store_true", help="children compile everything (P3O_JAX_COMPILE_CACHE=off)")
   args = parser.parse_args(argv)
   preset = QUICK if args.quick else FULL
   algorithms = parse_list(args.algorithms) if args.algorithms else preset["algorithms"]
@@ -284,7 +284,7 @@ def main(argv=None):
   extra = preset["extra"] + ((f"--config.rl.iterations={args.iterations}",) if args.iterations else ())
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  env = study_runs.child_env(None if args.no_compile_cache else os.path.join(out, "jax_cache"))
+  env = study_runs.child_env("off" if args.no_compile_cache else None)
   start = time.time()
 
   runs = make_runs(algorithms, seeds, betas, tasks)

@@ -51,20 +51,19 @@ def common_args(config_arg: str, task: str, extra: tuple[str, ...] = ()) -> list
           "--config.log.tensorboard=False", "--config.mesh.data=1", *extra]
 
 
-def child_env(cache_dir: str | None) -> dict:
+def child_env(compile_cache: str | None = None) -> dict:
   """The children's environment: the repo importable, no simulated devices inherited from a test
-  session (each run uses one CPU device), an optional persistent compilation cache shared by runs
-  with the same programs (same algorithm, other seed or beta)."""
+  session (each run uses one CPU device). `compile_cache`: p3o_jax's persistent compilation cache
+  folder or 'off' (default: the caller's, p3o_jax/compile_cache.py); runs of one program (same
+  algorithm, other seed or beta) then compile it once."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
   env["XLA_FLAGS"] = " ".join(flags)
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  if compile_cache:
+    env["P3O_JAX_COMPILE_CACHE"] = compile_cache
   return env
 
 

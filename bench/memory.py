@@ -1,0 +1,444 @@
+"""Device memory of one full-parameter P3O iteration, item by item: does a setting fit one accelerator?
+
+    python bench/memory.py hh-6.9b --hbm 141 [--devices N] [--method xla|analytic]
+    python bench/memory.py tldr-1b --hbm 80
+    python bench/memory.py configs/hh.py --hbm 141     # any config file; shapes from KNOWN_MODELS
+
+Nothing is allocated and no weights are read: parameter and optimizer-state sizes come from
+`jax.eval_shape` of `decoder.abstract` and `train_state.create`, exact to the byte. Activations
+come from XLA's compiled memory analysis (`jax.jit(f).lower(...).compile().memory_analysis()`,
+temp bytes) of the real jitted functions on abstract inputs:
+  rollout     the sampler (`p3o_jax.sampling`: prefill + while-loop decode, KV cache inside);
+  log-probs   the Roller's teacher-forced pass (old and reference log-probs, `rl/rollout.py`);
+  reward      the reward model's score (`rollout.ModelReward`);
+  update      one optimizer step of `rl/update.make_update` over the P3O loss, with and without
+              `model.remat`.
+A 32-layer model takes minutes to compile on a CPU, so each function is compiled at 1 and 2 layers
+with the real widths, lengths and batch, and its temp bytes extrapolated linearly in layers
+(the decoder unrolls its layers: each adds the same buffers). This is the CPU backend's buffer
+assignment: a GPU's fusions differ, so read these rows as estimates (measure with
+bench/accelerator.py on the device). `--method analytic` uses the formulas printed in the `how`
+column instead (seconds, no compile).
+
+An option the checkout does not have yet (optim.mu_dtype, model.frozen_dtype, rl.rollout_chunk)
+takes its current behaviour: moments in the parameter dtype, frozen models in model.param_dtype,
+the whole rollout in one chunk. The "what fixes it" list applies options one at a time, keeping
+each that lowers the peak, and marks the ones this checkout lacks.
+
+Phases of an iteration (rl/loop.py): rollout -> log-probs -> reward -> update. The weights and
+optimizer state live throughout; each phase adds its own temporaries. The total is the peak
+phase. `--devices N`: FSDP over N devices (mesh fsdp=N, p3o_jax/sharding.py RULES): tensors
+with an `embed` axis divisible by N are split N ways, the batch rows too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes only; never touch an accelerator
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from p3o_jax import sharding, train_state  # noqa: E402
+from p3o_jax.models import decoder  # noqa: E402
+from p3o_jax.rl import algorithms  # noqa: E402
+from p3o_jax.rl.rollout import ModelReward, Roller  # noqa: E402
+from p3o_jax.rl.update import make_update  # noqa: E402
+
+GB = 1e9
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Public model shapes (their config.json), as DecoderConfig fields. GPT-J is not a family of
+# models/decoder.py: its sizes run on the GPT-NeoX layout (parallel residual, partial rotary),
+# which differs only in one LayerNorm per block (GPT-J shares one: 8k parameters a layer) and
+# in rotating interleaved pairs (no memory difference).
+_NEOX = dict(model_type="gpt_neox", rotary_pct=0.25, parallel_residual=True, qkv_bias=True, out_bias=True,
+             mlp_bias=True, activation="gelu", max_position_embeddings=2048)
+SHAPES = {
+    "Pythia-1B": dict(_NEOX, vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=8,
+                      intermediate_size=8192),
+    "Pythia-6.9B": dict(_NEOX, vocab_size=50432, hidden_size=4096, num_layers=32, num_heads=32,
+                        intermediate_size=16384),
+    "GPT-J-6B sizes on the GPT-NeoX decoder": dict(
+        _NEOX, qkv_bias=False, out_bias=False, activation="gelu_new", vocab_size=50400, hidden_size=4096,
+        num_layers=28, num_heads=16, intermediate_size=16384),
+}
+KNOWN_MODELS = {  # hub ids the configs name -> SHAPES
+    "EleutherAI/pythia-1b-deduped": "Pythia-1B", "EleutherAI/pythia-1b": "Pythia-1B",
+    "Dahoas/pythia-1B-static-sft": "Pythia-1B", "EleutherAI/pythia-6.9b": "Pythia-6.9B",
+    "EleutherAI/pythia-6.9b-deduped": "Pythia-6.9B",
+    "Dahoas/gptj-rm-static": "GPT-J-6B sizes on the GPT-NeoX decoder",
+}
+SETTINGS = {  # name -> (config file, policy shape): the P3O paper's HH and TL;DR settings
+    "hh-6.9b": ("configs/hh.py", "Pythia-6.9B"),
+    "hh-1b": ("configs/hh.py", None),
+    "tldr-1b": ("configs/tldr.py", None),
+}
+PHASES = ("rollout", "log-probs", "reward", "update")
+
+
+# ----------------------------------------------------------------------------- the setting
+
+@dataclasses.dataclass
+class Options:
+  """What changes the memory; defaults come from the config (`options_from`)."""
+  param_dtype: str
+  dtype: str
+  frozen_dtype: str
+  mu_dtype: str
+  sampler_dtype: str
+  remat: bool
+  micro_batches: int
+  rollout_chunk: int
+  devices: int = 1
+
+
+@dataclasses.dataclass
+class Setting:
+  name: str
+  config: object
+  policy: decoder.DecoderConfig
+  reward: decoder.DecoderConfig
+  policy_name: str
+  reward_name: str
+  prompt: int
+  new: int
+  absent: tuple  # config fields this checkout lacks
+
+  @property
+  def groups_per_minibatch(self) -> int:
+    return self.config.rl.prompts_per_rollout // self.config.rl.num_minibatches
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path) if not os.path.isabs(path) else path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def shape_of(hub_id: str, config) -> tuple[str, dict]:
+  if hub_id in KNOWN_MODELS:
+    return KNOWN_MODELS[hub_id], SHAPES[KNOWN_MODELS[hub_id]]
+  if not hub_id and len(config.model.arch):
+    arch = dict(config.model.arch)
+    arch.setdefault("vocab_size", 64)  # the demo's vocabulary comes from its tokenizer (17 words)
+    return "model.arch", arch
+  raise SystemExit(f"no shape for model {hub_id!r}: add its config.json sizes to KNOWN_MODELS in {__file__}")
+
+
+def make_setting(name: str) -> Setting:
+  path, policy_shape = SETTINGS.get(name, (name, None))
+  config = load_config(path)
+  policy_name, policy = (policy_shape, SHAPES[policy_shape]) if policy_shape else shape_of(config.model.hf, config)
+  # No reward_hf: the rm stage trains the policy's backbone with a score head (pipeline.py).
+  reward_name, reward = shape_of(config.model.reward_hf, config) if config.model.reward_hf else (policy_name, policy)
+  dtypes = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  absent = tuple(f for f, block in (("optim.mu_dtype", config.optim), ("model.frozen_dtype", config.model),
+                                    ("rl.rollout_chunk", config.rl)) if f.split(".")[1] not in block)
+  return Setting(name, config, decoder.DecoderConfig(**policy, **dtypes),
+                 decoder.DecoderConfig(**reward, **dtypes, lm_head=False, scalar_head=True),
+                 policy_name, reward_name, config.data.max_prompt_len, config.sampler.max_new_tokens, absent)
+
+
+def options_from(s: Setting, devices: int) -> Options:
+  c = s.config
+  return Options(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
+                 frozen_dtype=c.model.get("frozen_dtype") or c.model.param_dtype,
+                 mu_dtype=c.optim.get("mu_dtype") or c.model.param_dtype,
+                 sampler_dtype=c.sampler.get("param_dtype", "float32"), remat=bool(c.model.remat),
+                 micro_batches=int(c.rl.micro_batches),
+                 rollout_chunk=int(c.rl.get("rollout_chunk") or c.rl.prompts_per_rollout), devices=devices)
+
+
+# ----------------------------------------------------------------------------- exact sizes
+
+def nbytes(shape, dtype) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def param_bytes(cfg: decoder.DecoderConfig, dtype: str, devices: int) -> int:
+  """Bytes per device of cfg's parameters stored in `dtype`, FSDP-split as sharding.RULES does."""
+  graph, params = decoder.abstract(cfg)
+  axes = decoder.logical_axes(graph)
+  total = 0
+  for shaped, logical in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
+    split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
+    total += nbytes(shaped.shape, dtype) // split
+  return total
+
+
+def num_params(cfg: decoder.DecoderConfig) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(decoder.abstract(cfg)[1]))
+
+
+def kv_cache_bytes(cfg: decoder.DecoderConfig, rows: int, length: int) -> int:
+  """decoder.init_cache: K and V, [rows, G, S, K] per layer, in the activation dtype."""
+  return 2 * cfg.num_layers * nbytes((rows, cfg.kv_heads, length, cfg.dim_per_head), cfg.dtype)
+
+
+# ----------------------------------------------------------------------------- XLA's temp bytes
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def temp_bytes(jitted, *args) -> int:
+  return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _decode(cfg, prompts, k, prompt, new):
+  from p3o_jax import sampling  # noqa: PLC0415
+  graph, params = decoder.abstract(cfg)
+  run = sampling._compiled(graph, None, max_new_tokens=new, num_samples=k, top_k=0, use_top_p=False,
+                           greedy=False, eos_id=0, pad_id=0)  # what generate() calls, as the Roller asks
+  tokens = _sds((prompts, prompt), jnp.int32)
+  return temp_bytes(run, params, tokens, tokens, jax.eval_shape(lambda: jax.random.key(0)),
+                    _sds((), jnp.float32), _sds((), jnp.float32), _sds((), jnp.int32))
+
+
+def _logprobs(cfg, frozen, prompts, k, prompt, new, sampler_cfg):
+  graph, params = decoder.abstract(cfg)
+  ref = decoder.abstract(frozen)[1]
+  roller = Roller(graph, None, None, sampler_cfg=sampler_cfg, eos_id=0, pad_id=0)
+  q, r = _sds((prompts, prompt), jnp.int32), _sds((prompts * k, new), jnp.int32)
+  return temp_bytes(roller._teacher_forced(None, k, None), params, ref, None, q, q, r, r,
+                    _sds((prompts * k, new), jnp.float32))
+
+
+def _reward(cfg, rows, prompt, new):
+  graph, params = decoder.abstract(cfg)
+  q, r = _sds((rows, prompt), jnp.int32), _sds((rows, new), jnp.int32)
+  return temp_bytes(ModelReward(graph, params)._score, params, q, q, r, r)
+
+
+def _update(cfg, config, groups, k, prompt, new, micro_batches):
+  graph, params = decoder.abstract(cfg)
+  algo = algorithms.create(config.rl, graph, config.sampler.temperature)
+  tx = train_state.make_optimizer(config.optim, 10)
+  # One epoch of one minibatch: the scan step of the real update, whatever its trip counts.
+  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1, micro_batches=micro_batches, count_fn=algo.count)
+  state = jax.eval_shape(lambda p: train_state.create(p, tx), params)
+  g = lambda n, dtype=jnp.int32: _sds((groups, k, n), dtype)
+  batch = dict(query=g(prompt), query_mask=g(prompt), response=g(new), response_mask=g(new),
+               logp_old=g(new, jnp.float32), logp_ref=g(new, jnp.float32), rewards=_sds((groups, k), jnp.float32))
+  return temp_bytes(update, state, batch, jax.eval_shape(lambda: jax.random.key(0)))
+
+
+def per_layer_fit(measure, cfg: decoder.DecoderConfig, *frozen_cfgs) -> tuple[int, int]:
+  """(bytes at 0 layers, bytes per layer) from compiles at 1 and 2 layers (same widths)."""
+  at = lambda n: measure(cfg.replace(num_layers=n), *(f.replace(num_layers=n) for f in frozen_cfgs))
+  one, two = at(1), at(2)
+  return one - (two - one), two - one
+
+
+# ----------------------------------------------------------------------------- activations
+
+@dataclasses.dataclass
+class Activations:
+  """Phase temporaries per device as functions of the options; `how` says where they come from."""
+  s: Setting
+  method: str
+  fits: dict = dataclasses.field(default_factory=dict)  # XLA: name -> (rows measured, base, per layer)
+
+  def measure(self, log=print):
+    s, c = self.s, self.s.config
+    K, P, N, chunk = c.rl.k, s.prompt, s.new, options_from(s, 1).rollout_chunk
+    G = s.groups_per_minibatch
+    o = options_from(s, 1)
+    frozen, sampler = s.policy.replace(param_dtype=o.frozen_dtype), s.policy.replace(param_dtype=o.sampler_dtype)
+    jobs = {
+        "decode": (chunk * K, lambda cfg: _decode(cfg, chunk, K, P, N), sampler),
+        "log-probs": (chunk * K, lambda cfg, ref: _logprobs(cfg, ref, chunk, K, P, N, c.sampler), s.policy, frozen),
+        "reward": (chunk * K, lambda cfg: _reward(cfg, chunk * K, P, N), s.reward),
+        "update": (G * K, lambda cfg: _update(cfg, c, G, K, P, N, 1), s.policy.replace(remat=False)),
+        "update remat": (G * K, lambda cfg: _update(cfg, c, G, K, P, N, 1), s.policy.replace(remat=True)),
+    }
+    for name, (rows, fn, *cfgs) in jobs.items():
+      start = time.perf_counter()
+      base, per_layer = per_layer_fit(fn, *cfgs)
+      self.fits[name] = (rows, base, per_layer)
+      log(f"  compiled {name:>12} at 1 and 2 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
+          f"per layer ({time.perf_counter() - start:.0f} s)", flush=True)
+
+  def _xla(self, name, cfg, rows, minus=0) -> tuple[float, str]:
+    measured, base, per_layer = self.fits[name]
+    total = base + cfg.num_layers * per_layer - minus
+    scaled = "" if rows == measured else f", x {rows}/{measured} rows"
+    return total * rows / measured, f"XLA temp bytes, 1-2 layer fit x {cfg.num_layers} layers{scaled}"
+
+  def decode(self, o: Options, cache: int) -> tuple[float, str]:
+    s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
+    if self.method == "xla":  # the sampler's temp bytes hold its KV cache: counted in its own row
+      return self._xla("decode", s.policy, rows, minus=kv_cache_bytes(s.policy, self.fits["decode"][0], s.prompt + s.new))
+    p, b, S, cfg = s.prompt, o.rollout_chunk // o.devices, s.prompt + s.new, s.policy
+    a = jnp.dtype(o.dtype).itemsize
+    v = 8 * b * cfg.num_heads * p * S + 2 * a * b * p * cfg.mlp_width + 12 * rows * cfg.vocab_size
+    return v, "analytic: prefill 8·B·H·P·S (fp32 scores+probs) + 2·a·B·P·F (MLP) + 12·R·V (logits)"
+
+  def _forward(self, cfg, rows, T, a, logits_len) -> float:
+    return 8 * rows * cfg.num_heads * T * T + 2 * a * rows * T * cfg.mlp_width + 8 * rows * logits_len * cfg.vocab_size
+
+  def logprobs(self, o: Options) -> tuple[float, str]:
+    s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
+    if self.method == "xla":
+      return self._xla("log-probs", s.policy, rows)
+    return (self._forward(s.policy, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, s.new),
+            "analytic: 8·N·H·T² (fp32 scores+probs) + 2·a·N·T·F + 8·N·R·V (fp32 logits, log-softmax)")
+
+  def reward(self, o: Options) -> tuple[float, str]:
+    s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
+    if self.method == "xla":
+      return self._xla("reward", s.reward, rows)
+    return (self._forward(s.reward, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, 0),
+            "analytic: 8·N·H·T² (fp32 scores+probs) + 2·a·N·T·F")
+
+  def update(self, o: Options) -> tuple[float, str]:
+    """Activations and scratch of one optimizer step, gradients excluded (their own row)."""
+    s, k = self.s, self.s.config.rl.k
+    rows = s.groups_per_minibatch * k // o.devices // o.micro_batches
+    if self.method == "xla":
+      name = "update remat" if o.remat else "update"
+      # The fit's temp bytes hold the whole model's gradients (unsplit, config dtype): their own row.
+      return self._xla(name, s.policy, rows, minus=param_bytes(s.policy, s.config.model.param_dtype, 1))
+    cfg, T, a = s.policy, s.prompt + s.new, jnp.dtype(o.dtype).itemsize
+    layer = a * rows * T * (7 * cfg.hidden_size + 2 * cfg.mlp_width) + 6 * rows * cfg.num_heads * T * T
+    logits = 12 * rows * s.new * cfg.vocab_size
+    if o.remat:
+      return (cfg.num_layers * a * rows * T * cfg.hidden_size + 2 * layer + logits,
+              "analytic, remat: L·a·b·T·d (block inputs) + 2 x one block + 12·b·R·V (logits)")
+    return (cfg.num_layers * layer + logits,
+            "analytic: L·(a·b·T·(7d+2F) + 6·b·H·T²) saved for backward + 12·b·R·V (fp32 logits, grads)")
+
+
+# ----------------------------------------------------------------------------- the table
+
+def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, float, str]]:
+  """(phase, item, bytes per device, how): phase 'all' lives through the whole iteration."""
+  n = o.devices
+  params = param_bytes(s.policy, o.param_dtype, n)
+  grads = params
+  chunk_rows = o.rollout_chunk * s.config.rl.k
+  cache = kv_cache_bytes(s.policy, chunk_rows // n, s.prompt + s.new)
+  shape = "eval_shape" + (f", FSDP / {n}" if n > 1 else "")
+  out = [
+      ("all", f"policy params ({o.param_dtype}, trainable)", params, shape),
+      ("all", f"AdamW mu ({o.mu_dtype})", param_bytes(s.policy, o.mu_dtype, n), shape),
+      ("all", "AdamW nu (float32)", param_bytes(s.policy, "float32", n), shape),
+      ("all", f"reference params ({o.frozen_dtype}, frozen)", param_bytes(s.policy, o.frozen_dtype, n), shape),
+      ("all", f"reward model params ({o.frozen_dtype}, frozen)", param_bytes(s.reward, o.frozen_dtype, n), shape),
+  ]
+  if o.sampler_dtype != o.param_dtype:
+    out.append(("rollout", f"sampler copy of the policy ({o.sampler_dtype})", param_bytes(s.policy, o.sampler_dtype, n), shape))
+  out += [
+      ("rollout", f"KV cache ({chunk_rows // n} rows x {s.prompt + s.new} slots)", cache, "2·L·rows·G·S·K·a"),
+      ("rollout", "decode activations (prefill, logits)", *act.decode(o, cache)),
+      ("log-probs", f"old + ref log-probs pass ({chunk_rows // n} rows)", *act.logprobs(o)),
+      ("reward", f"reward model pass ({chunk_rows // n} rows)", *act.reward(o)),
+      ("update", f"gradients ({o.param_dtype})", grads, shape),
+      ("update", f"update activations & scratch ({'remat' if o.remat else 'no remat'}, "
+                 f"{s.groups_per_minibatch * s.config.rl.k // n // o.micro_batches} rows)", *act.update(o)),
+  ]
+  return out
+
+
+def peak(rows) -> tuple[str, float]:
+  """(peak phase, its total)."""
+  totals = {p: sum(b for ph, _, b, _ in rows if ph in ("all", p)) for p in PHASES}
+  phase = max(totals, key=totals.get)
+  return phase, totals[phase]
+
+
+FIXES = [  # (label, config field, change) in order of cost: free first, more devices last
+    ("model.remat=True", "model.remat", lambda o: dict(remat=True)),
+    ("frozen models in bfloat16", "model.frozen_dtype", lambda o: dict(frozen_dtype="bfloat16")),
+    ("AdamW mu in bfloat16", "optim.mu_dtype", lambda o: dict(mu_dtype="bfloat16")),
+    *[(f"rl.micro_batches={m}", "rl.micro_batches", lambda o, m=m: dict(micro_batches=max(o.micro_batches, m)))
+      for m in (2, 4, 8)],
+    *[(f"rl.rollout_chunk={c}", "rl.rollout_chunk", lambda o, c=c: dict(rollout_chunk=min(o.rollout_chunk, c)))
+      for c in (32, 16, 8)],
+    *[(f"FSDP over {n} devices", "mesh.fsdp", lambda o, n=n: dict(devices=max(o.devices, n))) for n in (2, 4, 8)],
+]
+
+
+def fixes(s: Setting, o: Options, act: Activations, budget: float) -> list[tuple[str, float, bool]]:
+  """Options applied one at a time, keeping those that lower the peak, until it fits."""
+  steps, current = [], peak(items(s, o, act))[1]
+  for label, field, change in FIXES:
+    if current <= budget:
+      break
+    trial = dataclasses.replace(o, **change(o))
+    if trial.micro_batches > s.groups_per_minibatch * s.config.rl.k // trial.devices:
+      continue
+    if s.config.rl.prompts_per_rollout % trial.rollout_chunk:
+      continue
+    total = peak(items(s, trial, act))[1]
+    if total < current - 1e6:
+      o, current = trial, total
+      steps.append((label + (f"  [needs {field}: not in this checkout]" if field in s.absent else ""), total, current <= budget))
+  return steps
+
+
+def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
+  rows = items(s, o, act)
+  phase, total = peak(rows)
+  c = s.config
+  print(f"\n{s.name}: P3O {c.rl.variant}, policy {s.policy_name} ({num_params(s.policy) / 1e9:.2f}B params) + "
+        f"reference (same), reward model {s.reward_name} ({num_params(s.reward) / 1e9:.2f}B)")
+  print(f"  prompt {s.prompt} + {s.new} new tokens; {c.rl.prompts_per_rollout} prompts x K={c.rl.k} per rollout "
+        f"(chunk {o.rollout_chunk} prompts); minibatch {s.groups_per_minibatch} groups = "
+        f"{s.groups_per_minibatch * c.rl.k} rows, {o.micro_batches} micro-batch(es); activations {o.dtype}; "
+        f"{o.devices} device(s)")
+  if s.absent:
+    print(f"  not in this checkout (current behaviour assumed): {', '.join(s.absent)}")
+  print(f"\n  {'phase':<10} {'item':<58} {'GB/device':>10}  how")
+  shown = [r for r in rows if r[0] in ("all", phase)]
+  for ph, name, b, how in shown:
+    print(f"  {ph:<10} {name:<58} {b / GB:10.2f}  {how}")
+  print(f"  {'':<10} {'total (peak phase: ' + phase + ')':<58} {total / GB:10.2f}")
+  others = "; ".join(f"{p} {sum(b for ph, _, b, _ in rows if ph in ('all', p)) / GB:.2f}" for p in PHASES if p != phase)
+  print(f"  other phases (GB): {others}")
+  budget = 0.9 * hbm * GB
+  if total <= budget:
+    print(f"\n  FITS {hbm:g} GB with {1 - total / (hbm * GB):.0%} headroom (>= 10% needed: <= {budget / GB:.1f} GB)")
+  else:
+    over = "over the HBM" if total > hbm * GB else "inside the HBM but"
+    print(f"\n  DOES NOT FIT {hbm:g} GB with 10% headroom: {total / GB:.1f} GB > {budget / GB:.1f} GB, by "
+          f"{(total - budget) / GB:.1f} GB ({over} {(total - hbm * GB) / GB:+.1f} GB against the whole {hbm:g} GB)")
+    print("  what fixes it (cumulative, each kept only if it lowers the peak):")
+    for label, t, ok in fixes(s, o, act, budget):
+      print(f"    + {label:<64} {t / GB:8.2f} GB  {'fits' if ok else ''}")
+  return total
+
+
+def estimate(name: str, *, devices: int = 1, method: str = "xla", log=print) -> tuple[Setting, Options, Activations]:
+  s = make_setting(name)
+  act = Activations(s, method)
+  if method == "xla":
+    act.measure(log)
+  return s, options_from(s, devices), act
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("setting", help=f"one of {', '.join(SETTINGS)}, or a config file (configs/x.py)")
+  parser.add_argument("--hbm", type=float, required=True, help="device memory in GB (1e9 bytes)")
+  parser.add_argument("--devices", type=int, default=1, help="FSDP over N devices")
+  parser.add_argument("--method", choices=("xla", "analytic"), default="xla")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} ({jax.default_backend()} backend for the memory analysis); GB = 1e9 bytes", flush=True)
+  s, o, act = estimate(args.setting, devices=args.devices, method=args.method)
+  report(s, o, act, args.hbm)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -4,21 +4,24 @@
     python bench/memory.py tldr-1b --hbm 80
     python bench/memory.py configs/hh.py --hbm 141     # any config file; shapes from KNOWN_MODELS
 
-Nothing is allocated and no weights are read: parameter and optimizer-state sizes come from
-`jax.eval_shape` of `decoder.abstract` and `train_state.create`, exact to the byte. Activations
-come from XLA's compiled memory analysis (`jax.jit(f).lower(...).compile().memory_analysis()`,
-temp bytes) of the real jitted functions on abstract inputs:
-  rollout     the sampler (`p3o_jax.sampling`: prefill + while-loop decode, KV cache inside);
-  log-probs   the Roller's teacher-forced pass (old and reference log-probs, `rl/rollout.py`);
-  reward      the reward model's score (`rollout.ModelReward`);
-  update      one optimizer step of `rl/update.make_update` over the P3O loss, with and without
-              `model.remat`.
-A 32-layer model takes minutes to compile on a CPU, so each function is compiled at 1 and 2 layers
-with the real widths, lengths and batch, and its temp bytes extrapolated linearly in layers
-(the decoder unrolls its layers: each adds the same buffers). This is the CPU backend's buffer
-assignment: a GPU's fusions differ, so read these rows as estimates (measure with
-bench/accelerator.py on the device). `--method analytic` uses the formulas printed in the `how`
-column instead (seconds, no compile).
+Nothing is allocated and no weights are read: parameter, gradient and optimizer-state sizes
+come from `jax.eval_shape` of `decoder.abstract`, exact to the byte. Activations (`--method xla`,
+the default):
+  rollout     XLA's compiled memory analysis (`jax.jit(f).lower(...).compile().memory_analysis()`,
+  log-probs   temp bytes) of the real jitted functions on abstract inputs: the sampler
+  reward      (`p3o_jax.sampling`: prefill + while-loop decode; its KV cache is its own row), the
+              Roller's teacher-forced pass (old and reference log-probs, `rl/rollout.py`), the
+              reward model's score (`rollout.ModelReward`). A 32-layer model takes minutes to
+              compile on a CPU, so each is compiled at 2 and 3 layers with the real widths,
+              lengths and batch and extrapolated linearly in layers (why not 1 and 2: see
+              per_layer_fit). This is the CPU backend's buffer assignment, which runs bf16 dots in
+              f32 and fuses less than a GPU: read it as an upper estimate.
+  update      what jax's autodiff keeps for the backward pass of the P3O loss
+              (`saved_residuals`, on abstract inputs, at the real depth), plus, with
+              `model.remat`, one block's residuals recomputed in the backward. Not XLA's CPU temp
+              bytes: the CPU backend's update buffers come out the same with and without remat.
+`--method analytic` uses the formulas in the `how` column for all four (seconds, no compile);
+with `xla` the analytic total is printed too. Measure on the device with bench/accelerator.py.
 
 An option the checkout does not have yet (optim.mu_dtype, model.frozen_dtype, rl.rollout_chunk)
 takes its current behaviour: moments in the parameter dtype, frozen models in model.param_dtype,
@@ -46,12 +49,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # shapes only; never touch an acc
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (jax.ad_checkpoint prints, this returns)
 
 from p3o_jax import sharding, train_state  # noqa: E402
 from p3o_jax.models import decoder  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, Roller  # noqa: E402
-from p3o_jax.rl.update import make_update  # noqa: E402
 
 GB = 1e9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,24 +224,13 @@ def _reward(cfg, rows, prompt, new):
   return temp_bytes(ModelReward(graph, params)._score, params, q, q, r, r)
 
 
-def _update(cfg, config, groups, k, prompt, new, micro_batches):
-  graph, params = decoder.abstract(cfg)
-  algo = algorithms.create(config.rl, graph, config.sampler.temperature)
-  tx = train_state.make_optimizer(config.optim, 10)
-  # One epoch of one minibatch: the scan step of the real update, whatever its trip counts.
-  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1, micro_batches=micro_batches, count_fn=algo.count)
-  state = jax.eval_shape(lambda p: train_state.create(p, tx), params)
-  g = lambda n, dtype=jnp.int32: _sds((groups, k, n), dtype)
-  batch = dict(query=g(prompt), query_mask=g(prompt), response=g(new), response_mask=g(new),
-               logp_old=g(new, jnp.float32), logp_ref=g(new, jnp.float32), rewards=_sds((groups, k), jnp.float32))
-  return temp_bytes(update, state, batch, jax.eval_shape(lambda: jax.random.key(0)))
-
-
 def per_layer_fit(measure, cfg: decoder.DecoderConfig, *frozen_cfgs) -> tuple[int, int]:
-  """(bytes at 0 layers, bytes per layer) from compiles at 1 and 2 layers (same widths)."""
+  """(bytes at 0 layers, bytes per layer), a line through compiles at 2 and 3 layers (same widths).
+  Not 1 and 2: a forward reuses the first layer's buffers for the next ones, so the step from one
+  layer to two is larger than the steps after it."""
   at = lambda n: measure(cfg.replace(num_layers=n), *(f.replace(num_layers=n) for f in frozen_cfgs))
-  one, two = at(1), at(2)
-  return one - (two - one), two - one
+  two, three = at(2), at(3)
+  return two - 2 * (three - two), three - two
 
 
 # ----------------------------------------------------------------------------- activations
@@ -249,32 +241,30 @@ class Activations:
   s: Setting
   method: str
   fits: dict = dataclasses.field(default_factory=dict)  # XLA: name -> (rows measured, base, per layer)
+  residuals: dict = dataclasses.field(default_factory=dict)  # (remat, groups, layers) -> bytes
 
   def measure(self, log=print):
     s, c = self.s, self.s.config
     K, P, N, chunk = c.rl.k, s.prompt, s.new, options_from(s, 1).rollout_chunk
-    G = s.groups_per_minibatch
     o = options_from(s, 1)
     frozen, sampler = s.policy.replace(param_dtype=o.frozen_dtype), s.policy.replace(param_dtype=o.sampler_dtype)
     jobs = {
         "decode": (chunk * K, lambda cfg: _decode(cfg, chunk, K, P, N), sampler),
         "log-probs": (chunk * K, lambda cfg, ref: _logprobs(cfg, ref, chunk, K, P, N, c.sampler), s.policy, frozen),
         "reward": (chunk * K, lambda cfg: _reward(cfg, chunk * K, P, N), s.reward),
-        "update": (G * K, lambda cfg: _update(cfg, c, G, K, P, N, 1), s.policy.replace(remat=False)),
-        "update remat": (G * K, lambda cfg: _update(cfg, c, G, K, P, N, 1), s.policy.replace(remat=True)),
     }
     for name, (rows, fn, *cfgs) in jobs.items():
       start = time.perf_counter()
       base, per_layer = per_layer_fit(fn, *cfgs)
       self.fits[name] = (rows, base, per_layer)
-      log(f"  compiled {name:>12} at 1 and 2 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
+      log(f"  compiled {name:>12} at 2 and 3 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
           f"per layer ({time.perf_counter() - start:.0f} s)", flush=True)
 
   def _xla(self, name, cfg, rows, minus=0) -> tuple[float, str]:
     measured, base, per_layer = self.fits[name]
     total = base + cfg.num_layers * per_layer - minus
     scaled = "" if rows == measured else f", x {rows}/{measured} rows"
-    return total * rows / measured, f"XLA temp bytes, 1-2 layer fit x {cfg.num_layers} layers{scaled}"
+    return total * rows / measured, f"XLA temp bytes (CPU), 2-3 layer fit x {cfg.num_layers} layers{scaled}"
 
   def decode(self, o: Options, cache: int) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
@@ -302,21 +292,41 @@ class Activations:
     return (self._forward(s.reward, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, 0),
             "analytic: 8·N·H·T² (fp32 scores+probs) + 2·a·N·T·F")
 
+  def _residuals(self, remat: bool, groups: int, layers: int) -> int:
+    """Bytes jax's autodiff keeps for the backward pass of the P3O loss on `groups` groups
+    (`saved_residuals` on abstract inputs: the jaxpr, before XLA fuses or rematerialises;
+    the parameters themselves excluded)."""
+    key = (remat, groups, layers)
+    if key not in self.residuals:
+      s, k = self.s, self.s.config.rl.k
+      graph, params = decoder.abstract(s.policy.replace(remat=remat, num_layers=layers))
+      algo = algorithms.create(s.config.rl, graph, s.config.sampler.temperature)
+      g = lambda n, dtype=jnp.int32: _sds((groups, k, n), dtype)
+      batch = dict(query=g(s.prompt), query_mask=g(s.prompt), response=g(s.new), response_mask=g(s.new),
+                   logp_old=g(s.new, jnp.float32), logp_ref=g(s.new, jnp.float32), rewards=_sds((groups, k), jnp.float32))
+      saved = saved_residuals(lambda p, b: algo.loss(p, b)[0], params, batch)
+      self.residuals[key] = sum(nbytes(a.shape, a.dtype) for a, source in saved if not source.startswith("from the argument"))
+    return self.residuals[key]
+
   def update(self, o: Options) -> tuple[float, str]:
-    """Activations and scratch of one optimizer step, gradients excluded (their own row)."""
+    """Activations of one optimizer step, gradients excluded (their own row)."""
     s, k = self.s, self.s.config.rl.k
-    rows = s.groups_per_minibatch * k // o.devices // o.micro_batches
-    if self.method == "xla":
-      name = "update remat" if o.remat else "update"
-      # The fit's temp bytes hold the whole model's gradients (unsplit, config dtype): their own row.
-      return self._xla(name, s.policy, rows, minus=param_bytes(s.policy, s.config.model.param_dtype, 1))
-    cfg, T, a = s.policy, s.prompt + s.new, jnp.dtype(o.dtype).itemsize
+    groups = s.groups_per_minibatch // o.devices // o.micro_batches
+    rows = groups * k
+    cfg, T, a, L = s.policy, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, s.policy.num_layers
+    if self.method == "xla":  # the CPU backend's update buffers ignore remat: autodiff's residuals instead
+      full = self._residuals(False, groups, L)
+      if not o.remat:
+        return full, "jax saved_residuals of the P3O loss (kept for the backward pass)"
+      block = full - self._residuals(False, groups, L - 1)
+      return (self._residuals(True, groups, L) + block,
+              "jax saved_residuals with remat + one block's without (recomputed in the backward)")
     layer = a * rows * T * (7 * cfg.hidden_size + 2 * cfg.mlp_width) + 6 * rows * cfg.num_heads * T * T
     logits = 12 * rows * s.new * cfg.vocab_size
     if o.remat:
-      return (cfg.num_layers * a * rows * T * cfg.hidden_size + 2 * layer + logits,
+      return (L * a * rows * T * cfg.hidden_size + 2 * layer + logits,
               "analytic, remat: L·a·b·T·d (block inputs) + 2 x one block + 12·b·R·V (logits)")
-    return (cfg.num_layers * layer + logits,
+    return (L * layer + logits,
             "analytic: L·(a·b·T·(7d+2F) + 6·b·H·T²) saved for backward + 12·b·R·V (fp32 logits, grads)")
 
 
@@ -345,8 +355,8 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
       ("log-probs", f"old + ref log-probs pass ({chunk_rows // n} rows)", *act.logprobs(o)),
       ("reward", f"reward model pass ({chunk_rows // n} rows)", *act.reward(o)),
       ("update", f"gradients ({o.param_dtype})", grads, shape),
-      ("update", f"update activations & scratch ({'remat' if o.remat else 'no remat'}, "
-                 f"{s.groups_per_minibatch * s.config.rl.k // n // o.micro_batches} rows)", *act.update(o)),
+      ("update", f"update activations ({'remat' if o.remat else 'no remat'}, "
+                 f"{s.groups_per_minibatch // n // o.micro_batches * s.config.rl.k} rows)", *act.update(o)),
   ]
   return out
 
@@ -370,22 +380,22 @@ FIXES = [  # (label, config field, change) in order of cost: free first, more de
 ]
 
 
-def fixes(s: Setting, o: Options, act: Activations, budget: float) -> list[tuple[str, float, bool]]:
-  """Options applied one at a time, keeping those that lower the peak, until it fits."""
+def fixes(s: Setting, o: Options, act: Activations, budget: float, skip=()) -> tuple[list, Options]:
+  """Options applied one at a time, keeping those that lower the peak, until it fits: the steps
+  (label, total, fits) and the options reached. `skip`: config fields not to try."""
   steps, current = [], peak(items(s, o, act))[1]
   for label, field, change in FIXES:
     if current <= budget:
       break
     trial = dataclasses.replace(o, **change(o))
-    if trial.micro_batches > s.groups_per_minibatch * s.config.rl.k // trial.devices:
-      continue
-    if s.config.rl.prompts_per_rollout % trial.rollout_chunk:
+    if (field in skip or (s.groups_per_minibatch // trial.devices) % trial.micro_batches
+        or s.config.rl.prompts_per_rollout % trial.rollout_chunk):
       continue
     total = peak(items(s, trial, act))[1]
     if total < current - 1e6:
       o, current = trial, total
       steps.append((label + (f"  [needs {field}: not in this checkout]" if field in s.absent else ""), total, current <= budget))
-  return steps
+  return steps, o
 
 
 def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
@@ -407,6 +417,13 @@ def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
   print(f"  {'':<10} {'total (peak phase: ' + phase + ')':<58} {total / GB:10.2f}")
   others = "; ".join(f"{p} {sum(b for ph, _, b, _ in rows if ph in ('all', p)) / GB:.2f}" for p in PHASES if p != phase)
   print(f"  other phases (GB): {others}")
+  if act.method == "xla":
+    alt = Activations(s, "analytic")
+    alt_phase, alt_total = peak(items(s, o, alt))
+    alt_fix = fixes(s, o, alt, 0.9 * hbm * GB)[0]
+    print(f"  with --method analytic: {alt_total / GB:.2f} GB (peak phase: {alt_phase})"
+          + (f"; fits after: {', '.join(label.split('  [')[0] for label, _, _ in alt_fix)} -> {alt_fix[-1][1] / GB:.2f} GB"
+             if alt_fix else ""))
   budget = 0.9 * hbm * GB
   if total <= budget:
     print(f"\n  FITS {hbm:g} GB with {1 - total / (hbm * GB):.0%} headroom (>= 10% needed: <= {budget / GB:.1f} GB)")
@@ -415,7 +432,7 @@ def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
     print(f"\n  DOES NOT FIT {hbm:g} GB with 10% headroom: {total / GB:.1f} GB > {budget / GB:.1f} GB, by "
           f"{(total - budget) / GB:.1f} GB ({over} {(total - hbm * GB) / GB:+.1f} GB against the whole {hbm:g} GB)")
     print("  what fixes it (cumulative, each kept only if it lowers the peak):")
-    for label, t, ok in fixes(s, o, act, budget):
+    for label, t, ok in fixes(s, o, act, budget)[0]:
       print(f"    + {label:<64} {t / GB:8.2f} GB  {'fits' if ok else ''}")
   return total
 

@@ -1,0 +1,51 @@
+"""bench/accelerator.py --tiny and bench/memory.py run end to end, and their numbers add up."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def run(*args: str, timeout: int) -> str:
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)  # one device, as the scripts' users run them
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_accelerator_tiny_prints_three_sections_with_finite_numbers():
+  out = run("bench/accelerator.py", "--tiny", "--steps", "3", "--repeats", "2", timeout=150)
+  sections = {name: out.index(name) for name in ("(a) train step", "(b) decode", "(c) iteration memory", "---- summary")}
+  assert list(sections.values()) == sorted(sections.values()), out
+  body = lambda start, end: out[sections[start]:sections[end]]
+  checks = {"(a) train step": (r"(" + NUMBER + r") ms/step", r"MFU (" + NUMBER + r")%"),
+            "(b) decode": (r"(" + NUMBER + r") tok/s decode", r"(" + NUMBER + r")% of it"),
+            "(c) iteration memory": (r"(" + NUMBER + r") GB peak",)}
+  ends = dict(zip(checks, ["(b) decode", "(c) iteration memory", "---- summary"]))
+  for section, patterns in checks.items():
+    for pattern in patterns:
+      found = re.search(pattern, body(section, ends[section]))
+      assert found, f"{section}: no {pattern!r} in\n{out}"
+      value = float(found.group(1))
+      assert math.isfinite(value) and value > 0, f"{section}: {pattern} = {value}\n{out}"
+
+
+def test_memory_table_total_is_the_sum_of_its_rows():
+  out = run("bench/memory.py", "tldr-1b", "--hbm", "80", "--method", "analytic", timeout=90)
+  lines = out.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["phase", "item"])
+  rows, total = [], None
+  for line in lines[start + 1:]:
+    cells = re.split(r"\s{2,}", line.strip())
+    if cells[0].startswith("total"):
+      total = float(cells[1])
+      break
+    rows.append(float(cells[2]))
+  assert total is not None and len(rows) >= 7, out
+  assert abs(sum(rows) - total) <= 0.005 * len(rows) + 1e-9, (rows, total, out)  # rows print rounded to 0.01
+  assert re.search(r"\bFITS 80 GB\b|DOES NOT FIT 80 GB", out), out

@@ -102,6 +102,8 @@ class Options:
   micro_batches: int
   rollout_chunk: int
   devices: int = 1
+  host_frozen: bool = False   # reference + reward model in host memory during the update
+  host_moments: bool = False  # AdamW moments in host memory outside the update
 
 
 @dataclasses.dataclass
@@ -114,7 +116,7 @@ class Setting:
   reward_name: str
   prompt: int
   new: int
-  absent: tuple  # config fields this checkout lacks
+  absent: tuple  # config fields this checkout lacks (host offload: no option anywhere yet)
 
   @property
   def groups_per_minibatch(self) -> int:
@@ -146,7 +148,7 @@ def make_setting(name: str) -> Setting:
   reward_name, reward = shape_of(config.model.reward_hf, config) if config.model.reward_hf else (policy_name, policy)
   dtypes = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   absent = tuple(f for f, block in (("optim.mu_dtype", config.optim), ("model.frozen_dtype", config.model),
-                                    ("rl.rollout_chunk", config.rl)) if f.split(".")[1] not in block)
+                                    ("rl.rollout_chunk", config.rl)) if f.split(".")[1] not in block) + ("host offload",)
   return Setting(name, config, decoder.DecoderConfig(**policy, **dtypes),
                  decoder.DecoderConfig(**reward, **dtypes, lm_head=False, scalar_head=True),
                  policy_name, reward_name, config.data.max_prompt_len, config.sampler.max_new_tokens, absent)
@@ -266,7 +268,7 @@ class Activations:
     scaled = "" if rows == measured else f", x {rows}/{measured} rows"
     return total * rows / measured, f"XLA temp bytes (CPU), 2-3 layer fit x {cfg.num_layers} layers{scaled}"
 
-  def decode(self, o: Options, cache: int) -> tuple[float, str]:
+  def decode(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":  # the sampler's temp bytes hold its KV cache: counted in its own row
       return self._xla("decode", s.policy, rows, minus=kv_cache_bytes(s.policy, self.fits["decode"][0], s.prompt + s.new))
@@ -340,18 +342,23 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
   chunk_rows = o.rollout_chunk * s.config.rl.k
   cache = kv_cache_bytes(s.policy, chunk_rows // n, s.prompt + s.new)
   shape = "eval_shape" + (f", FSDP / {n}" if n > 1 else "")
+  # The update reads neither frozen model (logp_ref is in the batch); only the update reads the moments.
+  frozen = ("rollout", "log-probs", "reward") if o.host_frozen else ("all",)
+  moments = ("update",) if o.host_moments else ("all",)
   out = [
       ("all", f"policy params ({o.param_dtype}, trainable)", params, shape),
-      ("all", f"AdamW mu ({o.mu_dtype})", param_bytes(s.policy, o.mu_dtype, n), shape),
-      ("all", "AdamW nu (float32)", param_bytes(s.policy, "float32", n), shape),
-      ("all", f"reference params ({o.frozen_dtype}, frozen)", param_bytes(s.policy, o.frozen_dtype, n), shape),
-      ("all", f"reward model params ({o.frozen_dtype}, frozen)", param_bytes(s.reward, o.frozen_dtype, n), shape),
+      *[(ph, f"AdamW mu ({o.mu_dtype})", param_bytes(s.policy, o.mu_dtype, n), shape) for ph in moments],
+      *[(ph, "AdamW nu (float32)", param_bytes(s.policy, "float32", n), shape) for ph in moments],
+      *[(ph, f"reference params ({o.frozen_dtype}, frozen)", param_bytes(s.policy, o.frozen_dtype, n), shape)
+        for ph in frozen],
+      *[(ph, f"reward model params ({o.frozen_dtype}, frozen)", param_bytes(s.reward, o.frozen_dtype, n), shape)
+        for ph in frozen],
   ]
   if o.sampler_dtype != o.param_dtype:
     out.append(("rollout", f"sampler copy of the policy ({o.sampler_dtype})", param_bytes(s.policy, o.sampler_dtype, n), shape))
   out += [
       ("rollout", f"KV cache ({chunk_rows // n} rows x {s.prompt + s.new} slots)", cache, "2·L·rows·G·S·K·a"),
-      ("rollout", "decode activations (prefill, logits)", *act.decode(o, cache)),
+      ("rollout", "decode activations (prefill, logits)", *act.decode(o)),
       ("log-probs", f"old + ref log-probs pass ({chunk_rows // n} rows)", *act.logprobs(o)),
       ("reward", f"reward model pass ({chunk_rows // n} rows)", *act.reward(o)),
       ("update", f"gradients ({o.param_dtype})", grads, shape),
@@ -376,6 +383,8 @@ FIXES = [  # (label, config field, change) in order of cost: free first, more de
       for m in (2, 4, 8)],
     *[(f"rl.rollout_chunk={c}", "rl.rollout_chunk", lambda o, c=c: dict(rollout_chunk=min(o.rollout_chunk, c)))
       for c in (32, 16, 8)],
+    ("frozen models in host memory during the update", "host offload", lambda o: dict(host_frozen=True)),
+    ("AdamW moments in host memory outside the update", "host offload", lambda o: dict(host_moments=True)),
     *[(f"FSDP over {n} devices", "mesh.fsdp", lambda o, n=n: dict(devices=max(o.devices, n))) for n in (2, 4, 8)],
 ]
 
@@ -394,7 +403,8 @@ def fixes(s: Setting, o: Options, act: Activations, budget: float, skip=()) -> t
     total = peak(items(s, trial, act))[1]
     if total < current - 1e6:
       o, current = trial, total
-      steps.append((label + (f"  [needs {field}: not in this checkout]" if field in s.absent else ""), total, current <= budget))
+      missing = f"  [needs {field}: not in this checkout]" if "." in field else "  [no option for it yet]"
+      steps.append((label + (missing if field in s.absent else ""), total, current <= budget))
   return steps, o
 
 
@@ -408,8 +418,9 @@ def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
         f"(chunk {o.rollout_chunk} prompts); minibatch {s.groups_per_minibatch} groups = "
         f"{s.groups_per_minibatch * c.rl.k} rows, {o.micro_batches} micro-batch(es); activations {o.dtype}; "
         f"{o.devices} device(s)")
-  if s.absent:
-    print(f"  not in this checkout (current behaviour assumed): {', '.join(s.absent)}")
+  absent = [f for f in s.absent if "." in f]
+  if absent:
+    print(f"  not in this checkout (current behaviour assumed): {', '.join(absent)}")
   print(f"\n  {'phase':<10} {'item':<58} {'GB/device':>10}  how")
   shown = [r for r in rows if r[0] in ("all", phase)]
   for ph, name, b, how in shown:

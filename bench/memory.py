@@ -443,8 +443,12 @@ def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
     print(f"\n  DOES NOT FIT {hbm:g} GB with 10% headroom: {total / GB:.1f} GB > {budget / GB:.1f} GB, by "
           f"{(total - budget) / GB:.1f} GB ({over} {(total - hbm * GB) / GB:+.1f} GB against the whole {hbm:g} GB)")
     print("  what fixes it (cumulative, each kept only if it lowers the peak):")
-    for label, t, ok in fixes(s, o, act, budget)[0]:
+    steps, fixed = fixes(s, o, act, budget)
+    for label, t, ok in steps:
       print(f"    + {label:<64} {t / GB:8.2f} GB  {'fits' if ok else ''}")
+    after = items(s, fixed, act)
+    print("    then, per phase (GB): " + "; ".join(
+        f"{p} {sum(b for ph, _, b, _ in after if ph in ('all', p)) / GB:.2f}" for p in PHASES))
   return total
 
 

@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import memory  # noqa: E402
 from p3o_jax import sampling, train_state  # noqa: E402
 from p3o_jax.config_base import base_config  # noqa: E402
-from p3o_jax.models import decoder  # noqa: E402
+from p3o_jax.models import decoder, hf, policy  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, make_roller, process_scores  # noqa: E402
 from p3o_jax.rl.update import make_update  # noqa: E402
@@ -106,7 +106,7 @@ def device_peaks(args) -> tuple[str, float, float, str]:
 
 
 def policy_cfg(tiny: bool, **dtypes) -> decoder.DecoderConfig:
-  return decoder.DecoderConfig(**(TINY if tiny else memory.SHAPES["Pythia-1B"]), **dtypes)
+  return decoder.DecoderConfig(**TINY, **dtypes) if tiny else hf.config_from_hf(memory.SHAPES["Pythia-1B"], **dtypes)
 
 
 def random_params(cfg: decoder.DecoderConfig, seed: int = 0):
@@ -213,12 +213,12 @@ def iteration(tiny: bool, log) -> dict:
   limit = (stats or {}).get("bytes_limit")
   s, o = tiny_setting() if tiny or not limit else choose_setting(limit, log)
   config = s.config
-  config.model.remat, config.rl.micro_batches = o.remat, o.micro_batches
+  config.model.remat, config.model.frozen_dtype, config.optim.mu_dtype = o.remat, o.frozen_dtype, o.mu_dtype
+  config.rl.micro_batches, config.rl.rollout_chunk = o.micro_batches, o.rollout_chunk
   rl = config.rl
   config.sampler.min_new_tokens = config.sampler.max_new_tokens  # every response full length: the worst case
   graph, params = random_params(s.policy.replace(remat=o.remat))
-  frozen = lambda x: x.astype(o.frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  ref_params = jax.jit(lambda p: jax.tree.map(frozen, p))(params)  # a copy: the update donates params
+  ref_params = policy.frozen_copy(params, o.frozen_dtype)  # as pipeline.run_rl: the update donates params
   rm_graph, rm_params = random_params(s.reward.replace(param_dtype=o.frozen_dtype), seed=1)
   tokenizer = types.SimpleNamespace(eos_token_id=EOS_ID, pad_token_id=PAD_ID)
   reward = ModelReward(rm_graph, rm_params)
@@ -232,7 +232,7 @@ def iteration(tiny: bool, log) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, s.policy.vocab_size, (rl.prompts_per_rollout, s.prompt)).astype(np.int32)
   start = time.perf_counter()
-  exp = roller(state.params, prompts, np.ones_like(prompts), jax.random.key(0), rl.k)
+  exp = roller(state.params, prompts, np.ones_like(prompts), jax.random.key(0), rl.k, chunk=o.rollout_chunk)
   rolled = time.perf_counter()
   batch = algo.prepare(exp, process_scores(exp.scores, clip=rl.reward_clip, moments=None), rl.beta)[0]
   compiled = update.lower(state, batch, jax.random.key(1)).compile()  # run it, and read its memory analysis
@@ -248,8 +248,8 @@ def iteration(tiny: bool, log) -> dict:
     live = sum(x.nbytes for x in jax.live_arrays())
     peak = live + compiled.memory_analysis().temp_size_in_bytes
     how = "live arrays + the update's XLA temp bytes (no memory_stats on this backend)"
-  options = (f"remat {o.remat}, micro_batches {o.micro_batches}, frozen {o.frozen_dtype}, "
-             f"mu {config.optim.get('mu_dtype') or o.param_dtype}")
+  options = (f"remat {o.remat}, micro_batches {o.micro_batches}, rollout_chunk {o.rollout_chunk}, "
+             f"frozen {o.frozen_dtype}, mu {o.mu_dtype}")
   return dict(setting=s.name, policy=s.policy_name, reward=s.reward_name, options=options, peak=peak, how=how,
               limit=limit, seconds=seconds, rollout_s=rolled - start,
               estimate=memory.peak(memory.items(s, o, memory.Activations(s, "analytic")))[1])

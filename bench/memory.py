@@ -52,33 +52,29 @@ import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (jax.ad_checkpoint prints, this returns)
 
 from p3o_jax import sharding, train_state  # noqa: E402
-from p3o_jax.models import decoder  # noqa: E402
+from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, Roller  # noqa: E402
 
 GB = 1e9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Public model shapes (their config.json), as DecoderConfig fields. GPT-J is not a family of
-# models/decoder.py: its sizes run on the GPT-NeoX layout (parallel residual, partial rotary),
-# which differs only in one LayerNorm per block (GPT-J shares one: 8k parameters a layer) and
-# in rotating interleaved pairs (no memory difference).
-_NEOX = dict(model_type="gpt_neox", rotary_pct=0.25, parallel_residual=True, qkv_bias=True, out_bias=True,
-             mlp_bias=True, activation="gelu", max_position_embeddings=2048)
+# Public model shapes: the sizes in their config.json, read by hf.config_from_hf as a checkpoint's would be.
+_PYTHIA = dict(model_type="gpt_neox", rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu",
+               max_position_embeddings=2048, tie_word_embeddings=False)
 SHAPES = {
-    "Pythia-1B": dict(_NEOX, vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=8,
+    "Pythia-1B": dict(_PYTHIA, vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
                       intermediate_size=8192),
-    "Pythia-6.9B": dict(_NEOX, vocab_size=50432, hidden_size=4096, num_layers=32, num_heads=32,
+    "Pythia-6.9B": dict(_PYTHIA, vocab_size=50432, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                         intermediate_size=16384),
-    "GPT-J-6B sizes on the GPT-NeoX decoder": dict(
-        _NEOX, qkv_bias=False, out_bias=False, activation="gelu_new", vocab_size=50400, hidden_size=4096,
-        num_layers=28, num_heads=16, intermediate_size=16384),
+    "GPT-J-6B": dict(model_type="gptj", vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                     n_positions=2048, activation_function="gelu_new", tie_word_embeddings=False),
 }
 KNOWN_MODELS = {  # hub ids the configs name -> SHAPES
     "EleutherAI/pythia-1b-deduped": "Pythia-1B", "EleutherAI/pythia-1b": "Pythia-1B",
     "Dahoas/pythia-1B-static-sft": "Pythia-1B", "EleutherAI/pythia-6.9b": "Pythia-6.9B",
     "EleutherAI/pythia-6.9b-deduped": "Pythia-6.9B",
-    "Dahoas/gptj-rm-static": "GPT-J-6B sizes on the GPT-NeoX decoder",
+    "Dahoas/gptj-rm-static": "GPT-J-6B",
 }
 SETTINGS = {  # name -> (config file, policy shape): the P3O paper's HH and TL;DR settings
     "hh-6.9b": ("configs/hh.py", "Pythia-6.9B"),
@@ -130,28 +126,32 @@ def load_config(path: str):
   return module.get_config()
 
 
-def shape_of(hub_id: str, config) -> tuple[str, dict]:
+def shape_of(hub_id: str, config, **fields) -> tuple[str, decoder.DecoderConfig]:
+  """(name, DecoderConfig) of a model the config names; `fields`: dtypes, heads."""
   if hub_id in KNOWN_MODELS:
-    return KNOWN_MODELS[hub_id], SHAPES[KNOWN_MODELS[hub_id]]
+    return KNOWN_MODELS[hub_id], hf.config_from_hf(SHAPES[KNOWN_MODELS[hub_id]], **fields)
   if not hub_id and len(config.model.arch):
     arch = dict(config.model.arch)
     arch.setdefault("vocab_size", 64)  # the demo's vocabulary comes from its tokenizer (17 words)
-    return "model.arch", arch
+    return "model.arch", decoder.DecoderConfig(**{**arch, **fields})
   raise SystemExit(f"no shape for model {hub_id!r}: add its config.json sizes to KNOWN_MODELS in {__file__}")
 
 
 def make_setting(name: str) -> Setting:
   path, policy_shape = SETTINGS.get(name, (name, None))
   config = load_config(path)
-  policy_name, policy = (policy_shape, SHAPES[policy_shape]) if policy_shape else shape_of(config.model.hf, config)
+  m = config.model
+  dtypes = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=bool(m.get("scan_layers", False)))
+  policy_name, policy = ((policy_shape, hf.config_from_hf(SHAPES[policy_shape], **dtypes)) if policy_shape
+                         else shape_of(m.hf, config, **dtypes))
   # No reward_hf: the rm stage trains the policy's backbone with a score head (pipeline.py).
-  reward_name, reward = shape_of(config.model.reward_hf, config) if config.model.reward_hf else (policy_name, policy)
-  dtypes = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  heads = dict(lm_head=False, scalar_head=True)
+  reward_name, reward = (shape_of(m.reward_hf, config, **dtypes, **heads) if m.reward_hf
+                         else (policy_name, policy.replace(**heads)))
   absent = tuple(f for f, block in (("optim.mu_dtype", config.optim), ("model.frozen_dtype", config.model),
                                     ("rl.rollout_chunk", config.rl)) if f.split(".")[1] not in block) + ("host offload",)
-  return Setting(name, config, decoder.DecoderConfig(**policy, **dtypes),
-                 decoder.DecoderConfig(**reward, **dtypes, lm_head=False, scalar_head=True),
-                 policy_name, reward_name, config.data.max_prompt_len, config.sampler.max_new_tokens, absent)
+  return Setting(name, config, policy, reward, policy_name, reward_name, config.data.max_prompt_len,
+                 config.sampler.max_new_tokens, absent)
 
 
 def options_from(s: Setting, devices: int) -> Options:
@@ -186,6 +186,11 @@ def num_params(cfg: decoder.DecoderConfig) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(decoder.abstract(cfg)[1]))
 
 
+def query_block(cfg: decoder.DecoderConfig, T: int) -> int:
+  """Q: the queries whose scores exist at once (decoder.attend: cfg.attention_block, 0 = all)."""
+  return min(getattr(cfg, "attention_block", 0) or T, T)
+
+
 def kv_cache_bytes(cfg: decoder.DecoderConfig, rows: int, length: int) -> int:
   """decoder.init_cache: K and V, [rows, G, S, K] per layer, in the activation dtype."""
   return 2 * cfg.num_layers * nbytes((rows, cfg.kv_heads, length, cfg.dim_per_head), cfg.dtype)
@@ -205,9 +210,9 @@ def _decode(cfg, prompts, k, prompt, new):
   from p3o_jax import sampling  # noqa: PLC0415
   graph, params = decoder.abstract(cfg)
   run = sampling._compiled(graph, None, max_new_tokens=new, num_samples=k, top_k=0, use_top_p=False,
-                           greedy=False, eos_id=0, pad_id=0)  # what generate() calls, as the Roller asks
+                           greedy=False, eos_id=0, pad_id=0, total_prompts=prompts)  # what generate() calls
   tokens = _sds((prompts, prompt), jnp.int32)
-  return temp_bytes(run, params, tokens, tokens, jax.eval_shape(lambda: jax.random.key(0)),
+  return temp_bytes(run, params, tokens, tokens, jax.eval_shape(lambda: jax.random.key(0)), _sds((prompts,), jnp.int32),
                     _sds((), jnp.float32), _sds((), jnp.float32), _sds((), jnp.int32))
 
 
@@ -274,25 +279,26 @@ class Activations:
       return self._xla("decode", s.policy, rows, minus=kv_cache_bytes(s.policy, self.fits["decode"][0], s.prompt + s.new))
     p, b, S, cfg = s.prompt, o.rollout_chunk // o.devices, s.prompt + s.new, s.policy
     a = jnp.dtype(o.dtype).itemsize
-    v = 8 * b * cfg.num_heads * p * S + 2 * a * b * p * cfg.mlp_width + 12 * rows * cfg.vocab_size
-    return v, "analytic: prefill 8·B·H·P·S (fp32 scores+probs) + 2·a·B·P·F (MLP) + 12·R·V (logits)"
+    v = 8 * b * cfg.num_heads * query_block(cfg, p) * S + 2 * a * b * p * cfg.mlp_width + 12 * rows * cfg.vocab_size
+    return v, "analytic: prefill 8·B·H·Q·S (fp32 scores+probs of a query block) + 2·a·B·P·F (MLP) + 12·R·V (logits)"
 
   def _forward(self, cfg, rows, T, a, logits_len) -> float:
-    return 8 * rows * cfg.num_heads * T * T + 2 * a * rows * T * cfg.mlp_width + 8 * rows * logits_len * cfg.vocab_size
+    return (8 * rows * cfg.num_heads * query_block(cfg, T) * T + 2 * a * rows * T * cfg.mlp_width
+            + 8 * rows * logits_len * cfg.vocab_size)
 
   def logprobs(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":
       return self._xla("log-probs", s.policy, rows)
     return (self._forward(s.policy, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, s.new),
-            "analytic: 8·N·H·T² (fp32 scores+probs) + 2·a·N·T·F + 8·N·R·V (fp32 logits, log-softmax)")
+            "analytic: 8·N·H·Q·T (fp32 scores+probs of a query block) + 2·a·N·T·F + 8·N·R·V (fp32 logits, log-softmax)")
 
   def reward(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":
       return self._xla("reward", s.reward, rows)
     return (self._forward(s.reward, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, 0),
-            "analytic: 8·N·H·T² (fp32 scores+probs) + 2·a·N·T·F")
+            "analytic: 8·N·H·Q·T (fp32 scores+probs of a query block) + 2·a·N·T·F")
 
   def _residuals(self, remat: bool, groups: int, layers: int) -> int:
     """Bytes jax's autodiff keeps for the backward pass of the P3O loss on `groups` groups
@@ -323,13 +329,17 @@ class Activations:
       block = full - self._residuals(False, groups, L - 1)
       return (self._residuals(True, groups, L) + block,
               "jax saved_residuals with remat + one block's without (recomputed in the backward)")
-    layer = a * rows * T * (7 * cfg.hidden_size + 2 * cfg.mlp_width) + 6 * rows * cfg.num_heads * T * T
-    logits = 12 * rows * s.new * cfg.vocab_size
+    Q = query_block(cfg, T)
+    # Query-blocked attention (decoder.attend) keeps no scores for the backward: it recomputes
+    # one block's [b, H, Q, T] at a time. Unblocked, each layer keeps fp32 probs + their bf16 copy.
+    scores = 6 * rows * cfg.num_heads * T * T if Q == T else 0
+    layer = a * rows * T * (7 * cfg.hidden_size + 2 * cfg.mlp_width) + scores
+    extra = 12 * rows * s.new * cfg.vocab_size + 8 * rows * cfg.num_heads * Q * T
     if o.remat:
-      return (L * a * rows * T * cfg.hidden_size + 2 * layer + logits,
-              "analytic, remat: L·a·b·T·d (block inputs) + 2 x one block + 12·b·R·V (logits)")
-    return (L * layer + logits,
-            "analytic: L·(a·b·T·(7d+2F) + 6·b·H·T²) saved for backward + 12·b·R·V (fp32 logits, grads)")
+      return (L * a * rows * T * cfg.hidden_size + 2 * layer + extra,
+              "analytic, remat: L·a·b·T·d (block inputs) + 2 x one block + 12·b·R·V (logits) + 8·b·H·Q·T")
+    return (L * layer + extra, "analytic: L·a·b·T·(7d+2F) saved for backward (+ 6·b·H·T² a layer if unblocked) "
+                               "+ 12·b·R·V (fp32 logits, grads) + 8·b·H·Q·T (one query block)")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -392,19 +402,23 @@ FIXES = [  # (label, config field, change) in order of cost: free first, more de
 def fixes(s: Setting, o: Options, act: Activations, budget: float, skip=()) -> tuple[list, Options]:
   """Options applied one at a time, keeping those that lower the peak, until it fits: the steps
   (label, total, fits) and the options reached. `skip`: config fields not to try."""
-  steps, current = [], peak(items(s, o, act))[1]
-  for label, field, change in FIXES:
-    if current <= budget:
-      break
-    trial = dataclasses.replace(o, **change(o))
-    if (field in skip or (s.groups_per_minibatch // trial.devices) % trial.micro_batches
-        or s.config.rl.prompts_per_rollout % trial.rollout_chunk):
-      continue
-    total = peak(items(s, trial, act))[1]
-    if total < current - 1e6:
-      o, current = trial, total
-      missing = f"  [needs {field}: not in this checkout]" if "." in field else "  [no option for it yet]"
-      steps.append((label + (missing if field in s.absent else ""), total, current <= budget))
+  steps, current, remaining = [], peak(items(s, o, act))[1], list(FIXES)
+  progress = True
+  while current > budget and progress:  # after each change, again from the cheapest: the peak phase may have moved
+    progress = False
+    for fix in list(remaining):
+      label, field, change = fix
+      trial = dataclasses.replace(o, **change(o))
+      if (current <= budget or field in skip or (s.groups_per_minibatch // trial.devices) % trial.micro_batches
+          or s.config.rl.prompts_per_rollout % trial.rollout_chunk):
+        continue
+      total = peak(items(s, trial, act))[1]
+      if total < current - 1e6:
+        o, current, progress = trial, total, True
+        remaining.remove(fix)
+        missing = f"  [needs {field}: not in this checkout]" if "." in field else "  [no option for it yet]"
+        steps.append((label + (missing if field in s.absent else ""), total, current <= budget))
+        break
   return steps, o
 
 
@@ -442,7 +456,7 @@ def report(s: Setting, o: Options, act: Activations, hbm: float) -> float:
     over = "over the HBM" if total > hbm * GB else "inside the HBM but"
     print(f"\n  DOES NOT FIT {hbm:g} GB with 10% headroom: {total / GB:.1f} GB > {budget / GB:.1f} GB, by "
           f"{(total - budget) / GB:.1f} GB ({over} {(total - hbm * GB) / GB:+.1f} GB against the whole {hbm:g} GB)")
-    print("  what fixes it (cumulative, each kept only if it lowers the peak):")
+    print("  what fixes it (cumulative, cheapest first, each kept only if it lowers the peak):")
     steps, fixed = fixes(s, o, act, budget)
     for label, t, ok in steps:
       print(f"    + {label:<64} {t / GB:8.2f} GB  {'fits' if ok else ''}")

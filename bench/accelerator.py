@@ -267,8 +267,8 @@ def main():
   args = parser.parse_args()
   log = lambda *a, **k: print(*a, **k, flush=True)
   kind, peak_flops, bandwidth, where = device_peaks(args)
-  log(f"jax {jax.__version__}, {jax.default_backend()}: {kind}; peak {peak_flops / 1e12:.1f} bf16 TFLOP/s, "
-      f"{bandwidth / 1e12:.3f} TB/s ({where})")
+  log(f"jax {jax.__version__}, {jax.default_backend()}: {kind}; peak {peak_flops / 1e12:.3g} bf16 TFLOP/s, "
+      f"{bandwidth / 1e12:.3g} TB/s ({where})")
 
   a = train_step(args.tiny, args.steps, peak_flops)
   log(f"\n(a) train step: P3O update step, {a['shape']} ({a['params'] / 1e6:.1f}M params), bf16 activations, "

@@ -23,10 +23,12 @@ the default):
 `--method analytic` uses the formulas in the `how` column for all four (seconds, no compile);
 with `xla` the analytic total is printed too. Measure on the device with bench/accelerator.py.
 
-An option the checkout does not have yet (optim.mu_dtype, model.frozen_dtype, rl.rollout_chunk)
-takes its current behaviour: moments in the parameter dtype, frozen models in model.param_dtype,
-the whole rollout in one chunk. The "what fixes it" list applies options one at a time, keeping
-each that lowers the peak, and marks the ones this checkout lacks.
+Options come from the config (model.remat, model.frozen_dtype, optim.mu_dtype, rl.micro_batches,
+rl.rollout_chunk, sampler.param_dtype); one a checkout lacks takes the behaviour from before it
+existed. "What fixes it" applies the options cheapest first, one at a time, keeping each that
+lowers the peak and starting over after each; it also tries keeping the frozen models in host
+memory during the update (which reads neither: logp_ref is in the batch) and the moments
+outside it, marked "no option for it yet", and FSDP last.
 
 Phases of an iteration (rl/loop.py): rollout -> log-probs -> reward -> update. The weights and
 optimizer state live throughout; each phase adds its own temporaries. The total is the peak

@@ -22,12 +22,16 @@
     rate is 64 x bandwidth / those bytes; the KV cache (every slot read every step) is shown
     beside it.
 (c) iteration memory. The largest of bench/memory.py's settings that it estimates to fit this
-    device with 10% headroom using only options this checkout has (analytic estimate), run for
-    one full iteration with random weights: Roller (sample, old/ref log-probs, reward model),
-    `algo.prepare`, and the config's whole update (all epochs and minibatches). Peak from
-    `jax.devices()[0].memory_stats()['peak_bytes_in_use']` (since the process started: the
-    weights' initialisation included); where the backend has no memory stats (CPU), the live
-    arrays plus the update's XLA temp bytes.
+    device with 10% headroom using only options this checkout has (analytic estimate; the
+    options it needs are applied), run for one full iteration with random weights: Roller
+    (sample, old/ref log-probs, reward model, chunk by chunk), `algo.prepare`, and the config's
+    whole update (all epochs and minibatches). With model.scan_layers (compile time flat in
+    depth, so a 32-layer model compiles within the budget; --unrolled for the config's default).
+    Every response is max_new_tokens long (min_new_tokens = max_new_tokens): the worst case.
+    Peak from `jax.devices()[0].memory_stats()['peak_bytes_in_use']` (since the process
+    started: the weights' initialisation and (a), (b) included); where the backend has no
+    memory stats (CPU), the live arrays plus the update's XLA temp bytes. A setting that runs
+    out of memory is reported and the next one run.
 
 Peak tables: dense bf16 FLOP/s and HBM bandwidth from the vendors' data sheets (no sparsity),
 matched on `jax.devices()[0].device_kind`. On CPU (--tiny) the peak is measured: the best
@@ -37,6 +41,8 @@ bf16 matmul and the best large reduction this process times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import os
 import statistics
 import sys
@@ -183,18 +189,18 @@ def decode(tiny: bool, repeats: int, bandwidth: float) -> dict:
 
 # ----------------------------------------------------------------------------- (c) one iteration's peak
 
-def choose_setting(limit: float, log) -> tuple[memory.Setting, memory.Options]:
-  """The largest named setting the analytic estimate fits in `limit` bytes with 10% headroom,
-  using only options this checkout has, on one device."""
+def candidates(limit: float, log):
+  """The named settings, largest first, that the analytic estimate fits in `limit` bytes with 10%
+  headroom using only options this checkout has, on one device, with those options."""
   for name in memory.SETTINGS:
     s, o, act = memory.estimate(name, method="analytic")
     o = memory.fixes(s, o, act, 0.9 * limit, skip=(*s.absent, "mesh.fsdp"))[1]
     total = memory.peak(memory.items(s, o, act))[1]
     if total <= 0.9 * limit:
-      return s, o
-    log(f"    {name}: estimated {total / memory.GB:.1f} GB with this checkout's options, over "
-        f"{0.9 * limit / memory.GB:.1f} GB: next setting")
-  raise SystemExit("no setting fits this device")
+      yield s, o
+    else:
+      log(f"    {name}: estimated {total / memory.GB:.1f} GB with this checkout's options, over "
+          f"{0.9 * limit / memory.GB:.1f} GB: next setting")
 
 
 def tiny_setting() -> tuple[memory.Setting, memory.Options]:
@@ -207,11 +213,28 @@ def tiny_setting() -> tuple[memory.Setting, memory.Options]:
   return s, memory.options_from(s, 1)
 
 
-def iteration(tiny: bool, log) -> dict:
+def iteration(tiny: bool, scan: bool, log) -> dict:
+  """The largest setting that runs: one that runs out of memory (the estimate was wrong) is
+  reported, and the next one tried."""
   device = jax.devices()[0]
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   limit = (stats or {}).get("bytes_limit")
-  s, o = tiny_setting() if tiny or not limit else choose_setting(limit, log)
+  failed = []
+  for s, o in [tiny_setting()] if tiny or not limit else candidates(limit, log):
+    try:
+      return {**run_iteration(s, o, scan, device), "limit": limit, "failed": failed}
+    except Exception as err:  # noqa: BLE001  (jax's runtime error class moves between versions)
+      if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+        raise
+      log(f"    {s.name}: out of device memory, next setting ({str(err).splitlines()[0][:200]})")
+      failed.append(s.name)
+      del err
+      gc.collect()
+  raise SystemExit("no setting ran on this device")
+
+
+def run_iteration(s: memory.Setting, o: memory.Options, scan: bool, device) -> dict:
+  s = dataclasses.replace(s, policy=s.policy.replace(scan_layers=scan), reward=s.reward.replace(scan_layers=scan))
   config = s.config
   config.model.remat, config.model.frozen_dtype, config.optim.mu_dtype = o.remat, o.frozen_dtype, o.mu_dtype
   config.rl.micro_batches, config.rl.rollout_chunk = o.micro_batches, o.rollout_chunk
@@ -248,10 +271,10 @@ def iteration(tiny: bool, log) -> dict:
     live = sum(x.nbytes for x in jax.live_arrays())
     peak = live + compiled.memory_analysis().temp_size_in_bytes
     how = "live arrays + the update's XLA temp bytes (no memory_stats on this backend)"
-  options = (f"remat {o.remat}, micro_batches {o.micro_batches}, rollout_chunk {o.rollout_chunk}, "
+  options = (f"scan_layers {scan}, remat {o.remat}, micro_batches {o.micro_batches}, rollout_chunk {o.rollout_chunk}, "
              f"frozen {o.frozen_dtype}, mu {o.mu_dtype}")
   return dict(setting=s.name, policy=s.policy_name, reward=s.reward_name, options=options, peak=peak, how=how,
-              limit=limit, seconds=seconds, rollout_s=rolled - start,
+              seconds=seconds, rollout_s=rolled - start,
               estimate=memory.peak(memory.items(s, o, memory.Activations(s, "analytic")))[1])
 
 
@@ -264,6 +287,8 @@ def main():
   parser.add_argument("--hbm-tbs", type=float, help="HBM bandwidth in TB/s (default: the device table)")
   parser.add_argument("--steps", type=int, default=10, help="timed train steps")
   parser.add_argument("--repeats", type=int, default=3, help="timed sampler calls per length")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="(c) with the layers unrolled, not model.scan_layers (slower compiles)")
   args = parser.parse_args()
   log = lambda *a, **k: print(*a, **k, flush=True)
   kind, peak_flops, bandwidth, where = device_peaks(args)
@@ -282,11 +307,13 @@ def main():
   log(f"    {b['rate']:10.1f} tok/s decode ({b['seconds']:.3f} s a call with prefill; first call {b['first_s']:.1f} s)")
   log(f"    {b['roofline']:10.1f} tok/s roofline, weights only ({b['weights'] / 1e9:.3g} GB a step): "
       f"{b['rate'] / b['roofline']:.1%} of it")
-  log(f"    {b['roofline_kv']:10.1f} tok/s roofline, weights + full KV cache ({b['cache'] / 1e9:.3g} GB a step): "
+  log(f"    {b['roofline_kv']:10.1f} tok/s roofline, weights + the full KV cache ({b['cache'] / 1e9:.3g} GB more a step): "
       f"{b['rate'] / b['roofline_kv']:.1%} of it")
 
   log("\n(c) iteration memory:")
-  c = iteration(args.tiny, log)
+  c = iteration(args.tiny, not args.unrolled, log)
+  if c["failed"]:
+    c["how"] += f"; includes the failed attempts at {', '.join(c['failed'])}: the peak never resets"
   limit = f" of {c['limit'] / 1e9:.1f} GB" if c["limit"] else ""
   log(f"    setting {c['setting']}: policy {c['policy']}, reward model {c['reward']}; {c['options']}")
   log(f"    {c['peak'] / 1e9:10.4g} GB peak{limit} ({c['how']}); bench/memory.py analytic estimate "

@@ -13,7 +13,9 @@
     forward + backward (x3) of every matmul, where the LM head only runs on the positions that
     predict response tokens (rl/sequences.py), the input embedding is a gather (no FLOPs), and
     attention is counted without causal halving (QK^T and PV, 2·2·T²·d a layer forward), the
-    PaLM paper's (Chowdhery et al. 2022, appendix B) convention. MFU = FLOPs / time / peak bf16.
+    PaLM paper's (Chowdhery et al. 2022, appendix B) convention. MFU = FLOPs / time / peak bf16:
+    model FLOPs only, so recomputation (the backward's re-run of each query block's attention,
+    decoder.attend) counts as time, not work.
 (b) decode. `sampling.generate` with bf16 weights (as sampler.param_dtype='bfloat16' serves
     them) on the Pythia-1B shape: 64 prompts of 128 tokens, 128 new tokens, min_new_tokens =
     max_new_tokens so no row stops early. Decode rate = 64 x 127 tokens / (time of 128 new

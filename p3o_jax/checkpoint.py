@@ -38,7 +38,11 @@ Guarantees:
     `<step>.unreadable` so later saves at that step can proceed, and the previous one tried.
     If no step can be read, the error of the newest one is raised and nothing is moved.
   * Saves are asynchronous; `wait_until_finished()`, `close()` and interpreter exit wait for
-    the pending write.
+    the pending write. A step is listed (`all_steps`, `latest_step`) only once committed.
+    `finish_pending_saves()` completes every open Checkpointer's write; main.run calls it
+    before letting an error propagate, so a failure mid-save leaves a committed step, not a
+    `<step>.orbax-checkpoint-tmp` directory (interpreter exit is too late: orbax's writer
+    threads are already shut down then).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # for finish_pending_saves
 
 
 class NonFiniteError(ValueError):
@@ -194,15 +200,19 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
+    _OPEN.add(self)
     atexit.register(self.wait_until_finished)
 
   # --------------------------------------------------------------------------- queries
 
   def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    """Committed steps. orbax lists a step as soon as its async save starts; its directory
+    gets the plain `<step>` name only when the write is complete."""
+    return sorted(s for s in self._manager.all_steps() if (self.directory / str(s)).is_dir())
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   # --------------------------------------------------------------------------- save
 
@@ -294,6 +304,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
     self._closed = True
+    _OPEN.discard(self)
     atexit.unregister(self.wait_until_finished)
 
   def __enter__(self) -> "Checkpointer":
@@ -301,6 +312,17 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def finish_pending_saves() -> None:
+  """Completes the in-flight save of every open Checkpointer and closes it. Called while an
+  error propagates, so a failure of the save itself is logged, not raised over that error."""
+  for ckpt in list(_OPEN):
+    try:
+      ckpt.close()
+    except Exception as e:  # noqa: BLE001 - the error being propagated is the one to report
+      log.error("checkpoint save under %s did not complete: %s: %s", ckpt.directory, type(e).__name__,
+                _first_line(e))
 
 
 def _report_half_written(directory) -> None:

@@ -74,6 +74,9 @@ def run(config, workdir: str) -> dict[str, str]:
       if stop.requested:
         logging.warning("stopped by signal after stage %s; rerun the same command to resume", stage)
         break
+  except BaseException:
+    checkpoint.finish_pending_saves()  # commit the step being written before the error surfaces
+    raise
   finally:
     stop.uninstall()
   if distributed.is_main():

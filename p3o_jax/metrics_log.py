@@ -69,6 +69,7 @@ class MetricsLogger:
     self.is_writer = jax.process_index() == 0
     self.start_time = time.time()
     self._jsonl = self._tb = self._wandb_run = None
+    self._bars: list[Progress] = []
     if not self.is_writer:
       return
     os.makedirs(self.workdir, exist_ok=True)
@@ -118,7 +119,11 @@ class MetricsLogger:
     return table
 
   def progress(self, total: int, desc: str = "", initial: int = 0) -> "Progress":
-    return Progress(total, desc, initial=initial, disable=not self.is_writer)
+    """A bar closed with the logger at the latest, so an error raised mid-stage is printed
+    after the bar's last line, not before it."""
+    bar = Progress(total, desc, initial=initial, disable=not self.is_writer)
+    self._bars.append(bar)
+    return bar
 
   def flush(self) -> None:
     if self._jsonl is not None:
@@ -127,6 +132,9 @@ class MetricsLogger:
       self._tb.flush()
 
   def close(self) -> None:
+    for bar in self._bars:
+      bar.close()
+    self._bars.clear()
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None

@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 UNREADABLE_SUFFIX = ".unreadable"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # for finish_pending_saves
+CONFIG_ITEM = "config"  # the run's config, saved beside state and meta (see stamp_config)
+_RUN_CONFIG: dict | None = None
 
 
 class NonFiniteError(ValueError):
@@ -229,10 +231,10 @@ class Checkpointer:
     bad = first_non_finite(state)
     if bad is not None:
       raise NonFiniteError(f"refusing to save checkpoint step {step}: leaf '{bad}' has NaN or Inf values")
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(_keys_to_data(state)),
-        meta=ocp.args.JsonSave(to_jsonable(meta or {})),
-    )
+    items = dict(state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(to_jsonable(meta or {})))
+    if _RUN_CONFIG is not None:
+      items[CONFIG_ITEM] = ocp.args.JsonSave(_RUN_CONFIG)
+    args = ocp.args.Composite(**items)
     self._manager.save(int(step), args=args, force=True)
     return True
 
@@ -314,6 +316,32 @@ class Checkpointer:
     self.close()
 
 
+def stamp_config(flat_config: dict | None) -> None:
+  """Every save from now on also writes `flat_config` ({dotted field: value}) as the step's
+  'config' item, so a resume can name the fields that changed (workdir.check_resume).
+  None stops it. main.run stamps each stage's config before the stage starts."""
+  global _RUN_CONFIG
+  _RUN_CONFIG = None if flat_config is None else to_jsonable(flat_config)
+
+
+def committed_steps(directory) -> list[int]:
+  """Step numbers of the committed steps under a checkpoint directory, without opening a manager."""
+  root = paths.resolve(directory)
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def saved_config(directory) -> tuple[int | None, dict | None]:
+  """(newest committed step, the config it was saved with, or None when it has none)."""
+  steps = committed_steps(directory)
+  if not steps:
+    return None, None
+  item = paths.resolve(directory) / str(steps[-1]) / CONFIG_ITEM
+  if not item.is_dir():
+    return steps[-1], None
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    return steps[-1], dict(reader.restore(item))
+
+
 def finish_pending_saves() -> None:
   """Completes the in-flight save of every open Checkpointer and closes it. Called while an
   error propagates, so a failure of the save itself is logged, not raised over that error."""
@@ -351,12 +379,14 @@ class StopRequested:
   def __init__(self):
     self.requested = False
     self.signal_name: str | None = None
+    self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.requested = True
+    self.signum = signum
     self.signal_name = signal.Signals(signum).name
     log.warning("%s received: will save a checkpoint and stop after the current step", self.signal_name)
 

@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
       every=50, num_prompts=256,
       judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
-  c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True))
+  # allow_changes: 'field,section.*' a resume may see changed beyond workdir.SAFE_TO_CHANGE
+  c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True, allow_changes=""))
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

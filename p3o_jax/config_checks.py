@@ -211,6 +211,7 @@ SCHEMA: dict[str, Check] = {
     "ckpt.every": positive_int,
     "ckpt.keep": positive_int,
     "ckpt.resume": boolean,
+    "ckpt.allow_changes": string,
     "log.every": positive_int,
     "log.tensorboard": boolean,
     "log.wandb": boolean,

@@ -12,6 +12,9 @@ a stage that finds its own checkpoint there resumes from it.
 from __future__ import annotations
 
 import logging as pylogging
+import shlex
+import signal
+import sys
 import time
 
 import jax
@@ -20,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from p3o_jax import checkpoint, compile_cache, config_checks, distributed, paths, pipeline, sharding
+from p3o_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].",
                                           lock_config=True)
@@ -36,11 +40,41 @@ _COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, "JAX's persistent co
                                      "(default: $P3O_JAX_COMPILE_CACHE, else ~/.cache/p3o_jax/jax).")
 
 
+class Stopped(SystemExit):
+  """A signal stopped the run after a checkpoint; exits 128 + the signal's number."""
+
+
+def _stage_runs(config, stages):
+  """(stage, algo) in order: RL once per algorithm of config.pipeline.algos in a pipeline."""
+  for stage in stages:
+    if stage == "rl":
+      for algo in config.pipeline.algos if config.stage == "pipeline" else (config.rl.algo,):
+        yield stage, algo
+    else:
+      yield stage, None
+
+
+def _stop_message(stop, name: str, directory: str) -> str:
+  command = shlex.join(["python", "-m", "p3o_jax.main", *sys.argv[1:]])
+  steps = checkpoint.committed_steps(paths.join(directory, "ckpt"))
+  saved = f"checkpoint step {steps[-1]} saved in {paths.join(directory, 'ckpt')}" if steps else "nothing saved"
+  return (f"\nStopped by {getattr(stop, 'signal_name', None) or 'request'} during stage {name} ({saved}); "
+          f"its export was not written.\nTo resume, rerun the same command:\n  {command}")
+
+
 def run(config, workdir: str) -> dict[str, str]:
-  """Runs config.stage in workdir; returns the outputs by name."""
+  """Runs config.stage in workdir; returns the outputs by name.
+
+  Each stage first checks that the stages it reads finished (workdir.check_inputs) and writes
+  its completion marker once its export is done. SIGTERM / SIGINT: the running stage saves a
+  checkpoint and stops, no export is written, and `Stopped` (exit code 128 + signal) is raised.
+  """
   config_checks.validate(config)
-  if distributed.is_main():
-    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  with workdir_lib.Lock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict[str, str]:
   logging.info("config:\n%s", config)
   mesh = sharding.mesh_from_config(config.mesh)
   logging.info("%d process(es), %d local / %d global devices (%s); mesh %s", jax.process_count(),
@@ -48,37 +82,54 @@ def run(config, workdir: str) -> dict[str, str]:
   stages = pipeline.STAGES if config.stage == "pipeline" else (config.stage,)
   if config.stage == "pipeline" and (config.model.reward_fn or config.model.reward_hf):
     stages = tuple(s for s in stages if s != "rm")  # the reward is given: no reward model to train
+  runs = list(_stage_runs(config, stages))
+  algo = config.rl.algo
+  for stage, run_algo in runs:  # before anything is written: resuming with changed fields fails here
+    if stage in workdir_lib.STAGE_FIELDS:
+      config.rl.algo = run_algo or algo
+      workdir_lib.check_resume(config, workdir_lib.stage_dir(workdir, stage, run_algo), stage)
+  config.rl.algo = algo
+  workdir_lib.write_config(workdir, config)
   stop = checkpoint.install_signal_handlers()
   outputs, start = {}, time.time()
   try:
     task = pipeline.load_task(config, workdir)
-    for stage in stages:
+    for stage, algo in runs:
+      if algo is not None:
+        config.rl.algo = algo
+      directory = workdir_lib.stage_dir(workdir, stage, algo)
+      workdir_lib.check_inputs(config, workdir, stage)
+      workdir_lib.clear_complete(directory)
+      checkpoint.stamp_config(workdir_lib.fingerprint(config))
       compiled_before = compile_cache.snapshot()
       if stage == "sft":
         outputs["sft policy (HF)"] = pipeline.run_sft(config, workdir, task, stop)
       elif stage == "rm":
         outputs["reward model (HF)"] = pipeline.run_rm(config, workdir, task, stop)
       elif stage == "rl":
-        algos = config.pipeline.algos if config.stage == "pipeline" else (config.rl.algo,)
-        for algo in algos:
-          config.rl.algo = algo
-          outputs[f"{algo} policy (HF)"] = pipeline.run_rl(config, workdir, task, stop)
-          outputs[f"{algo} logs"] = paths.join(workdir, "rl", algo, "metrics.jsonl")
-          if stop.requested:
-            break
+        outputs[f"{algo} policy (HF)"] = pipeline.run_rl(config, workdir, task, stop)
+        outputs[f"{algo} logs"] = paths.join(directory, "metrics.jsonl")
       elif stage == "eval":
-        report = pipeline.run_eval(config, workdir, task)
-        outputs["report"] = report
+        outputs["report"] = pipeline.run_eval(config, workdir, task)
         outputs["plots"] = paths.join(workdir, "eval", "*.png")
-      compile_cache.report(stage, compiled_before)
+      compile_cache.report(f"rl/{algo}" if algo else stage, compiled_before)
+      if stop.requested and stage != "eval":  # eval has no checkpoint: it finishes first
+        if distributed.is_main():
+          print(_stop_message(stop, f"rl/{algo}" if algo else stage, directory), file=sys.stderr, flush=True)
+        raise Stopped(128 + (stop.signum or signal.SIGTERM))
+      workdir_lib.mark_complete(directory, stage=stage)
       if stop.requested:
-        logging.warning("stopped by signal after stage %s; rerun the same command to resume", stage)
-        break
+        print(f"\nStopped by {stop.signal_name} after stage {stage}; rerun the same command to continue.",
+              file=sys.stderr, flush=True)
+        raise Stopped(128 + (stop.signum or signal.SIGTERM))
+  except Stopped:
+    raise
   except BaseException:
     checkpoint.finish_pending_saves()  # commit the step being written before the error surfaces
     raise
   finally:
     stop.uninstall()
+    checkpoint.stamp_config(None)
   if distributed.is_main():
     print(f"\nDone in {time.time() - start:.0f}s. Outputs under {paths.resolve(workdir)}:")
     for name, path in outputs.items():

@@ -140,7 +140,7 @@ def load_policy(config, path: str, tokenizer=None) -> Policy:
 
 # ----------------------------------------------------------------------------- stages
 
-def run_sft(config, workdir: str, task: Task, stop=None) -> str:
+def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "sft")
   tok = task.tokenizer
   if config.model.hf:
@@ -160,7 +160,8 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str:
                          make_batch, len(task.sft_prompts), stop)
 
 
-def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples, stop) -> str:
+def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples,
+                    stop) -> str | None:
   """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf."""
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
@@ -168,6 +169,8 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
         mesh_cfg=config.mesh, stage_cfg=stage_cfg, seed=config.seed, workdir=out, logger=logger,
         ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
     logger.summary(name, metrics)
+  if stop is not None and stop.requested:
+    return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   path = paths.join(out, "hf")
   hf.save(path, model.cfg, params, tokenizer=model.tokenizer)
   return path
@@ -203,7 +206,7 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
   return out
 
 
-def run_rm(config, workdir: str, task: Task, stop=None) -> str:
+def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rm")
   tok = task.tokenizer
   prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
@@ -242,7 +245,7 @@ def _prompts(config, tok, texts: list[str], baseline) -> loop.Prompts:
   return loop.Prompts(len(texts), lambda rows: _queries(config, tok, [texts[i] for i in rows]), baseline)
 
 
-def run_rl(config, workdir: str, task: Task, stop=None) -> str:
+def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rl", config.rl.algo)
   tok = task.tokenizer
   policy = load_policy(config, sft_policy_path(config, workdir), tok)
@@ -259,6 +262,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str:
     params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
                                 logger=logger, critic=rm, stop=stop)
     logger.summary(f"rl/{config.rl.algo}", record)
+  if stop is not None and stop.requested:
+    return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   path = paths.join(out, "hf")
   hf.save(path, policy.cfg, params, tokenizer=tok)
   return path

@@ -220,6 +220,8 @@ def test_pipeline_prints_where_outputs_are(tmp_path, capsys):
   assert os.path.isfile(os.path.join(tmp_path, "eval", "frontier.png"))
   assert os.path.isfile(os.path.join(tmp_path, "eval", "win_rate_judge.png"))
   assert len(JUDGED) == config.eval.num_prompts  # one sft-vs-p3o comparison per held-out prompt
+  for stage in ("sft", "rm", os.path.join("rl", "p3o"), "eval"):  # each stage's completion marker
+    assert os.path.isfile(os.path.join(tmp_path, stage, "COMPLETE")), stage
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["rl"]["algo"] == "p3o"
 

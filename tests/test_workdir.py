@@ -4,29 +4,20 @@ through the entry point (or the module that owns it) and checks what the user ge
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from configs import demo
-from p3o_jax import pipeline
+from p3o_jax import checkpoint, main, pipeline
+from p3o_jax import workdir as workdir_lib
+from p3o_jax.metrics_log import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
-
-CALLS = {"n": 0}
-
-
-def reward_failing_on_third_call(prompts, responses):
-  """A reward_fn that fails in the second training rollout, while the save of iteration 1 is
-  still being written (ckpt.every=1)."""
-  from p3o_jax.data import synthetic
-  CALLS["n"] += 1
-  if CALLS["n"] == 3:
-    raise RuntimeError("reward service unavailable")
-  return synthetic.gold_reward(prompts, responses)
-
 
 def tiny_config():
   c = demo.get_config("runlocal")
@@ -56,17 +47,25 @@ def base_workdir(tmp_path_factory):
 
 
 def fresh(base_workdir, tmp_path):
-  """A workdir holding finished sft and rm stages."""
+  """A workdir holding finished sft and rm stages (exports and their completion markers)."""
   for stage in ("sft", "rm"):
     shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
+    workdir_lib.mark_complete(os.path.join(tmp_path, stage))
   return str(tmp_path)
 
 
+def main_command(workdir, *args):
+  return [sys.executable, "-m", "p3o_jax.main", "--config=configs/demo.py:runlocal", f"--workdir={workdir}",
+          *TINY_ARGS, *args]
+
+
+def main_env():
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS, os.environ.get("PYTHONPATH", "")]))
+
+
 def run_main(workdir, *args, timeout=300):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "-m", "p3o_jax.main", "--config=configs/demo.py:runlocal",
-                         f"--workdir={workdir}", *TINY_ARGS, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(main_command(workdir, *args), cwd=REPO, env=main_env(), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def ckpt_dir(workdir, stage="rl/p3o"):
@@ -76,10 +75,103 @@ def ckpt_dir(workdir, stage="rl/p3o"):
 def test_error_during_an_async_save_commits_it_and_reports_the_error_once(base_workdir, tmp_path):
   workdir = fresh(base_workdir, tmp_path)
   proc = run_main(workdir, "--config.stage=rl", "--config.ckpt.every=1", "--config.rl.iterations=6",
-                  "--config.model.reward_fn=test_workdir:reward_failing_on_third_call")
+                  "--config.model.reward_fn=faults:reward_failing_on_third_call")
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert proc.stderr.count("Traceback") == 1, proc.stderr[-5000:]
   last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
   assert last == "RuntimeError: reward service unavailable", proc.stderr[-3000:]
   # The save started before the error is committed, not left half-written.
   assert sorted(os.listdir(ckpt_dir(workdir))) == ["1"]
+
+
+def test_sigterm_saves_exits_143_without_export_and_the_next_stage_refuses(base_workdir, tmp_path):
+  workdir = fresh(base_workdir, tmp_path)
+  log = open(tmp_path / "stderr.txt", "w+")
+  proc = subprocess.Popen(main_command(workdir, "--config.stage=rl", "--config.rl.iterations=200",
+                                       "--config.ckpt.every=100"), cwd=REPO, env=main_env(), stdout=subprocess.DEVNULL,
+                          stderr=log, text=True)
+  try:
+    metrics = os.path.join(workdir, "rl", "p3o", "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and any("loss/total" in r for r in read_jsonl(metrics))):
+      assert proc.poll() is None and time.time() < deadline, "the run ended before its first iteration"
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  log.seek(0)
+  stderr = log.read()
+  assert "Stopped by SIGTERM during stage rl/p3o (checkpoint step" in stderr, stderr[-3000:]
+  assert "To resume, rerun the same command:" in stderr and "--config.stage=rl" in stderr
+  stage = os.path.join(workdir, "rl", "p3o")
+  assert not os.path.exists(os.path.join(stage, "hf"))  # no final export from a stopped run
+  assert not workdir_lib.is_complete(stage)
+  steps = checkpoint.committed_steps(os.path.join(stage, "ckpt"))
+  assert len(steps) == 1 and 1 <= steps[0] < 200
+  config = tiny_config()
+  config.stage = "eval"
+  with pytest.raises(workdir_lib.IncompleteStageError, match=r"rl/p3o.*incomplete.*--config.stage=rl"):
+    main.run(config, workdir)
+
+
+def test_a_stage_refuses_an_unfinished_upstream_stage(tmp_path):
+  os.makedirs(tmp_path / "sft" / "ckpt" / "2")  # what a stopped sft leaves: a checkpoint, no export
+  config = tiny_config()
+  config.stage = "rm"
+  with pytest.raises(workdir_lib.IncompleteStageError, match=r"stage rm reads the output of stage sft.*incomplete"):
+    main.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "rm")
+  shutil.rmtree(tmp_path / "sft")
+  with pytest.raises(workdir_lib.IncompleteStageError, match=r"sft does not exist: run --config.stage=sft first"):
+    main.run(config, str(tmp_path))
+
+
+def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path, caplog):
+  import json
+  import socket
+  config = tiny_config()
+  config.stage = "rm"  # fails fast after the lock (no sft stage here), which is all this test needs
+  lock = tmp_path / ".lock"
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "time": time.time()}))
+  with pytest.raises(workdir_lib.WorkdirLockedError, match=rf"in use by process {os.getppid()} on host"):
+    main.run(config, str(tmp_path))
+  assert json.loads(lock.read_text())["pid"] == os.getppid()  # a live owner's lock is left alone
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": time.time()}))
+  with caplog.at_level("WARNING", logger="p3o_jax.workdir"):
+    with pytest.raises(workdir_lib.IncompleteStageError):
+      main.run(config, str(tmp_path))
+  assert f"left by process {dead.pid}" in caplog.text and "taking it over" in caplog.text
+  assert not lock.exists()  # released when the run ended
+
+
+def test_resuming_with_changed_fields_fails_naming_them(base_workdir, tmp_path):
+  import json
+  workdir = fresh(base_workdir, tmp_path)
+  config = tiny_config()
+  config.stage, config.rl.iterations, config.ckpt.every = "rl", 1, 1
+  main.run(config, workdir)
+  changed = tiny_config()
+  changed.stage, changed.rl.iterations = "rl", 2  # iterations may change: a longer run
+  changed.rl.beta, changed.optim.lr = 0.2, 1e-3
+  with pytest.raises(workdir_lib.ConfigChangedError, match=r"(?s)rl/p3o would resume checkpoint step 1.*"
+                     r"optim.lr: 0.0003 -> 0.001.*rl.beta: 0.1 -> 0.2.*allow_changes=optim.lr,rl.beta"):
+    main.run(changed, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["rl"]["beta"] == 0.1  # written only once the checks pass
+  changed.ckpt.allow_changes = "rl.bta"
+  with pytest.raises(Exception, match="ckpt.allow_changes names rl.bta, which match no config field"):
+    main.run(changed, workdir)
+  changed.ckpt.allow_changes = "rl.beta,optim.*"
+  main.run(changed, workdir)
+  steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "rl", "p3o", "metrics.jsonl")) if "loss/total" in r]
+  assert steps == [1, 2]  # resumed, not restarted
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["rl"]["beta"] == 0.2
+  kept = [name for name in os.listdir(workdir) if name.startswith("config.json.")]
+  assert len(kept) == 1
+  with open(os.path.join(workdir, kept[0])) as f:
+    assert json.load(f)["rl"]["beta"] == 0.1

@@ -16,11 +16,17 @@ integer metrics Python ints, strings pass through. Non-finite floats are written
 strings "nan", "inf" and "-inf" (JSON has no NaN, and null would hide which one it was);
 `read_jsonl` turns them back into floats. TensorBoard receives every numeric metric as a
 scalar (NaN included). Only process 0 writes, so the same calls work on every host.
+
+Crash safety: each row is one `os.write` on an O_APPEND descriptor, so rows never interleave
+or land half-buffered; a last line cut by a crash is moved to `metrics.jsonl.cut` when the
+logger opens the file again, and readers (`read_jsonl`, `eval.frontier.load_frontier`) skip
+and count malformed lines instead of failing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -30,6 +36,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import tqdm
+
+log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -53,11 +61,56 @@ def _json_value(value):
   return value
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Rows of a metrics.jsonl file, with "nan" / "inf" / "-inf" strings back as floats."""
+def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[int]]:
+  """((line number, object) for each JSON object line, numbers of the malformed lines) of a
+  JSONL file. Malformed lines (a cut last line, garbage) are skipped and logged with a count,
+  never fatal: a log must stay readable after a crash."""
+  records, bad = [], []
   with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        bad.append(number)
+        continue
+      if isinstance(record, dict):
+        records.append((number, record))
+      else:
+        bad.append(number)
+  if bad:
+    log.warning("%s: skipped %d malformed line(s): %s", os.fspath(path), len(bad),
+                ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
+  return records, bad
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """Rows of a metrics.jsonl file, with "nan" / "inf" / "-inf" strings back as floats;
+  malformed lines are skipped and counted (`read_records`)."""
+  rows = [row for _, row in read_records(path)[0]]
   return [{k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+
+
+def repair_cut_line(path: str | os.PathLike) -> int:
+  """Moves a last line without its newline (a crash mid-write) to `<path>.cut` so appends start
+  on a fresh line; returns the number of bytes moved (0: the file was whole)."""
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return 0
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return 0
+    f.seek(0)
+    data = f.read()
+    keep = data.rfind(b"\n") + 1
+    with open(os.fspath(path) + ".cut", "ab") as cut:
+      cut.write(data[keep:] + b"\n")
+    f.truncate(keep)
+  moved = len(data) - keep
+  log.warning("%s ended in a cut line (%d bytes, a crash mid-write); moved it to %s.cut", os.fspath(path), moved,
+              os.fspath(path))
+  return moved
 
 
 class MetricsLogger:
@@ -74,7 +127,9 @@ class MetricsLogger:
       return
     os.makedirs(self.workdir, exist_ok=True)
     self.jsonl_path = os.path.join(self.workdir, JSONL_NAME)
-    self._jsonl = open(self.jsonl_path, "a", buffering=1)  # line-buffered: a crash loses at most a line
+    repair_cut_line(self.jsonl_path)
+    # One os.write per row on an O_APPEND descriptor: each row lands whole, at the end, unbuffered.
+    self._jsonl = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if use_tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
@@ -95,7 +150,9 @@ class MetricsLogger:
     now = time.time()
     record = {"step": int(step), "time": now, "elapsed": now - self.start_time}
     record.update({name: _json_value(value) for name, value in row.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    data = (json.dumps(record) + "\n").encode()
+    while data:  # a regular file takes the row in one write; loop only for a short write
+      data = data[os.write(self._jsonl, data):]
     numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if self._tb is not None:
       for name, value in numeric.items():
@@ -126,8 +183,6 @@ class MetricsLogger:
     return bar
 
   def flush(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
 
@@ -136,7 +191,7 @@ class MetricsLogger:
       bar.close()
     self._bars.clear()
     if self._jsonl is not None:
-      self._jsonl.close()
+      os.close(self._jsonl)
       self._jsonl = None
     if self._tb is not None:
       self._tb.close()

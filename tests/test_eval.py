@@ -80,7 +80,7 @@ def test_dominates_over_shared_range():
                        _points_on_line("b", 0, 1, [2.0, 3.0]))
 
 
-def test_load_frontier_reads_eval_records_from_training_logs(tmp_path):
+def test_load_frontier_reads_eval_records_from_training_logs(tmp_path, caplog):
   rng = np.random.default_rng(1)
   written = [frontier.frontier_point("p3o", step, rng.gamma(2, size=8), rng.normal(size=8),
                                      rng.normal(size=8)) for step in (0, 10, 20)]
@@ -104,10 +104,11 @@ def test_load_frontier_reads_eval_records_from_training_logs(tmp_path):
   assert both[-1].kl == 2.0 and np.isnan(both[-1].kl_stderr) and both[-1].gold_reward is None
   with pytest.raises(ValueError, match="no 'algo'"):
     frontier.load_frontier(other)
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text("{not json\n" + json.dumps(frontier.eval_record(written[0])) + "\n")
-  with pytest.raises(ValueError, match="bad.jsonl:1"):
-    frontier.load_frontier(bad)
+  bad = tmp_path / "bad.jsonl"  # a garbled line mid-file is skipped and counted, not fatal
+  bad.write_text("{not json\n" + json.dumps(frontier.eval_record(written[0])) + "\n[1, 2]\n")
+  with caplog.at_level("WARNING", logger="p3o_jax.metrics_log"):
+    assert frontier.load_frontier(bad) == written[:1]
+  assert "bad.jsonl: skipped 2 malformed line(s): 1, 3" in caplog.text
 
 
 # ----------------------------------------------------------------------------- win rates

@@ -57,3 +57,34 @@ def test_progress_rates():
     bar.advance(2, tokens=300, reward=0.5)
     assert bar.rates() == {"steps/s": 1.0, "tokens/s": 150.0}
     assert bar.bar.n == 2
+
+
+def test_a_cut_last_line_is_moved_aside_on_open_and_readers_skip_malformed_lines(tmp_path, caplog):
+  path = tmp_path / metrics_log.JSONL_NAME
+  with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
+    logger.log(1, {"loss": 1.0})
+  with open(path, "a") as f:
+    f.write("not json at all\n")           # garbage mid-file
+    f.write('{"step": 2, "loss": 0.')      # a crash mid-write: no newline
+  with caplog.at_level("WARNING", logger="p3o_jax.metrics_log"):
+    assert [r["step"] for r in metrics_log.read_jsonl(path)] == [1]  # readers skip, count, go on
+    assert "skipped 2 malformed line(s): 2, 3" in caplog.text
+    caplog.clear()
+    with MetricsLogger(tmp_path, use_tensorboard=False) as logger:  # a resumed run appends
+      logger.log(2, {"loss": 0.5})
+  assert "ended in a cut line (22 bytes, a crash mid-write); moved it to" in caplog.text
+  assert (tmp_path / "metrics.jsonl.cut").read_text() == '{"step": 2, "loss": 0.\n'  # kept, not lost
+  lines = path.read_text().splitlines()
+  assert lines[1] == "not json at all" and json.loads(lines[2])["loss"] == 0.5 and len(lines) == 3
+  assert [r["step"] for r in metrics_log.read_jsonl(path)] == [1, 2]
+
+
+def test_rows_are_appended_with_one_write_each(tmp_path, monkeypatch):
+  writes = []
+  real_write = metrics_log.os.write
+  monkeypatch.setattr(metrics_log.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+  with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
+    logger.log(1, {"loss": 1.0, "note": "x" * 5000})
+    logger.log(2, {"loss": 2.0})
+  assert len(writes) == 2 and all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
+  assert (tmp_path / metrics_log.JSONL_NAME).read_bytes() == b"".join(writes)

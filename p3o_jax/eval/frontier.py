@@ -25,13 +25,14 @@ Shape letters: N evaluation responses (one per held-out prompt), P points, G gri
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from p3o_jax import metrics_log
 
 # Keys of an eval record in the JSONL training log.
 STEP_KEY = "step"
@@ -152,28 +153,18 @@ def load_frontier(jsonl_paths: str | os.PathLike | Iterable[str | os.PathLike],
   """Collects eval records from JSONL training logs, sorted by (algo, step).
 
   Lines without `KL_KEY` (training metrics) are skipped. `algo` names records that lack
-  `ALGO_KEY`. A resumed run may log a step twice: the later record wins. A last line cut
-  short by a crash mid-write is skipped; a malformed line elsewhere is an error.
+  `ALGO_KEY`. A resumed run may log a step twice: the later record wins. Malformed lines (a
+  last line cut by a crash, garbage) are skipped and counted in a warning
+  (`metrics_log.read_records`).
   """
   if isinstance(jsonl_paths, (str, os.PathLike)):
     jsonl_paths = [jsonl_paths]
   points: dict[tuple[str, int], FrontierPoint] = {}
   for path in jsonl_paths:
-    with open(path) as f:
-      lines = f.read().splitlines()
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
+    for number, record in metrics_log.read_records(path)[0]:
+      if KL_KEY not in record:
         continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        if number == len(lines):
-          continue  # truncated final line
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-      if not isinstance(record, dict) or KL_KEY not in record:
-        continue
-      point = _point_from_record(record, where, algo)
+      point = _point_from_record(record, f"{path}:{number}", algo)
       points[(point.algo, point.step)] = point
   return [points[key] for key in sorted(points)]
 

@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       sft="", preference="", prompts="",       # hub ids or local paths
       sft_split="train", preference_split="train", prompts_split="train", eval_split="test",
-      max_prompt_len=64, max_len=256, truncate_prompts=False))
+      max_prompt_len=64,
+      truncate_prompts="left"))  # a prompt over max_prompt_len: cut its start (left), its end (right), or error
   c.data.demo = ml_collections.ConfigDict()
 
   c.sampler = ml_collections.ConfigDict(dict(

@@ -138,8 +138,7 @@ SCHEMA: dict[str, Check] = {
     "arch.max_position_embeddings": positive_int,
     # data
     "data.max_prompt_len": positive_int,
-    "data.max_len": positive_int,
-    "data.truncate_prompts": boolean,
+    "data.truncate_prompts": one_of("left", "right", "error"),
     # sampler
     "sampler.max_new_tokens": positive_int,
     "sampler.min_new_tokens": non_negative_int,

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from p3o_jax import checkpoint, compile_cache, config_checks, distributed, paths, pipeline, sharding
 from p3o_jax import workdir as workdir_lib
+from p3o_jax.data import batching
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].",
                                           lock_config=True)
@@ -134,6 +135,8 @@ def _run_locked(config, workdir: str) -> dict[str, str]:
     print(f"\nDone in {time.time() - start:.0f}s. Outputs under {paths.resolve(workdir)}:")
     for name, path in outputs.items():
       print(f"  {name:<24} {path}")
+    for mode, count in sorted(batching.TRUNCATED.items()):
+      print(f"  {count} prompt(s) cut to fit (data.truncate_prompts={mode!r})")
   return outputs
 
 

@@ -88,7 +88,7 @@ def _logger(config, directory: str) -> MetricsLogger:
 
 
 def _queries(config, tokenizer, prompts):
-  return batching.tokenize_prompts(tokenizer, prompts, config.data.max_prompt_len)
+  return batching.tokenize_prompts(tokenizer, prompts, config.data.max_prompt_len, config.data.truncate_prompts)
 
 
 def reward_baseline(config, tok, reward, prompts: list[str], references: list[str] | None) -> np.ndarray | None:
@@ -154,7 +154,9 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
 
   def make_batch(idx):
     return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
-                              max_len, config.data.max_prompt_len)
+                              max_len, config.data.max_prompt_len, config.data.truncate_prompts)
+
+  batching.check_positions(policy.cfg, max_len, "sft")
 
   return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
                          make_batch, len(task.sft_prompts), stop)
@@ -216,7 +218,9 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   def make_batch(idx):
     pick = lambda key: [prefs[key][i] for i in idx]
     return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), max_len,
-                                     config.data.max_prompt_len)
+                                     config.data.max_prompt_len, config.data.truncate_prompts)
+
+  batching.check_positions(model.cfg, max_len, "rm")
 
   return _fit_and_export("rm", config, out, config.rm, supervised.reward_loss_fn(model.graph), model,
                          make_batch, len(prefs["prompt"]), stop)

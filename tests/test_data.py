@@ -202,7 +202,7 @@ def test_tokenize_prompts_truncates_and_pads_left(bpe_tok):
   assert all(ids[0] == bpe_tok.bos_token_id for ids in full)
   P = 24
   for side, cut in (("right", lambda ids: ids[:P]), ("left", lambda ids: ids[-P:])):
-    tokens, mask = batching.tokenize_prompts(bpe_tok, texts, P, truncate_side=side)
+    tokens, mask = batching.tokenize_prompts(bpe_tok, texts, P, truncate=side)
     assert tokens.shape == (len(texts), P)
     for row, ids in enumerate(full):
       assert tokens[row][mask[row]].tolist() == cut(ids)
@@ -277,3 +277,47 @@ def test_epoch_iterator_resumes_exactly():
     batching.EpochIterator(n, bs, seed).restore({"epoch": 0})
   with pytest.raises(ValueError, match="batch_size"):
     batching.EpochIterator(3, 5, 0)
+
+
+def test_truncate_prompts_cuts_as_configured_counts_and_error_names_the_row(demo_tok, caplog):
+  texts = ["sort 1 2 3 4 5 6 =", "sort 1 ="]
+  full = demo_tok(texts)["input_ids"]
+  batching.TRUNCATED.clear()
+  with caplog.at_level("WARNING", logger="p3o_jax.data.batching"):
+    tokens, mask = batching.tokenize_prompts(demo_tok, texts, 4, truncate="right")
+    batching.tokenize_prompts(demo_tok, texts, 4, truncate="right")
+  assert tokens[0][mask[0]].tolist() == full[0][:4] and tokens[1][mask[1]].tolist() == full[1]
+  assert batching.TRUNCATED["right"] == 2  # counted every time, logged once
+  assert caplog.text.count("cutting from the right (data.truncate_prompts='right')") == 1
+  with pytest.raises(ValueError, match=r"prompt of batch row 0 \('sort 1 2 3 4 5 6 ='\) has \d+ tokens.*'error'"):
+    batching.tokenize_prompts(demo_tok, texts, 4, truncate="error")
+  with pytest.raises(ValueError, match=r"prompt of batch row 1 .*room left beside its response"):
+    batching.sft_batch(demo_tok, texts[::-1], ["1", "1 2 3 4 5 6"], max_len=8, truncate="error")
+  assert batching.sft_batch(demo_tok, texts[::-1], ["1", "1 2 3 4 5 6"], max_len=8, truncate="left")["mask"].all(-1)[1]
+
+
+def test_empty_data_file_and_empty_prompt_are_named(tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(ValueError, match=f"data file {empty} is empty"):
+    hub.load_prompts(str(empty), "train")
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("\n".join(json.dumps(r) for r in [{"prompt": "a", "completion": "b"},
+                                                     {"prompt": "  ", "completion": "c"}]) + "\n")
+  with pytest.raises(ValueError, match=rf"{rows} \(split 'train'\): row 1: the prompt is empty"):
+    hub.load_sft(str(rows), "train")
+
+
+def test_learned_positions_past_the_table_fail_in_sft():
+  """A learned-position model cannot embed positions past max_position_embeddings: the SFT
+  stage refuses before training (RL's sampler has the same check)."""
+  from configs import demo
+  from p3o_jax import pipeline
+  c = demo.get_config("runlocal")
+  c.model.arch.position, c.model.arch.max_position_embeddings = "learned", 16  # 8 + 10 tokens needed
+  c.mesh.data = 1
+  tok = synthetic.build_tokenizer()
+  task = pipeline.Task(tok, ["sort 1 ="] * 16, ["1"] * 16, [], [])
+  with pytest.raises(ValueError, match=r"sft: sequences of 18 tokens .* exceed the model's 16 learned positions"):
+    pipeline.run_sft(c, "/nonexistent/never-written", task)
+  assert not os.path.exists("/nonexistent/never-written")

@@ -12,16 +12,49 @@ Prompts and responses are tokenized separately and concatenated as ids, so the b
 them is exact: prompts with the tokenizer's special tokens (a Llama BOS), responses without, then
 `eos_token_id` appended to each response.
 
-Truncation, when prompt + response + EOS does not fit in L: the prompt loses tokens from its
-start (the end of a TL;DR post or the last HH turns stay), never below one token; a response
-longer than what is left loses its end, EOS included (such a row teaches no stopping).
+Truncation (data.truncate_prompts), when a prompt is longer than P or prompt + response + EOS
+does not fit in L: 'left' drops the prompt's start (the end of a TL;DR post or the last HH
+turns stay), 'right' its end, never below one token; 'error' refuses the row. Every cut is
+counted in `TRUNCATED` (the first one is logged, main prints the count). A response longer
+than what is left loses its end, EOS included (such a row teaches no stopping).
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+TRUNCATE_MODES = ("left", "right", "error")
+TRUNCATED: collections.Counter = collections.Counter()  # prompts cut, by mode (this process)
+
+
+def _cut_prompt(ids: list[int], budget: int, truncate: str, text: str, row: int, why: str) -> list[int]:
+  """`ids` cut to `budget` tokens as data.truncate_prompts says; counted, the first one logged."""
+  if len(ids) <= budget:
+    return ids
+  if truncate not in TRUNCATE_MODES:
+    raise ValueError(f"data.truncate_prompts must be one of {TRUNCATE_MODES}, got {truncate!r}")
+  if truncate == "error":
+    raise ValueError(f"prompt of batch row {row} ({text[:60]!r}) has {len(ids)} tokens, {why} {budget}; "
+                     "data.truncate_prompts='error' refuses to cut it (use 'left' or 'right', or raise the limit)")
+  if not TRUNCATED[truncate]:
+    log.warning("prompt of batch row %d has %d tokens, %s %d: cutting from the %s (data.truncate_prompts=%r); "
+                "further cuts are counted", row, len(ids), why, budget, truncate, truncate)
+  TRUNCATED[truncate] += 1
+  return ids[-budget:] if truncate == "left" else ids[:budget]
+
+
+def check_positions(model_cfg, length: int, what: str) -> None:
+  """A learned-position model has no position past max_position_embeddings - 1 (an index past it
+  would silently read a clamped row): sequences of `length` tokens must fit."""
+  if getattr(model_cfg, "position", None) == "learned" and length > model_cfg.max_position_embeddings:
+    raise ValueError(f"{what}: sequences of {length} tokens (data.max_prompt_len + sampler.max_new_tokens) exceed "
+                     f"the model's {model_cfg.max_position_embeddings} learned positions (max_position_embeddings)")
 
 
 def pad_token_id(tokenizer) -> int:
@@ -63,18 +96,20 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int | None, pad_id: int) -> 
 
 
 def tokenize_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int,
-                     truncate_side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+                     truncate: str = "left") -> tuple[np.ndarray, np.ndarray]:
   """Prompts as (tokens int32 [B, P], mask bool [B, P]), P = max_prompt_len, left padded.
 
-  truncate_side 'left' drops the start of a long prompt (keeps "TL;DR:" / the last turn).
+  truncate (data.truncate_prompts): 'left' drops the start of a long prompt (keeps "TL;DR:" /
+  the last turn), 'right' its end, 'error' raises naming the row.
   """
-  if truncate_side not in ("left", "right"):
-    raise ValueError(f"truncate_side must be 'left' or 'right', got {truncate_side!r}")
+  if truncate not in TRUNCATE_MODES:
+    raise ValueError(f"data.truncate_prompts must be one of {TRUNCATE_MODES}, got {truncate!r}")
   ids = _ids(tokenizer, texts, add_special_tokens=True)
   for i, row in enumerate(ids):
     if not row:
       raise ValueError(f"prompt {i} ({texts[i][:40]!r}) has no tokens")
-  ids = [row[-max_prompt_len:] if truncate_side == "left" else row[:max_prompt_len] for row in ids]
+  ids = [_cut_prompt(row, max_prompt_len, truncate, texts[i], i, "more than data.max_prompt_len =")
+         for i, row in enumerate(ids)]
   return left_pad(ids, max_prompt_len, pad_token_id(tokenizer))
 
 
@@ -91,7 +126,7 @@ def tokenize_responses(tokenizer, texts: Sequence[str], max_new_tokens: int) -> 
   return tokens, mask
 
 
-def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len):
+def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len, truncate="left"):
   """Per row: (prompt ids + response ids + [eos], truncated to max_len; number of prompt ids kept)."""
   if len(prompts) != len(responses):
     raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -105,20 +140,20 @@ def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len)
     budget = max(max_len - len(r), 1)
     if max_prompt_len is not None:
       budget = min(budget, max_prompt_len)
-    p = p[-budget:]
+    p = _cut_prompt(p, budget, truncate, prompts[i], i, "more than the room left beside its response:")
     rows.append((p + r[:max_len - len(p)], len(p)))
   return rows
 
 
 def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_len: int,
-              max_prompt_len: int | None = None) -> dict[str, np.ndarray]:
+              max_prompt_len: int | None = None, truncate: str = "left") -> dict[str, np.ndarray]:
   """Teacher-forcing batch, left padded to L = max_len.
 
   Returns tokens int32 [B, L], mask bool [B, L] (real tokens), loss_mask bool [B, L]: True where
   tokens[b, t] is a completion token or its EOS, i.e. a target; it is predicted by the logits at
   t - 1, so a loss reads `logprob(tokens[:, 1:] | logits[:, :-1])` under `loss_mask[:, 1:]`.
   """
-  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len)
+  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len, truncate)
   tokens, mask = left_pad([ids for ids, _ in rows], max_len, pad_token_id(tokenizer))
   loss_mask = mask.copy()
   for i, (ids, n_prompt) in enumerate(rows):
@@ -127,7 +162,7 @@ def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max
 
 
 def preference_batch(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                     max_len: int, max_prompt_len: int | None = None) -> dict[str, np.ndarray]:
+                     max_len: int, max_prompt_len: int | None = None, truncate: str = "left") -> dict[str, np.ndarray]:
   """Reward-model batch: prompt + response + EOS, left padded, so the score is read at column -1.
 
   Returns chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each [B, L] with L = max_len.
@@ -137,7 +172,7 @@ def preference_batch(tokenizer, prompts: Sequence[str], chosen: Sequence[str], r
   pad = pad_token_id(tokenizer)
   out = {}
   for name, responses in (("chosen", chosen), ("rejected", rejected)):
-    rows = _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len)
+    rows = _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len, truncate)
     out[f"{name}_tokens"], out[f"{name}_mask"] = left_pad([ids for ids, _ in rows], max_len, pad)
   return out
 

@@ -58,6 +58,8 @@ def load_split(source: str, split: str, **kwargs) -> datasets.Dataset:
     ext = next((e for e in _LOCAL_FORMATS if source.endswith(e)), None)
     if ext is None:
       raise ValueError(f"cannot read {source!r}: expected a file ending in one of {sorted(_LOCAL_FORMATS)}")
+    if os.path.getsize(source) == 0:
+      raise ValueError(f"data file {source} is empty")
     return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files={split: source}, split=split, **kwargs)
   if os.path.isdir(source) and os.path.exists(os.path.join(source, "state.json")):
     return datasets.load_from_disk(source)
@@ -110,7 +112,10 @@ def _convert(ds: datasets.Dataset, fn, columns: list[str]) -> datasets.Dataset:
   """Map rows with `fn(row, index) -> dict`; errors name the row; only `columns` are kept."""
   def wrapped(row, index):
     try:
-      return fn(row)
+      out = fn(row)
+      if "prompt" in out and not str(out["prompt"]).strip():
+        raise ValueError("the prompt is empty; a response needs a prompt token to follow")
+      return out
     except ValueError as e:
       raise ValueError(f"row {index}: {e}") from None
   out = ds.map(wrapped, with_indices=True, remove_columns=[c for c in ds.column_names if c not in columns])
@@ -158,13 +163,24 @@ def prompt_records(ds: datasets.Dataset) -> datasets.Dataset:
   return _convert(ds, fn, ["prompt"])
 
 
+def _load(records, source: str, split: str, **kwargs) -> datasets.Dataset:
+  """`records(load_split(...))`; an empty split and every row error name the source and split."""
+  ds = load_split(source, split, **kwargs)
+  if len(ds) == 0:
+    raise ValueError(f"{source} (split {split!r}) has no rows")
+  try:
+    return records(ds)
+  except ValueError as e:
+    raise ValueError(f"{source} (split {split!r}): {e}") from None
+
+
 def load_sft(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return sft_records(load_split(source, split, **kwargs))
+  return _load(sft_records, source, split, **kwargs)
 
 
 def load_preferences(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return preference_records(load_split(source, split, **kwargs))
+  return _load(preference_records, source, split, **kwargs)
 
 
 def load_prompts(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return prompt_records(load_split(source, split, **kwargs))
+  return _load(prompt_records, source, split, **kwargs)

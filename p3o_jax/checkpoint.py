@@ -37,6 +37,11 @@ Guarantees:
     ("checkpoint step 30 is unreadable (...); falling back to step 20"), moved aside to
     `<step>.unreadable` so later saves at that step can proceed, and the previous one tried.
     If no step can be read, the error of the newest one is raised and nothing is moved.
+  * Checksums: each step holds `checksums.json`, the sha256 of every file of its items,
+    computed in orbax's background thread just before the step directory gets its final name
+    (single-process runs; orbax 0.12 has no checksum of its own over the data). `restore`
+    verifies it first: a step that fails verification is moved aside like an unreadable one.
+    A step without a manifest (older runs, multi-process runs) is restored unverified.
   * Saves are asynchronous; `wait_until_finished()`, `close()` and interpreter exit wait for
     the pending write. A step is listed (`all_steps`, `latest_step`) only once committed.
     `finish_pending_saves()` completes every open Checkpointer's write; main.run calls it
@@ -49,6 +54,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -68,12 +75,18 @@ log = logging.getLogger(__name__)
 UNREADABLE_SUFFIX = ".unreadable"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # for finish_pending_saves
+MANIFEST_NAME = "checksums.json"
+_UNCHECKED = ("_CHECKPOINT_METADATA", "commit_success.txt")  # orbax rewrites these while finalizing
 CONFIG_ITEM = "config"  # the run's config, saved beside state and meta (see stamp_config)
 _RUN_CONFIG: dict | None = None
 
 
 class NonFiniteError(ValueError):
   """Raised instead of saving a state with NaN or Inf values."""
+
+
+class ChecksumError(ValueError):
+  """A step's files differ from its checksums.json."""
 
 
 class NoReadableCheckpointError(RuntimeError):
@@ -194,11 +207,14 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = paths.resolve(directory)
     _report_half_written(self.directory)
+    self._saving: int | None = None  # the step whose write is in flight (for its manifest)
+    self._async = async_save
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
         create=True,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,  # leftovers of a crash mid-write
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest) if async_save else None,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
@@ -235,8 +251,22 @@ class Checkpointer:
     if _RUN_CONFIG is not None:
       items[CONFIG_ITEM] = ocp.args.JsonSave(_RUN_CONFIG)
     args = ocp.args.Composite(**items)
+    self._manager.wait_until_finished()  # orbax waits here anyway; the manifest needs the step number
+    self._saving = int(step)
     self._manager.save(int(step), args=args, force=True)
+    if not self._async:
+      self._write_manifest()
     return True
+
+  def _write_manifest(self) -> None:
+    """checksums.json in the step being saved, still under its temporary name when orbax renames
+    on commit (so it lands atomically with the step), under its final name otherwise."""
+    step, self._saving = self._saving, None
+    if step is None or jax.process_count() > 1:
+      return
+    for item in self.directory.iterdir():
+      if item.name == str(step) or item.name.startswith(f"{step}{TMP_MARKER}"):
+        paths.write_text(item / MANIFEST_NAME, json.dumps({"sha256": _digests(item)}, indent=0, sort_keys=True))
 
   def wait_until_finished(self) -> None:
     if not self._closed:
@@ -277,6 +307,7 @@ class Checkpointer:
         f"newest failed with {type(first_error).__name__}: {_first_line(first_error)}") from first_error
 
   def _restore_step(self, step, target, abstract_state, skipped) -> Restored:
+    _verify(self.directory / str(step))
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     out = self._manager.restore(step, args=args)
     if out.meta is None:
@@ -314,6 +345,36 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _digests(root) -> dict[str, str]:
+  """sha256 of every file under `root` (relative path -> hex), bar the manifest and orbax's
+  own commit files."""
+  out = {}
+  files = [folder / name for folder, _, names in root.walk() for name in names]
+  for path in sorted(files):
+    if path.name in (MANIFEST_NAME, *_UNCHECKED):
+      continue
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
+    out[str(path.relative_to(root))] = digest.hexdigest()
+  return out
+
+
+def _verify(step_dir) -> None:
+  """Raises ChecksumError naming the first file that differs from the step's checksums.json."""
+  manifest = step_dir / MANIFEST_NAME
+  if not manifest.is_file():
+    log.info("checkpoint %s has no %s; restoring it unverified", step_dir, MANIFEST_NAME)
+    return
+  expected = json.loads(manifest.read_text())["sha256"]
+  found = _digests(step_dir)
+  for name, digest in expected.items():
+    if found.get(name) != digest:
+      raise ChecksumError(f"{name}: " + ("missing" if name not in found else "checksum mismatch") +
+                          f" ({MANIFEST_NAME})")
 
 
 def stamp_config(flat_config: dict | None) -> None:

@@ -84,7 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
   # allow_changes: 'field,section.*' a resume may see changed beyond workdir.SAFE_TO_CHANGE
   c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True, allow_changes=""))
-  c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax"))
+  # level: console logging (warning: progress bars, warnings and summaries only; info: every
+  # library's INFO lines too, as --verbosity=0 does)
+  c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax",
+                                         level="warning"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c
 

@@ -214,6 +214,7 @@ SCHEMA: dict[str, Check] = {
     "log.every": positive_int,
     "log.tensorboard": boolean,
     "log.wandb": boolean,
+    "log.level": one_of("debug", "info", "warning", "error"),
     "mesh.data": mesh_size,
     "mesh.fsdp": mesh_size,
     "mesh.tensor": mesh_size,

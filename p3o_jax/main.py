@@ -11,7 +11,6 @@ a stage that finds its own checkpoint there resumes from it.
 
 from __future__ import annotations
 
-import logging as pylogging
 import shlex
 import signal
 import sys
@@ -75,11 +74,24 @@ def run(config, workdir: str) -> dict[str, str]:
     return _run_locked(config, workdir)
 
 
+def config_summary(config, workdir: str, runs, mesh) -> str:
+  """The few lines a user needs to recognise the run; the whole config is in config.json."""
+  model = config.model.hf or ", ".join(f"{k}={config.model.arch[k]}" for k in ("model_type", "hidden_size", "num_layers")
+                                        if k in config.model.arch)
+  plan = " -> ".join(f"rl/{algo}" if algo else stage for stage, algo in runs)
+  rl = config.rl
+  return "\n".join([
+      f"p3o_jax: task {config.task}, {plan}; workdir {paths.resolve(workdir)} (full config: config.json)",
+      f"  model {model} ({config.model.dtype}); sft {config.sft.steps} steps, rm {config.rm.steps} steps, "
+      f"rl {rl.iterations} iterations x {rl.prompts_per_rollout} prompts x k={rl.k}",
+      f"  {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"mesh {dict(mesh.shape)}; seed {config.seed}"])
+
+
 def _run_locked(config, workdir: str) -> dict[str, str]:
   logging.info("config:\n%s", config)
+  batching.TRUNCATED.clear()
   mesh = sharding.mesh_from_config(config.mesh)
-  logging.info("%d process(es), %d local / %d global devices (%s); mesh %s", jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
   stages = pipeline.STAGES if config.stage == "pipeline" else (config.stage,)
   if config.stage == "pipeline" and (config.model.reward_fn or config.model.reward_hf):
     stages = tuple(s for s in stages if s != "rm")  # the reward is given: no reward model to train
@@ -91,6 +103,8 @@ def _run_locked(config, workdir: str) -> dict[str, str]:
       workdir_lib.check_resume(config, workdir_lib.stage_dir(workdir, stage, run_algo), stage)
   config.rl.algo = algo
   workdir_lib.write_config(workdir, config)
+  if distributed.is_main():
+    print(config_summary(config, workdir, runs, mesh), flush=True)
   stop = checkpoint.install_signal_handlers()
   outputs, start = {}, time.time()
   try:
@@ -143,7 +157,8 @@ def _run_locked(config, workdir: str) -> dict[str, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  pylogging.getLogger("absl").setLevel(pylogging.INFO)
+  if not flags.FLAGS["verbosity"].present:  # --verbosity wins; else config.log.level (default: warnings)
+    logging.set_verbosity(_CONFIG.value.log.get("level", "warning"))
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value]
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

@@ -172,7 +172,7 @@ class Lock:
 # how often it saves and logs, how it is evaluated, and how the work is laid out on devices
 # (orbax restores onto any mesh; remat recomputes the same values).
 SAFE_TO_CHANGE = ("stage", "pipeline.algos", "sft.steps", "rm.steps", "rl.iterations", "eval.*", "log.*",
-                  "log_level", "ckpt.every", "ckpt.keep", "ckpt.resume", "ckpt.allow_changes", "mesh.*",
+                  "ckpt.every", "ckpt.keep", "ckpt.resume", "ckpt.allow_changes", "mesh.*",
                   "model.remat")
 
 # The fields each stage's checkpoint depends on ('*' everything but the exclusions after it).

@@ -175,3 +175,25 @@ def test_resuming_with_changed_fields_fails_naming_them(base_workdir, tmp_path):
   assert len(kept) == 1
   with open(os.path.join(workdir, kept[0])) as f:
     assert json.load(f)["rl"]["beta"] == 0.1
+
+
+def test_demo_pipeline_console_is_short_and_ends_in_the_summary(tmp_path):
+  """configs/demo.py:runlocal as a user runs it: a few lines of config, one bar per stage,
+  the stage summaries and where the outputs are; no INFO lines from orbax or absl."""
+  proc = subprocess.run([sys.executable, "-m", "p3o_jax.main", "--config=configs/demo.py:runlocal",
+                         f"--workdir={tmp_path}"], cwd=REPO, env=main_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  console = proc.stdout + proc.stderr
+  assert console.count("\n") < 150, console
+  assert "p3o_jax: task demo, sft -> rm -> rl/p3o -> eval" in proc.stdout
+  assert "== eval summary ==" in proc.stdout and "Done in" in proc.stdout and "p3o policy (HF)" in proc.stdout
+  assert "orbax" not in console and "] Saving checkpoint" not in console
+  for bar in ("sft:", "rm:", "rl/p3o:"):
+    assert bar in proc.stderr
+
+
+def test_log_level_info_brings_library_logs_back(tmp_path):
+  proc = run_main(str(tmp_path), "--config.stage=sft", "--config.sft.steps=1", "--config.log.level=info")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Saving checkpoint at step 1" in proc.stderr  # orbax's own INFO line

@@ -242,6 +242,7 @@ def reward_source(config, workdir: str, tok):
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
   rm = models.load(path, _placement(config), head="score", **_dtypes(config, frozen=True))
+  batching.check_positions(rm.cfg, config.data.max_prompt_len + config.sampler.max_new_tokens, f"reward model {path}")
   return ModelReward(rm.graph, rm.params), rm
 
 

@@ -321,3 +321,16 @@ def test_learned_positions_past_the_table_fail_in_sft():
   with pytest.raises(ValueError, match=r"sft: sequences of 18 tokens .* exceed the model's 16 learned positions"):
     pipeline.run_sft(c, "/nonexistent/never-written", task)
   assert not os.path.exists("/nonexistent/never-written")
+
+
+def test_learned_positions_past_the_table_fail_for_the_reward_model(monkeypatch):
+  from configs import demo
+  from p3o_jax import pipeline
+  from p3o_jax.models import decoder
+  c = demo.get_config("runlocal")
+  cfg = decoder.DecoderConfig(vocab_size=17, hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8,
+                              position="learned", max_position_embeddings=16)
+  from p3o_jax.models import hf
+  monkeypatch.setattr(hf, "load", lambda *a, **k: (cfg, None, None))
+  with pytest.raises(ValueError, match=r"reward model /x/rm/hf: sequences of 18 tokens .* 16 learned positions"):
+    pipeline.reward_source(c, "/x", synthetic.build_tokenizer())

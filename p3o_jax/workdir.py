@@ -35,7 +35,15 @@ def stage_dir(workdir: str, stage: str, algo: str | None = None) -> str:
 
 
 def is_complete(directory: str) -> bool:
-  return paths.resolve(directory).joinpath(COMPLETE_NAME).is_file()
+  """The stage's marker is there, or its hf/ is a link to the export of a complete stage
+  elsewhere (bench/study_runs.py links every run's sft/hf and rm/hf to one shared base)."""
+  root = paths.resolve(directory)
+  if root.joinpath(COMPLETE_NAME).is_file():
+    return True
+  export = root / "hf"
+  if paths.is_local(root) and os.path.islink(export):
+    return paths.resolve(os.path.realpath(export)).parent.joinpath(COMPLETE_NAME).is_file()
+  return False
 
 
 def mark_complete(directory: str, **info) -> None:

@@ -197,3 +197,15 @@ def test_log_level_info_brings_library_logs_back(tmp_path):
   proc = run_main(str(tmp_path), "--config.stage=sft", "--config.sft.steps=1", "--config.log.level=info")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Saving checkpoint at step 1" in proc.stderr  # orbax's own INFO line
+
+
+def test_an_export_linked_from_a_complete_stage_counts_as_complete(tmp_path):
+  """bench/study_runs.py links each run's sft/hf to a shared base workdir's export."""
+  base = tmp_path / "base" / "sft"
+  os.makedirs(base / "hf")
+  run = tmp_path / "run" / "sft"
+  os.makedirs(run)
+  os.symlink(base / "hf", run / "hf")
+  assert not workdir_lib.is_complete(str(run))  # the base stage has not finished
+  workdir_lib.mark_complete(str(base))
+  assert workdir_lib.is_complete(str(run))

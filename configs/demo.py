@@ -28,6 +28,9 @@ def get_config(arg=None):
       model_type="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
       intermediate_size=192, max_position_embeddings=32, norm="rmsnorm", norm_eps=1e-6,
       mlp="swiglu", activation="silu", position="rotary", tie_embeddings=True))
+  # ~100k parameters need no memory saving: the reference and reward model stay fp32, so the demo's
+  # numbers are exact and equal across meshes and process counts (tests/test_multiprocess.py).
+  c.model.frozen_dtype = "float32"
 
   c.data.demo = ml_collections.ConfigDict(dict(
       n_train_prompts=2048, n_eval_prompts=128, n_sft=4096, ops=("sort",),

@@ -167,7 +167,10 @@ def main(argv):
   elif any(v is not None for v in explicit):
     raise app.UsageError("--coordinator_address, --num_processes, --process_id and --local_device_ids "
                          "need --distributed")
-  compile_cache.enable(_COMPILE_CACHE.value)
+  # One process only: the processes of a job must run the very same executables, and a cache
+  # that one of them reads while another misses would compile them apart.
+  if jax.process_count() == 1:
+    compile_cache.enable(_COMPILE_CACHE.value)
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -47,9 +47,11 @@ def is_complete(directory: str) -> bool:
 
 
 def mark_complete(directory: str, **info) -> None:
+  """Process 0 writes the marker; every process waits for it, so none reads it before it exists."""
   if distributed.is_main():
     record = {"time": time.time(), "host": socket.gethostname(), **info}
     paths.write_text(paths.join(directory, COMPLETE_NAME), json.dumps(record) + "\n")
+  distributed.barrier(f"complete:{directory}")
 
 
 def clear_complete(directory: str) -> None:

@@ -45,7 +45,8 @@ def run_main(workdir: str, *, processes: int, devices: int, args=(), config: str
   procs, logs = [], []
   try:
     for i in range(processes):
-      cmd = [sys.executable, "-m", "p3o_jax.main", f"--config={config}", f"--workdir={workdir}", *args]
+      cmd = [sys.executable, "-m", "p3o_jax.main", f"--config={config}", f"--workdir={workdir}",
+             "--config.log.level=info", *args]  # the tests read the processes' INFO lines
       if distributed_args is not None:
         cmd += distributed_args(i, port)
       elif processes > 1:

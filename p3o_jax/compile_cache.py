@@ -39,7 +39,11 @@ def enable(directory: str | None = None) -> str | None:
   _listen()
   if directory == "off":
     return None
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # a read-only home: run without the cache rather than fail
+    log.warning("compilation cache off: cannot create %s (%s)", directory, e)
+    return None
   jax.config.update("jax_compilation_cache_dir", directory)
   # Cache every program: on CPU most compile in well under JAX's default 1 s threshold, and
   # a stage compiles dozens of them.

@@ -211,7 +211,7 @@ def temp_bytes(jitted, *args) -> int:
 def _decode(cfg, prompts, k, prompt, new):
   from p3o_jax import sampling  # noqa: PLC0415
   graph, params = decoder.abstract(cfg)
-  run = sampling._compiled(graph, None, max_new_tokens=new, num_samples=k, top_k=0, use_top_p=False,
+  run = sampling._compiled(graph, None, (), max_new_tokens=new, num_samples=k, top_k=0, use_top_p=False,
                            greedy=False, eos_id=0, pad_id=0, total_prompts=prompts)  # what generate() calls
   tokens = _sds((prompts, prompt), jnp.int32)
   return temp_bytes(run, params, tokens, tokens, jax.eval_shape(lambda: jax.random.key(0)), _sds((prompts,), jnp.int32),

@@ -29,11 +29,14 @@ The KV cache is created inside the jitted function and carried by the while loop
 XLA updates in place (`dynamic_update_slice`), so no cache crosses the jit boundary and there is
 nothing to donate.
 
-Several devices (`mesh=`): the prompts are split over the mesh's batch axes (data x fsdp) and
-each shard runs the whole prefill + decode loop on its own rows (`shard_map`), parameters
-gathered once per call. No collective runs per token, and each shard stops as soon as its own
-rows have finished. A mesh that also splits the model (tensor > 1) decodes the whole batch as
-one partitioned program instead. The uniforms are drawn for all rows before the split, so the
+Several devices (`mesh=`): the prompts are split over the mesh's batch axes (data x fsdp).
+Where every device holds the whole model (parameters replicated over those axes), each shard
+runs the whole prefill + decode loop on its own rows (`shard_map`): no collective runs per
+token, and each shard stops as soon as its own rows have finished. Where the parameters are
+split (fsdp, as the trainer places them, or tensor > 1), the whole batch decodes as one
+partitioned program over the parameters as they lie: XLA moves activations or one weight at a
+time inside the loop, so no device ever holds the whole model (tests/test_sampling.py checks
+the compiled program's memory). The uniforms are drawn for all rows before the split, so the
 samples do not depend on the number of shards. On a multi-core CPU, one host device per core
 (`--xla_force_host_platform_device_count`) puts every core to work on a small model.
 """
@@ -291,6 +294,23 @@ def _batch_axes(mesh: Mesh | None) -> tuple[str, ...]:
   return axes
 
 
+def _split_axes(params) -> set[str]:
+  """Mesh axes along which some parameter is split (not replicated)."""
+  axes = set()
+  for leaf in jax.tree.leaves(params):
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    for entry in spec or ():
+      axes.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
+  return axes
+
+
+def _loop_axes(mesh: Mesh | None, params) -> tuple[str, ...]:
+  """The batch axes that each run their own decode loop (shard_map): none when a parameter is
+  split along one of them (fsdp), since a per-shard loop needs the whole model on every device."""
+  axes = _batch_axes(mesh)
+  return () if _split_axes(params) & set(axes) else axes
+
+
 def _row_uniforms(rng, steps: int, samples: int, total_prompts: int, prompt_ids):
   """The uniforms of rows prompt_ids[b] * samples + k of a `total_prompts`-prompt batch: a chunk
   of a rollout draws exactly what the whole rollout would for its rows."""
@@ -298,16 +318,20 @@ def _row_uniforms(rng, steps: int, samples: int, total_prompts: int, prompt_ids)
   return jnp.take(_uniforms(rng, steps, total_prompts * samples), rows, axis=1)
 
 
-def _jitted(graph, *, mesh: Mesh | None, total_prompts: int, **static):
+def _jitted(graph, *, mesh: Mesh | None, axes: tuple[str, ...], total_prompts: int, **static):
   """generate's jitted function: rng in, uniforms drawn inside, then one decode loop for the
-  whole batch, or one per batch shard of `mesh`."""
+  whole batch (partitioned over the inputs' shardings), or one per shard of `axes` of `mesh`."""
   run = _sample_fn(graph, **static)
   steps, samples = static["max_new_tokens"], static["num_samples"]
   draw = lambda rng, prompt_ids: _row_uniforms(rng, steps, samples, total_prompts, prompt_ids)
-  axes = _batch_axes(mesh)
   if not axes:
     def whole(params, prompt_tokens, prompt_mask, rng, prompt_ids, *settings):
-      return run(params, prompt_tokens, prompt_mask, draw(rng, prompt_ids), *settings)
+      out = run(params, prompt_tokens, prompt_mask, draw(rng, prompt_ids), *settings)
+      if mesh is None:
+        return out
+      # Rows leave split over the batch axes, as the per-shard loops leave them.
+      rows = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh, shape=out.tokens.shape[:1]))
+      return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows) if x.ndim else x, out)
     return jax.jit(whole)
 
   rows, replicated = PartitionSpec(axes), PartitionSpec()
@@ -347,10 +371,10 @@ def _graph_key(graph: decoder.Graph) -> int:
   return held[1]
 
 
-def _compiled(graph: decoder.Graph, mesh: Mesh | None, **static):
-  key = (_graph_key(graph), mesh, tuple(sorted(static.items())))
+def _compiled(graph: decoder.Graph, mesh: Mesh | None, axes: tuple[str, ...], **static):
+  key = (_graph_key(graph), mesh, axes, tuple(sorted(static.items())))
   if key not in _COMPILED:
-    _COMPILED[key] = _jitted(graph, mesh=mesh, **static)
+    _COMPILED[key] = _jitted(graph, mesh=mesh, axes=axes, **static)
   return _COMPILED[key]
 
 
@@ -371,7 +395,8 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
 
   mesh: decode each batch shard (mesh axes data x fsdp) on its own devices with its own loop;
   B must be divisible by the number of shards, else the whole batch runs as one (logged), as
-  it does on a mesh with tensor > 1.
+  it does on a mesh with tensor > 1 and when `params` are split along a batch axis (fsdp): one
+  program over the parameters as placed, never gathered whole on a device.
   The same rng gives the same samples with or without a mesh.
 
   prompt_ids, total_prompts: these prompts are rows `prompt_ids` [B] of a batch of
@@ -406,18 +431,20 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")
-  shards = math.prod(mesh.shape[a] for a in _batch_axes(mesh)) if mesh is not None else 1
+  axes = _loop_axes(mesh, params)
+  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
   if np.shape(prompt_tokens)[0] % shards:
     log.warning("generate: %d prompts do not split over %d batch shards; decoding them as one batch",
                 np.shape(prompt_tokens)[0], shards)
-  if shards == 1 or np.shape(prompt_tokens)[0] % shards:
-    mesh = None
+    axes = ()
+  if not axes and (mesh is None or mesh.size == 1 or not _split_axes(params)):
+    mesh = None  # one program on the inputs' devices
   batch = np.shape(prompt_tokens)[0]
   if prompt_ids is None:
     prompt_ids, total_prompts = np.arange(batch), batch
   if total_prompts is None or np.shape(prompt_ids) != (batch,):
     raise ValueError(f"prompt_ids must hold one id per prompt ({batch}) and come with total_prompts")
-  run = _compiled(graph, mesh, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
+  run = _compiled(graph, mesh, axes, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                   top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
                   eos_id=int(eos_id), pad_id=int(pad_id), total_prompts=int(total_prompts))
   as_int32 = lambda x: x if getattr(x, "dtype", None) == np.int32 else np.asarray(x, np.int32)

@@ -260,15 +260,21 @@ def test_early_stop_when_every_row_is_done(neox, prompts):
 
 # ----------------------------------------------------------------------------- several devices
 
-@pytest.mark.parametrize("mesh_shape", [(4, 1, 1), (2, 2, 1)])
-def test_per_shard_decoding_matches_one_device(neox, prompts, mesh_shape):
-  """With a mesh, each batch shard (data x fsdp) decodes its own rows in its own loop (fsdp
-  shards gather the parameters first); the samples are those of the one-device call, and the
-  rows stay split over the shards."""
+@pytest.mark.parametrize("mesh_shape,split_params", [((4, 1, 1), True), ((2, 2, 1), True), ((2, 2, 1), False)])
+def test_per_shard_decoding_matches_one_device(neox, prompts, mesh_shape, split_params):
+  """With a mesh, the samples are those of the one-device call and the rows stay split over the
+  batch shards (data x fsdp): each shard in its own loop where the parameters are replicated, one
+  partitioned program where fsdp splits them."""
   _, graph, params = neox
   params = with_eos_bias(params, 3.0)  # some rows end early, at different steps
   mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  placed, _ = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
+  if split_params:
+    placed, _ = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
+  else:
+    placed = jax.device_put(params, sharding.replicated(mesh))
+  assert sampling._loop_axes(mesh, placed) == (("data", "fsdp") if mesh_shape == (2, 2, 1) and not split_params
+                                               else ("data",) if mesh_shape == (4, 1, 1) else ())
+  prompts = jax.device_put(prompts, sharding.batch_sharding(mesh))
   ref = sample(graph, params, *prompts)
   out = sample(graph, placed, *prompts, mesh=mesh)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
@@ -279,6 +285,34 @@ def test_per_shard_decoding_matches_one_device(neox, prompts, mesh_shape):
   assert {s.data.shape[0] for s in out.tokens.addressable_shards} == {len(PROMPTS) * K // shards}
   early = sample(graph, with_eos_bias(params, 60.0), *prompts, min_new_tokens=2, mesh=mesh)
   assert int(early.num_steps) == 3 and early.finished.all()  # every shard stopped early
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fsdp_sampler_never_holds_the_whole_model(scan_layers):
+  """Parameters split by fsdp stay split while decoding: the compiled program's arguments are a
+  quarter of the model on each of 4 devices and its temporaries a small part of it (a program that
+  gathered the weights before the loop, as a per-shard shard_map must, needs > the whole model)."""
+  cfg = decoder.DecoderConfig(vocab_size=4096, hidden_size=128, num_layers=2, num_heads=4, scan_layers=scan_layers)
+  graph, params = decoder.create(cfg)
+  model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  mesh = sharding.make_mesh(1, 4, 1, devices=jax.devices()[:4])
+  placed, _ = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
+  tokens, mask = sampling.pad_prompts([[3, 4, 5], [6, 7], [8], [9, 10]] * 2, 4, pad_id=0)
+  rows = jax.device_put((tokens, mask), sharding.batch_sharding(mesh))
+  settings = dict(max_new_tokens=6, num_samples=2, top_k=0, use_top_p=False, greedy=False, eos_id=1, pad_id=0)
+  args = (*rows, jax.random.key(0), np.arange(8, dtype=np.int32), np.float32(1), np.float32(1), np.int32(0))
+  axes = sampling._loop_axes(mesh, placed)
+  assert axes == ()
+  run = sampling._compiled(graph, mesh, axes, total_prompts=8, **settings)
+  memory = run.lower(placed, *args).compile().memory_analysis()
+  assert memory.argument_size_in_bytes < 0.3 * model_bytes
+  assert memory.temp_size_in_bytes < 0.25 * model_bytes
+  gathered = sampling._compiled(graph, mesh, ("fsdp",), total_prompts=8, **settings)  # the per-shard loop
+  assert gathered.lower(placed, *args).compile().memory_analysis().temp_size_in_bytes > model_bytes
+  out = run(placed, *args)
+  ref = sampling._compiled(graph, None, (), total_prompts=8, **settings)(params, tokens, mask, *args[2:])
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
 def test_indivisible_batch_decodes_as_one(neox, prompts, caplog):

@@ -223,7 +223,7 @@ def _logprobs(cfg, frozen, prompts, k, prompt, new, sampler_cfg):
   ref = decoder.abstract(frozen)[1]
   roller = Roller(graph, None, None, sampler_cfg=sampler_cfg, eos_id=0, pad_id=0)
   q, r = _sds((prompts, prompt), jnp.int32), _sds((prompts * k, new), jnp.int32)
-  return temp_bytes(roller._teacher_forced(None, k, None), params, ref, None, q, q, r, r,
+  return temp_bytes(roller._teacher_forced(None, k, None), params, ref, None, None, q, q, r, r,
                     _sds((prompts * k, new), jnp.float32))
 
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -78,6 +79,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def _devices_flag() -> int:
+  """--devices must reach XLA_FLAGS before jax is imported (default: one host device per core)."""
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--devices" and i + 1 < len(sys.argv):
+      return int(sys.argv[i + 1])
+  return os.cpu_count()
+
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_devices_flag()}")
+
 import datasets  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -86,12 +103,15 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from p3o_jax import train_state  # noqa: E402
+from p3o_jax import sampling, sharding, train_state  # noqa: E402
 from p3o_jax.config_base import base_config  # noqa: E402
-from p3o_jax.models import hf  # noqa: E402
+from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, RunningMoments, make_roller, process_scores  # noqa: E402
 from p3o_jax.rl.update import make_update  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -139,7 +159,10 @@ def median_and_best(seconds: list[float], tokens: int) -> dict:
 
 # ----------------------------------------------------------------------------- p3o_jax
 
-def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int) -> dict:
+def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
+               devices: int = 1) -> dict:
+  """p3o_jax's iterations on a data-parallel mesh of `devices` host devices (1: one device), as
+  rl/loop.py runs them: params replicated, the rollout's prompts and the update's groups split."""
   cfg, graph, params = hf.load(policy_dir)
   _, rm_graph, rm_params = hf.load(rm_dir, head="score")
   config = base_config()
@@ -147,22 +170,25 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   config.rl.update(k=K, inner_epochs=1, num_minibatches=1)
   config.optim.lr = LR
   tx = train_state.make_optimizer(config.optim, warmup + steps)
-  ref_params = jax.tree.map(jnp.copy, params)  # the update donates the train state's buffers
-  roller = make_roller(config, graph, ref_params, ModelReward(rm_graph, rm_params), tokenizer,
-                       penalise_missing_eos=False)
+  mesh = sharding.make_mesh(devices, 1, 1, devices=jax.devices()[:devices])
+  on_mesh = lambda tree: jax.device_put(tree, sharding.replicated(mesh))
+  ref_params = on_mesh(jax.tree.map(jnp.copy, params))  # the update donates the train state's buffers
+  roller = make_roller(config, graph, ref_params, ModelReward(rm_graph, on_mesh(rm_params)), tokenizer,
+                       penalise_missing_eos=False, mesh=mesh)
   algo = algorithms.create(config.rl, graph, config.sampler.temperature)
-  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1)
-  state = train_state.create(params, tx)
+  state, shardings = train_state.create_on_mesh(params, tx, decoder.logical_axes(graph), mesh)
+  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1, state_shardings=shardings)
+  split = sharding.RowSplit(len(prompts), mesh)
   mask = np.ones_like(prompts)
   key, moments = jax.random.key(0), RunningMoments()
   rollout_s, total_s = [], []
   for it in range(warmup + steps):
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     start = time.perf_counter()
-    exp = roller(state.params, prompts, mask, rollout_key, K)  # host arrays: synchronised
+    exp = roller(state.params, prompts, mask, rollout_key, K, split=split)  # host arrays: synchronised
     rolled = time.perf_counter()
     rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
-    state, metrics = update(state, algo.prepare(exp, rewards, config.rl.beta)[0], update_key)
+    state, metrics = update(state, split.to_global(algo.prepare(exp, rewards, config.rl.beta)[0]), update_key)
     loss = float(np.asarray(jax.device_get(metrics["loss/total"])).reshape(-1)[0])
     end = time.perf_counter()
     if not np.isfinite(loss):
@@ -171,9 +197,20 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
       raise AssertionError("p3o_jax: a response ended before max_new_tokens")
     rollout_s.append(rolled - start)
     total_s.append(end - start)
+  # The sampler alone, as the Roller calls it, to split the rollout into sampling and scoring.
+  placed = split.to_global({"q": prompts, "m": mask})
+  sample_s = []
+  for it in range(steps + 1):
+    start = time.perf_counter()
+    out = sampling.generate(graph, state.params, placed["q"], placed["m"], jax.random.key(it), max_new_tokens=NEW,
+                            num_samples=K, min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID, mesh=mesh)
+    jax.block_until_ready(out.tokens)
+    sample_s.append(time.perf_counter() - start)
   rollout_s, first_s, total_s = rollout_s[warmup:], total_s[0], total_s[warmup:]
+  rollout, total, sample = (statistics.median(x) for x in (rollout_s, total_s, sample_s[1:]))
+  phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
   return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
-              rollout_share=statistics.median(rollout_s) / statistics.median(total_s))
+              rollout_share=rollout / total, phases=phases, devices=devices)
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -238,17 +275,29 @@ def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, step
               rollout_share=statistics.median(rollout_s[warmup:]) / statistics.median(all_s[warmup:]))
 
 
-def bench(shape: str, num_prompts: int, steps: int, warmup: int) -> dict:
+def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
   with tempfile.TemporaryDirectory() as directory:
     policy_dir, rm_dir, tokenizer = build_models(shape, directory)
     theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory)
-    # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
-    time.sleep(1.0)
-    ours = bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup)
-  return dict(shape=shape, ours=ours, theirs=theirs, ratio=ours["tok_s"] / theirs["tok_s"],
-              ratio_best=ours["best"] / theirs["best"])
+    ours = []
+    for devices in device_counts:
+      # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
+      time.sleep(1.0)
+      ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices))
+  return dict(shape=shape, ours=ours, theirs=theirs)
+
+
+def phase_report(shape: str, r: dict, ceilings: dict) -> str:
+  """Each phase's seconds, achieved model FLOP/s and share of the fp32 (and bf16) matmul ceiling."""
+  flops = ceiling.phase_flops(SHAPES[shape], rows=r["rows"], prompts=r["prompts"], prompt=PROMPT, new=NEW)
+  parts = []
+  for phase, seconds in r["phases"].items():
+    achieved = flops[phase] / seconds
+    parts.append(f"{phase} {seconds * 1e3:.0f} ms, {achieved / 1e9:.1f} GFLOP/s = {achieved / ceilings['float32']:.0%} "
+                 f"of fp32 ({achieved / ceilings['bfloat16']:.0%} of bf16)")
+  return "; ".join(parts)
 
 
 def main():
@@ -257,25 +306,34 @@ def main():
   parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (P); rows = P * K")
   parser.add_argument("--steps", type=int, default=4, help="timed iterations per side")
   parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
+  parser.add_argument("--devices", type=int, default=os.cpu_count(),
+                      help="host devices of ours' data-parallel run (one per core by default); ours also runs on one")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   transformers.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()
   warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / TRL
   import trl  # noqa: PLC0415
+  device_counts = sorted({1, min(args.devices, jax.device_count())})
+  ceilings = {dtype: ceiling.matmul_ceiling(dtype) for dtype in ("float32", "bfloat16")}
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} "
         f"({jax.default_backend()}, default matmul precision), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl.__version__}; "
         f"{args.prompts} prompts x K={K}, prompt {PROMPT}, new tokens {NEW}, median of {args.steps} "
-        f"iterations after {args.warmup} warm-up", flush=True)
+        f"iterations after {args.warmup} warm-up; matmul ceiling here (XLA, one device): "
+        f"fp32 {ceilings['float32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
   for shape in SHAPES if args.shape == "all" else [args.shape]:
-    r = bench(shape, args.prompts, args.steps, args.warmup)
-    ours, theirs = r["ours"], r["theirs"]
-    print(f"{shape:>6}: p3o_jax P3O {ours['tok_s']:8.1f} response tok/s | TRL RLOO {theirs['tok_s']:8.1f} "
-          f"response tok/s | ratio {r['ratio']:5.2f}x (best iterations: {ours['best']:.1f} vs "
-          f"{theirs['best']:.1f}, {r['ratio_best']:.2f}x) | rollout share {ours['rollout_share']:.0%} vs "
-          f"{theirs['rollout_share']:.0%} | first iteration {ours['first_s']:.1f} s vs {theirs['first_s']:.1f} s",
-          flush=True)
+    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts)
+    theirs = r["theirs"]
+    print(f"{shape:>6}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
+          f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s", flush=True)
+    for ours in r["ours"]:
+      ours.update(rows=args.prompts * K, prompts=args.prompts)
+      print(f"        p3o_jax P3O, {ours['devices']} device(s): {ours['tok_s']:8.1f} response tok/s | ratio "
+            f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
+            f"{ours['best'] / theirs['best']:.2f}x) | rollout share {ours['rollout_share']:.0%} | first iteration "
+            f"{ours['first_s']:.1f} s", flush=True)
+      print(f"          phases: {phase_report(shape, ours, ceilings)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ import transformers  # noqa: E402
 from p3o_jax import sampling, sharding  # noqa: E402
 from p3o_jax.models import hf  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=512),
@@ -134,16 +137,20 @@ def main():
                       help="host devices for the data-parallel run (default: one per core)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
+  fp32 = ceiling.matmul_ceiling("float32")
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, default matmul precision), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}")
+        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; fp32 matmul ceiling here "
+        f"(XLA, one device) {fp32 / 1e9:.0f} GFLOP/s")
   for shape in SHAPES if args.shape == "all" else [args.shape]:
     r = bench(shape, args.repeats)
     print(f"{r['shape']:>10}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
           f"first call of ours {r['compile_s']:.1f} s", flush=True)
+    flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
     for name, (rate, best) in r["ours"].items():
       print(f"{'':>10}  p3o_jax, {name:>10}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
-            f"(best runs: {best / r['transformers_best']:.2f}x)", flush=True)
+            f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
+            f"{rate * flops_per_token / fp32:.0%} of the fp32 ceiling", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,14 +52,15 @@ def common_args(config_arg: str, task: str, extra: tuple[str, ...] = ()) -> list
 
 
 def child_env(compile_cache: str | None = None) -> dict:
-  """The children's environment: the repo importable, no simulated devices inherited from a test
-  session (each run uses one CPU device). `compile_cache`: p3o_jax's persistent compilation cache
+  """The children's environment: the repo importable, one CPU device per run (not a test session's
+  simulated devices, nor p3o_jax's one per core: host_devices.py). `compile_cache`: p3o_jax's persistent compilation cache
   folder or 'off' (default: the caller's, p3o_jax/compile_cache.py); runs of one program (same
   algorithm, other seed or beta) then compile it once."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  # One CPU device per run (runs go --jobs at a time, one core each), whatever the caller simulates.
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags)
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
   if compile_cache:

@@ -88,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   # library's INFO lines too, as --verbosity=0 does)
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax",
                                          level="warning"))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # cpu_devices: 'auto' (one CPU device per core for a small policy, p3o_jax/host_devices.py) or N
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="auto"))
   return c
 
 

@@ -96,6 +96,12 @@ def mesh_size(v):
   return f"must be a positive int or -1 (use the remaining devices), got {v!r}"
 
 
+def cpu_devices(v):
+  if str(v).strip().lower() == "auto" or (str(v).strip().isdigit() and int(v) >= 1):
+    return None
+  return f"must be 'auto' (one per core for a small policy) or a positive integer, got {v!r}"
+
+
 def names_from(*options) -> Check:
   """A tuple / list of names, each one of `options` (e.g. pipeline.algos)."""
   def check(v):
@@ -218,6 +224,7 @@ SCHEMA: dict[str, Check] = {
     "mesh.data": mesh_size,
     "mesh.fsdp": mesh_size,
     "mesh.tensor": mesh_size,
+    "mesh.cpu_devices": cpu_devices,
 }
 
 

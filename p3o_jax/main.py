@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from p3o_jax import checkpoint, compile_cache, config_checks, distributed, paths, pipeline, sharding
+from p3o_jax import checkpoint, compile_cache, config_checks, distributed, host_devices, paths, pipeline, sharding
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.data import batching
 
@@ -62,8 +62,9 @@ def _stop_message(stop, name: str, directory: str) -> str:
           f"its export was not written.\nTo resume, rerun the same command:\n  {command}")
 
 
-def run(config, workdir: str) -> dict[str, str]:
-  """Runs config.stage in workdir; returns the outputs by name.
+def run(config, workdir: str, devices_note: str = "") -> dict[str, str]:
+  """Runs config.stage in workdir; returns the outputs by name. `devices_note`: how the CPU
+  device count was chosen (host_devices.configure), for the summary.
 
   Each stage first checks that the stages it reads finished (workdir.check_inputs) and writes
   its completion marker once its export is done. SIGTERM / SIGINT: the running stage saves a
@@ -71,10 +72,10 @@ def run(config, workdir: str) -> dict[str, str]:
   """
   config_checks.validate(config)
   with workdir_lib.Lock(workdir):
-    return _run_locked(config, workdir)
+    return _run_locked(config, workdir, devices_note)
 
 
-def config_summary(config, workdir: str, runs, mesh) -> str:
+def config_summary(config, workdir: str, runs, mesh, devices_note: str = "") -> str:
   """The few lines a user needs to recognise the run; the whole config is in config.json."""
   model = config.model.hf or ", ".join(f"{k}={config.model.arch[k]}" for k in ("model_type", "hidden_size", "num_layers")
                                         if k in config.model.arch)
@@ -85,10 +86,10 @@ def config_summary(config, workdir: str, runs, mesh) -> str:
       f"  model {model} ({config.model.dtype}); sft {config.sft.steps} steps, rm {config.rm.steps} steps, "
       f"rl {rl.iterations} iterations x {rl.prompts_per_rollout} prompts x k={rl.k}",
       f"  {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"mesh {dict(mesh.shape)}; seed {config.seed}"])
+      f"mesh {dict(mesh.shape)}{f' ({devices_note})' if devices_note else ''}; seed {config.seed}"])
 
 
-def _run_locked(config, workdir: str) -> dict[str, str]:
+def _run_locked(config, workdir: str, devices_note: str = "") -> dict[str, str]:
   logging.info("config:\n%s", config)
   batching.TRUNCATED.clear()
   mesh = sharding.mesh_from_config(config.mesh)
@@ -104,7 +105,7 @@ def _run_locked(config, workdir: str) -> dict[str, str]:
   config.rl.algo = algo
   workdir_lib.write_config(workdir, config)
   if distributed.is_main():
-    print(config_summary(config, workdir, runs, mesh), flush=True)
+    print(config_summary(config, workdir, runs, mesh, devices_note), flush=True)
   stop = checkpoint.install_signal_handlers()
   outputs, start = {}, time.time()
   try:
@@ -160,6 +161,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # --verbosity wins; else config.log.level (default: warnings)
     logging.set_verbosity(_CONFIG.value.log.get("level", "warning"))
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value]
+  devices_note = host_devices.configure(_CONFIG.value, multi_process=_DISTRIBUTED.value)  # before JAX starts
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            None if _LOCAL_DEVICES.value is None else [int(i) for i in _LOCAL_DEVICES.value],
@@ -171,7 +173,7 @@ def main(argv):
   # that one of them reads while another misses would compile them apart.
   if jax.process_count() == 1:
     compile_cache.enable(_COMPILE_CACHE.value)
-  run(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value, devices_note)
 
 
 def entry():

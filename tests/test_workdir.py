@@ -12,7 +12,7 @@ import time
 import pytest
 
 from configs import demo
-from p3o_jax import checkpoint, main, pipeline
+from p3o_jax import checkpoint, host_devices, main, pipeline
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.metrics_log import read_jsonl
 
@@ -180,13 +180,17 @@ def test_resuming_with_changed_fields_fails_naming_them(base_workdir, tmp_path):
 def test_demo_pipeline_console_is_short_and_ends_in_the_summary(tmp_path):
   """configs/demo.py:runlocal as a user runs it: a few lines of config, one bar per stage,
   the stage summaries and where the outputs are; no INFO lines from orbax or absl."""
+  env = {k: v for k, v in main_env().items() if k != "XLA_FLAGS"}  # no simulated devices: as a user's shell
   proc = subprocess.run([sys.executable, "-m", "p3o_jax.main", "--config=configs/demo.py:runlocal",
-                         f"--workdir={tmp_path}"], cwd=REPO, env=main_env(), capture_output=True, text=True,
+                         f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   console = proc.stdout + proc.stderr
   assert console.count("\n") < 150, console
   assert "p3o_jax: task demo, sft -> rm -> rl/p3o -> eval" in proc.stdout
+  cores = host_devices.cores()  # mesh.cpu_devices=auto: the demo's policy is small
+  if cores > 1:
+    assert f"one CPU device per core ({cores})" in proc.stdout and f"'data': {cores}," in proc.stdout, proc.stdout
   assert "== eval summary ==" in proc.stdout and "Done in" in proc.stdout and "p3o policy (HF)" in proc.stdout
   assert "orbax" not in console and "] Saving checkpoint" not in console
   for bar in ("sft:", "rm:", "rl/p3o:"):

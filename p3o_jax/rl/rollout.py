@@ -31,12 +31,14 @@ class RewardSource(Protocol):
 
 
 class ModelReward:
-  """A Flax reward model (scalar head read at the last real token)."""
+  """A Flax reward model (scalar head read at the last real token). `score_fn` is the pure
+  function, so the Roller can run it in the same program as the log-prob passes."""
   on_device = True
 
   def __init__(self, graph, params):
     self.params = params
-    self._score = jax.jit(functools.partial(sequences.response_scores, graph))
+    self.score_fn = functools.partial(sequences.response_scores, graph)
+    self._score = jax.jit(self.score_fn)
 
   def __call__(self, query, query_mask, response, response_mask):
     return self._score(self.params, query, query_mask, response, response_mask)
@@ -136,15 +138,17 @@ class Roller:
         lambda p: jax.tree.map(lambda x: x.astype(sampler_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
     self._passes: dict = {}
 
-  def _teacher_forced(self, out_sharding, k: int, value_fn):
-    """One jitted program for the rows' teacher-forced passes: old and reference log-probs
-    (and the critic's values), its outputs laid out row-split like the batch."""
-    key = (out_sharding, k, value_fn)
+  def _teacher_forced(self, out_sharding, k: int, value_fn, score_fn=None):
+    """One jitted program for every teacher-forced pass over the rows: old and reference
+    log-probs, the critic's values and the reward model's scores (`score_fn`, when the reward
+    is a model), its outputs laid out row-split like the batch."""
+    key = (out_sharding, k, value_fn, score_fn)
     if key not in self._passes:
       logprobs = functools.partial(sequences.response_logprobs, self.graph,
                                    temperature=self.sampler_cfg.temperature)
 
-      def passes(params, ref_params, value_params, query, query_mask, response, response_mask, logp_sampler):
+      def passes(params, ref_params, value_params, reward_params, query, query_mask, response, response_mask,
+                 logp_sampler):
         query, query_mask = jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0)
         rows = (query, query_mask, response, response_mask)
         out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
@@ -153,6 +157,8 @@ class Roller:
                "logp_sampler": logp_sampler}
         if value_fn is not None:
           out["values"] = value_fn(value_params, *rows)
+        if score_fn is not None:
+          out["scores"] = score_fn(reward_params, *rows)
         return out
       self._passes[key] = jax.jit(passes, out_shardings=out_sharding)
     return self._passes[key]
@@ -212,11 +218,26 @@ class Roller:
         min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh,
         prompt_ids=prompt_ids, total_prompts=total_prompts)
     value_fn, value_params = critic if critic is not None else (None, None)
-    device = self._teacher_forced(rows.sharding, k, value_fn)(
-        params, self.ref_params, value_params, prompts["query"], prompts["query_mask"],
-        out.tokens, out.mask.astype(jnp.int32), out.logprobs)
+    score_fn = getattr(self.reward, "score_fn", None)
+    device = self._teacher_forced(rows.sharding, k, value_fn, score_fn)(  # dispatched, not awaited
+        params, self.ref_params, value_params, self.reward.params if score_fn else None, prompts["query"],
+        prompts["query_mask"], out.tokens, out.mask.astype(jnp.int32), out.logprobs)
+    # Rewards computed on the host (Python functions, the demo's gold reward) read the sampler's
+    # rows while the device still runs the passes above.
+    sampled = {"query": out.prompt_tokens, "query_mask": out.prompt_mask, "response": out.tokens,
+               "response_mask": out.mask}
+    on_host = [r for r in (None if score_fn else self.reward, self.gold) if r is not None and not getattr(r, "on_device", False)]
+    early = {}
+    if on_host:
+      sampled_host = {name: rows.local(x) for name, x in sampled.items()}
+      early = {id(r): np.asarray(score_rows(r, rows, None, sampled_host), np.float32) for r in on_host}
     host = {name: rows.local(x) for name, x in device.items()}
-    scores = np.asarray(score_rows(self.reward, rows, device, host), np.float32)
+
+    def scores_of(reward):
+      if id(reward) in early:
+        return early[id(reward)]
+      return np.asarray(score_rows(reward, rows, device, host), np.float32)
+    scores = host.pop("scores") if score_fn else scores_of(self.reward)
     if scores.shape != (len(rows.rows),):  # a scalar or [N, 1] would broadcast silently below
       raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
                        f"({len(rows.rows)},), one per response row")
@@ -225,7 +246,7 @@ class Roller:
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")
     host["scores"] = scores
     if self.gold is not None:
-      host["gold"] = np.asarray(score_rows(self.gold, rows, device, host), np.float32)
+      host["gold"] = scores_of(self.gold)
     return host
 
 

@@ -1,0 +1,68 @@
+"""This machine's matmul ceiling, and the model FLOPs of each RL phase, so a benchmark can say how
+far a phase is from the hardware limit and not only from the peer.
+
+    ceiling = matmul_ceiling("float32")          # FLOP/s of XLA's best square matmul here
+    flops = phase_flops(shape, rows=32, prompts=16, prompt=32, new=32)
+    share = flops["update"] / seconds / ceiling
+
+The ceiling is measured, not read off a datasheet: XLA:CPU's jitted square matmul (all cores,
+one device) at the size that runs fastest, best of several runs. Model FLOPs count the matmuls
+only (2 per multiply-add), as MFU does: the weight matmuls of every token that passes a layer
+(2 N per token forward, 4 N more backward, N = weights touched per token) plus attention's score
+and value products (4 d per layer per (query, key) pair), no recomputation, no softmax or norms.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def matmul_ceiling(dtype: str = "float32", sizes=(256, 512, 1024, 2048), seconds: float = 0.4) -> float:
+  """Best FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on the default device, over `sizes`."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    reps = max(2, int(seconds * 50e9 / (2 * n ** 3)))  # about `seconds` at 50 GFLOP/s
+    for _ in range(3):
+      start = time.perf_counter()
+      for _ in range(reps):
+        out = f(a, a)
+      out.block_until_ready()
+      best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+  return best
+
+
+def weights_per_token(shape: dict, lm_head: bool = True) -> int:
+  """Weights one token multiplies through (HF NeoX-style shape keys): attention, MLP, head."""
+  d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+  return layers * (4 * d * d + 2 * d * f) + (d * shape["vocab_size"] if lm_head else d)
+
+
+def forward_flops(shape: dict, rows: int, tokens: int, lm_head: bool = True) -> float:
+  """A causal forward over rows x tokens: weight matmuls + attention (tokens^2 / 2 pairs)."""
+  attention = 4 * shape["hidden_size"] * shape["num_hidden_layers"] * tokens * (tokens + 1) / 2
+  return rows * (2 * weights_per_token(shape, lm_head) * tokens + attention)
+
+
+def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) -> float:
+  """Prefill each prompt once, then `new` tokens per row, each attending to its context."""
+  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
+  prefill = forward_flops(shape, prompts, prompt)
+  context = sum(prompt + t for t in range(new))
+  return prefill + rows * (2 * weights_per_token(shape) * new + 4 * d * layers * context)
+
+
+def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int) -> dict[str, float]:
+  """Model FLOPs of one RL iteration's phases: sample; score (policy, reference and reward model
+  forwards over prompt + response); update (one forward + backward of the policy)."""
+  T = prompt + new
+  forward = forward_flops(shape, rows, T)
+  return {"sample": decode_flops(shape, prompts, rows, prompt, new),
+          "score": 2 * forward + forward_flops(shape, rows, T, lm_head=False),
+          "update": 3 * forward}

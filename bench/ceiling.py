@@ -51,11 +51,12 @@ def forward_flops(shape: dict, rows: int, tokens: int, lm_head: bool = True) -> 
 
 
 def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) -> float:
-  """Prefill each prompt once, then `new` tokens per row, each attending to its context."""
+  """Prefill each prompt once (its logits give token 0), then one forward per further token of
+  each row, the token fed at step t attending to prompt + t keys."""
   d, layers = shape["hidden_size"], shape["num_hidden_layers"]
   prefill = forward_flops(shape, prompts, prompt)
-  context = sum(prompt + t for t in range(new))
-  return prefill + rows * (2 * weights_per_token(shape) * new + 4 * d * layers * context)
+  context = sum(prompt + t for t in range(1, new))
+  return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
 
 
 def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int) -> dict[str, float]:

@@ -80,20 +80,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
-def _devices_flag() -> int:
-  """--devices must reach XLA_FLAGS before jax is imported (default: one host device per core)."""
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--devices="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--devices" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return os.cpu_count()
-
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_devices_flag()}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_flag  # noqa: E402,F401  (before jax: --devices -> XLA_FLAGS)
 
 import datasets  # noqa: E402
 import jax  # noqa: E402
@@ -110,7 +98,6 @@ from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, RunningMoments, make_roller, process_scores  # noqa: E402
 from p3o_jax.rl.update import make_update  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceiling  # noqa: E402
 
 SHAPES = {

@@ -34,18 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _devices_flag() -> int:
-  """--devices must reach XLA_FLAGS before jax is imported."""
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--devices="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--devices" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return os.cpu_count()
-
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={_devices_flag()}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_flag  # noqa: E402,F401  (before jax: --devices -> XLA_FLAGS)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,7 +45,6 @@ import transformers  # noqa: E402
 from p3o_jax import sampling, sharding  # noqa: E402
 from p3o_jax.models import hf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceiling  # noqa: E402
 
 SHAPES = {

@@ -51,3 +51,23 @@ def test_memory_table_total_is_the_sum_of_its_rows():
   assert total is not None and len(rows) >= 7, out
   assert abs(sum(rows) - total) <= 0.005 * len(rows) + 1e-9, (rows, total, out)  # rows print rounded to 0.01
   assert re.search(r"\bFITS 80 GB\b|DOES NOT FIT 80 GB", out), out
+
+
+def test_model_flops_count_every_linear_weight_once_per_token():
+  """bench/ceiling.py's weights per token = the GPT-NeoX model's nn.Linear weights (embedding lookup
+  excluded), counted by transformers; a forward is 2 FLOPs per weight per token plus attention."""
+  import torch
+  import transformers
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import ceiling
+  shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80)
+  model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape, tie_word_embeddings=False))
+  linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+  assert ceiling.weights_per_token(shape) == linear
+  tokens = 5
+  pairs = tokens * (tokens + 1) // 2  # causal (query, key) pairs
+  assert ceiling.forward_flops(shape, rows=2, tokens=tokens) == 2 * (2 * linear * tokens + 4 * 32 * 3 * pairs)
+  # Decoding: the prefill's forward gives token 0; token 1 is one forward of the row's token 0
+  # attending to the 4 prompt keys and itself.
+  decode = ceiling.decode_flops(shape, prompts=1, rows=2, prompt=4, new=2)
+  assert decode == ceiling.forward_flops(shape, 1, 4) + 2 * (2 * linear + 4 * 32 * 3 * 5)

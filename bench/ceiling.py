@@ -6,7 +6,8 @@ far a phase is from the hardware limit and not only from the peer.
     share = flops["update"] / seconds / ceiling
 
 The ceiling is measured, not read off a datasheet: XLA:CPU's jitted square matmul (all cores,
-one device) at the size that runs fastest, best of several runs. Model FLOPs count the matmuls
+one device) at the size that runs fastest, best of several runs; bf16 inputs are summed in fp32,
+which XLA:CPU runs on the CPU's bf16 matrix units where it has them (AMX, AVX512-BF16). Model FLOPs count the matmuls
 only (2 per multiply-add), as MFU does: the weight matmuls of every token that passes a layer
 (2 N per token forward, 4 N more backward, N = weights touched per token) plus attention's score
 and value products (4 d per layer per (query, key) pair), no recomputation, no softmax or norms.
@@ -22,11 +23,12 @@ import numpy as np
 
 
 def matmul_ceiling(dtype: str = "float32", sizes=(256, 512, 1024, 2048), seconds: float = 0.4) -> float:
-  """Best FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on the default device, over `sizes`."""
+  """Best FLOP/s of a jitted [n, n] @ [n, n] with `dtype` inputs summed in float32 (the way the
+  decoder multiplies: models/decoder.py weight_matmul) on the default device, over `sizes`."""
   best = 0.0
   for n in sizes:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     reps = max(2, int(seconds * 50e9 / (2 * n ** 3)))  # about `seconds` at 50 GFLOP/s
     for _ in range(3):

@@ -147,12 +147,16 @@ def median_and_best(seconds: list[float], tokens: int) -> dict:
 # ----------------------------------------------------------------------------- p3o_jax
 
 def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
-               devices: int = 1) -> dict:
+               devices: int = 1, precision: str = "fp32") -> dict:
   """p3o_jax's iterations on a data-parallel mesh of `devices` host devices (1: one device), as
-  rl/loop.py runs them: params replicated, the rollout's prompts and the update's groups split."""
-  cfg, graph, params = hf.load(policy_dir)
-  _, rm_graph, rm_params = hf.load(rm_dir, head="score")
+  rl/loop.py runs them: params replicated, the rollout's prompts and the update's groups split.
+  precision 'bf16': every weight matmul (sampler, scoring, update) reads bf16 inputs summed in
+  fp32 (model.matmul_dtype); weights, optimizer state and activations stay fp32."""
+  matmul = {"fp32": "", "bf16": "bfloat16"}[precision]
+  cfg, graph, params = hf.load(policy_dir, matmul_dtype=matmul)
+  _, rm_graph, rm_params = hf.load(rm_dir, head="score", matmul_dtype=matmul)
   config = base_config()
+  config.model.matmul_dtype = matmul
   config.sampler.update(max_new_tokens=NEW, min_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0)
   config.rl.update(k=K, inner_epochs=1, num_minibatches=1)
   config.optim.lr = LR
@@ -197,13 +201,13 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   rollout, total, sample = (statistics.median(x) for x in (rollout_s, total_s, sample_s[1:]))
   phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
   return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
-              rollout_share=rollout / total, phases=phases, devices=devices)
+              rollout_share=rollout / total, phases=phases, devices=devices, precision=precision)
 
 
 # ----------------------------------------------------------------------------- TRL
 
 def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
-              workdir: str) -> dict:
+              workdir: str, precision: str = "fp32") -> dict:
   import trl  # noqa: PLC0415  (optional: only this function needs it)
 
   class StepTimes(transformers.TrainerCallback):
@@ -231,7 +235,7 @@ def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, step
   dataset = datasets.Dataset.from_dict({"prompt": texts * (warmup + steps)})
   args = trl.RLOOConfig(
       output_dir=os.path.join(workdir, "trl"), report_to="none", save_strategy="no",
-      logging_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+      logging_strategy="no", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16", fp16=False,
       gradient_checkpointing=False, seed=0, data_seed=0, dataloader_num_workers=0,
       learning_rate=LR, max_grad_norm=1.0, weight_decay=0.0, num_train_epochs=1, max_steps=warmup + steps,
       per_device_train_batch_size=P * K, gradient_accumulation_steps=1, steps_per_generation=1,
@@ -262,17 +266,17 @@ def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, step
               rollout_share=statistics.median(rollout_s[warmup:]) / statistics.median(all_s[warmup:]))
 
 
-def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts) -> dict:
+def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, precision: str) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
   with tempfile.TemporaryDirectory() as directory:
     policy_dir, rm_dir, tokenizer = build_models(shape, directory)
-    theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory)
+    theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory, precision)
     ours = []
     for devices in device_counts:
       # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
       time.sleep(1.0)
-      ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices))
+      ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices, precision))
   return dict(shape=shape, ours=ours, theirs=theirs)
 
 
@@ -295,6 +299,9 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="host devices of ours' data-parallel run (one per core by default); ours also runs on one")
+  parser.add_argument("--precision", default="fp32,bf16",
+                      help="comma list: fp32 (both sides fp32, TRL's bf16 off) and/or bf16 (TRL bf16=True, "
+                           "autocast; ours model.matmul_dtype=bfloat16)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   transformers.logging.set_verbosity_error()
@@ -309,10 +316,11 @@ def main():
         f"{args.prompts} prompts x K={K}, prompt {PROMPT}, new tokens {NEW}, median of {args.steps} "
         f"iterations after {args.warmup} warm-up; matmul ceiling here (XLA, one device): "
         f"fp32 {ceilings['float32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
-  for shape in SHAPES if args.shape == "all" else [args.shape]:
-    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts)
+  for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
+                            for p in args.precision.split(",")):
+    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision)
     theirs = r["theirs"]
-    print(f"{shape:>6}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
+    print(f"{shape:>6} {precision}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
           f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s", flush=True)
     for ours in r["ours"]:
       ours.update(rows=args.prompts * K, prompts=args.prompts)

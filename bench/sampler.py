@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from p3o_jax import sampling, sharding  # noqa: E402
-from p3o_jax.models import hf  # noqa: E402
+from p3o_jax.models import decoder, hf  # noqa: E402
 
 import ceiling  # noqa: E402
 
@@ -74,10 +74,16 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def bench(shape: str, repeats: int) -> dict:
+def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
+  """precision 'bf16': transformers' model in torch.bfloat16; ours reads bf16 weights into bf16-input,
+  fp32-summed matmuls (sampler.param_dtype and sampler.matmul_dtype = bfloat16)."""
   with tempfile.TemporaryDirectory() as directory:
     model = build_hf(shape, directory)
     cfg, graph, params = hf.load(directory)
+  if precision == "bf16":
+    model = model.to(torch.bfloat16)
+    graph = decoder.with_matmul_dtype(graph, "bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, cfg.vocab_size, (BATCH, PROMPT)).astype(np.int32)
   mask = np.ones_like(prompts)
@@ -122,24 +128,26 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (both samplers)")
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="host devices for the data-parallel run (default: one per core)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  fp32 = ceiling.matmul_ceiling("float32")
+  ceilings = {"fp32": ceiling.matmul_ceiling("float32"), "bf16": ceiling.matmul_ceiling("bfloat16")}
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, default matmul precision), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; fp32 matmul ceiling here "
-        f"(XLA, one device) {fp32 / 1e9:.0f} GFLOP/s")
-  for shape in SHAPES if args.shape == "all" else [args.shape]:
-    r = bench(shape, args.repeats)
-    print(f"{r['shape']:>10}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
+        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; matmul ceiling here "
+        f"(XLA, one device): fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 inputs {ceilings['bf16'] / 1e9:.0f} GFLOP/s")
+  for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
+                            for p in args.precision.split(",")):
+    r = bench(shape, args.repeats, precision)
+    print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
           f"first call of ours {r['compile_s']:.1f} s", flush=True)
     flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
     for name, (rate, best) in r["ours"].items():
       print(f"{'':>10}  p3o_jax, {name:>10}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
             f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
-            f"{rate * flops_per_token / fp32:.0%} of the fp32 ceiling", flush=True)
+            f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling", flush=True)
 
 
 if __name__ == "__main__":

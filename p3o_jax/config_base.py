@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32", param_dtype="float32",
       frozen_dtype="bfloat16",  # the reference and reward model's weights: never trained, so bf16
                                 # storage halves their memory at a tested cost (README, Memory)
+      # the inputs of every weight matmul ('': the activations' dtype; bfloat16: bf16 inputs summed in
+      # float32, the CPU's bf16 matrix units and GPUs' / TPUs' native mode; weights stay param_dtype)
+      matmul_dtype="",
+      frozen_matmul_dtype="",  # the same for the reference and reward model ('': model.matmul_dtype)
       remat=False,         # gradient checkpointing: recompute each block in the backward pass
       scan_layers=False))  # one lax.scan over stacked blocks: compile time flat in depth
   c.model.arch = ml_collections.ConfigDict()  # DecoderConfig fields when model.hf is empty
@@ -39,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0,
+      matmul_dtype="",     # the sampler's weight matmuls ('': model.matmul_dtype); see rl.rollout_is
       param_dtype="float32"))  # the dtype the sampler reads the policy's weights in (bfloat16: as a
                                # bf16 inference engine would; see rl.rollout_is)
 
@@ -88,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   # library's INFO lines too, as --verbosity=0 does)
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax",
                                          level="warning"))
-  # cpu_devices: 'auto' (one CPU device per core for a small policy, p3o_jax/host_devices.py) or N
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="auto"))
+  # cpu_devices: CPU devices to make, N or 'cores' (p3o_jax/host_devices.py: measured, 1 is fastest here)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="1"))
   return c
 
 

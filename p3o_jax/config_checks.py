@@ -97,9 +97,9 @@ def mesh_size(v):
 
 
 def cpu_devices(v):
-  if str(v).strip().lower() == "auto" or (str(v).strip().isdigit() and int(v) >= 1):
+  if str(v).strip().lower() == "cores" or (str(v).strip().isdigit() and int(v) >= 1):
     return None
-  return f"must be 'auto' (one per core for a small policy) or a positive integer, got {v!r}"
+  return f"must be a positive integer or 'cores' (one CPU device per core), got {v!r}"
 
 
 def names_from(*options) -> Check:
@@ -133,6 +133,9 @@ SCHEMA: dict[str, Check] = {
     "model.dtype": one_of(*DTYPES),
     "model.param_dtype": one_of(*DTYPES),
     "model.frozen_dtype": one_of(*DTYPES),
+    "model.matmul_dtype": one_of("", *DTYPES),
+    "model.frozen_matmul_dtype": one_of("", *DTYPES),
+    "sampler.matmul_dtype": one_of("", *DTYPES),
     "model.remat": boolean,
     "model.scan_layers": boolean,
     "arch.vocab_size": positive_int,

@@ -129,8 +129,9 @@ def _placement(config):
 def _dtypes(config, frozen: bool = False) -> dict:
   """How models are built; `frozen`: the weights of a model never trained (reference, reward
   model) in model.frozen_dtype."""
+  matmul = (config.model.frozen_matmul_dtype or config.model.matmul_dtype) if frozen else config.model.matmul_dtype
   return dict(dtype=config.model.dtype, param_dtype=config.model.frozen_dtype if frozen else config.model.param_dtype,
-              remat=config.model.remat, scan_layers=config.model.scan_layers)
+              remat=config.model.remat, scan_layers=config.model.scan_layers, matmul_dtype=matmul)
 
 
 def load_policy(config, path: str, tokenizer=None) -> Policy:

@@ -1,12 +1,10 @@
-"""mesh.cpu_devices: how many CPU devices a run makes, decided from the config before JAX starts."""
+"""mesh.cpu_devices: how many CPU devices a run makes, set before JAX starts its backends."""
 
-import json
 import os
 import subprocess
 import sys
 
 import jax
-import ml_collections
 import pytest
 
 from p3o_jax import config_checks, host_devices
@@ -15,50 +13,30 @@ from p3o_jax.config_base import base_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config_with(hidden=None, hf="", cpu_devices="auto"):
+def config_with(cpu_devices):
   c = base_config()
-  c.model.hf = hf
-  if hidden is not None:
-    c.model.arch = ml_collections.ConfigDict(dict(hidden_size=hidden))
   c.mesh.cpu_devices = cpu_devices
   return c
 
 
-def test_auto_splits_a_small_policy_over_the_cores(monkeypatch):
+def test_count_reads_the_setting(monkeypatch):
   monkeypatch.setattr(host_devices, "cores", lambda: 4)
-  assert host_devices.choose(config_with(64))[0] == 4
-  assert host_devices.choose(config_with(host_devices.SMALL_HIDDEN))[0] == 4
-  count, why = host_devices.choose(config_with(host_devices.SMALL_HIDDEN + 1))
-  assert count is None and "one CPU device" in why
-  monkeypatch.setattr(host_devices, "cores", lambda: 1)
-  assert host_devices.choose(config_with(64))[0] is None
-  assert host_devices.choose(config_with(64, cpu_devices="3"))[0] == 3  # explicit wins
-
-
-def test_auto_reads_a_local_hf_config(tmp_path, monkeypatch):
-  monkeypatch.setattr(host_devices, "cores", lambda: 2)
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 128}))
-  assert host_devices.policy_hidden_size(config_with(hf=str(tmp_path))) == 128
-  assert host_devices.choose(config_with(hf=str(tmp_path)))[0] == 2
-  count, why = host_devices.choose(config_with(hf="EleutherAI/pythia-1b"))  # a hub id: not read
-  assert count is None and "unknown" in why
-
-
-def test_bad_setting_is_named():
+  assert host_devices.count(config_with("1")) == 1
+  assert host_devices.count(config_with("3")) == 3
+  assert host_devices.count(config_with("cores")) == 4
   with pytest.raises(ValueError, match="mesh.cpu_devices='two'"):
-    host_devices.choose(config_with(64, cpu_devices="two"))
-  assert config_checks.cpu_devices("auto") is None and config_checks.cpu_devices("2") is None
+    host_devices.count(config_with("two"))
+  assert config_checks.cpu_devices("cores") is None and config_checks.cpu_devices("2") is None
   assert "positive integer" in config_checks.cpu_devices("0")
 
 
 def test_configure_leaves_fixed_counts_alone(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert host_devices.configure(config_with(64)) == "CPU devices set by XLA_FLAGS"
+  assert host_devices.configure(config_with("2")) == "CPU devices set by XLA_FLAGS"
   monkeypatch.setenv("XLA_FLAGS", "")
-  assert host_devices.configure(config_with(64), multi_process=True) == "CPU devices as the job started them"
-  monkeypatch.setattr(host_devices, "cores", lambda: 2)
+  assert host_devices.configure(config_with("2"), multi_process=True) == "CPU devices as the job started them"
   devices = jax.device_count()  # this test process's backends are running (and keep their 8 devices)
-  assert "not applied" in host_devices.configure(config_with(64))
+  assert "not applied" in host_devices.configure(config_with("2"))
   assert jax.device_count() == devices
 
 

@@ -431,3 +431,38 @@ def test_load_places_each_tensor_onto_its_fsdp8_shards(tmp_path):
       split += 1
       assert all(shard.data.size * 8 == a.size for shard in b.addressable_shards), jax.tree_util.keystr(key)
   assert split >= 5, "embed-sized tensors should be split over fsdp"
+
+
+def test_weight_matmul_reads_bf16_and_sums_in_fp32():
+  """matmul_dtype='bfloat16': both inputs rounded to bf16, the products summed in float32 (NumPy
+  float64 on the rounded inputs agrees to float32 rounding), unlike a bf16-summed dot."""
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((2, 3, 512)).astype(np.float32), rng.standard_normal((512, 64)).astype(np.float32)
+  cfg = decoder.DecoderConfig(vocab_size=8, hidden_size=512, num_layers=1, num_heads=8, matmul_dtype="bfloat16")
+  out = np.asarray(jax.jit(lambda a, b: decoder.weight_matmul(cfg, "btd,df->btf", a, b))(x, w))
+  assert out.dtype == np.float32
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+  want = np.einsum("btd,df->btf", rounded(x), rounded(w))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+  assert np.abs(out - np.einsum("btd,df->btf", x, w)).max() > 1e-3  # the inputs really were rounded
+  bf16_sums = np.asarray(jnp.einsum("btd,df->btf", jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)), np.float64)
+  assert np.abs(out - want).max() < 0.1 * np.abs(bf16_sums - want).max()
+  with pytest.raises(ValueError, match="matmul_dtype='int8'"):
+    cfg.replace(matmul_dtype="int8")
+
+
+def test_bf16_matmuls_stay_close_to_fp32_logits(causal):
+  """A whole model with bf16 matmul inputs (fp32 weights, activations and sums): its logits err
+  against the fp32 reference no more than transformers' bf16 model does."""
+  _, graph, params = hf.load(str(causal.dir), matmul_dtype="bfloat16")
+  ours = np.asarray(_jitted_logits(graph)(params, causal.tokens, causal.mask), np.float32)
+  with torch.no_grad():
+    theirs = causal.model.to(torch.bfloat16)(**fx.hf_inputs(causal.tokens, causal.mask)).logits.float().numpy()
+  causal.model.to(torch.float32)  # the fixture is shared
+  real = causal.mask.astype(bool)
+  err = lambda x: np.abs(x - causal.ref)[real]
+  assert 1e-4 < err(ours).max() <= 1.5 * err(theirs).max() + 1e-3, (err(ours).max(), err(theirs).max())
+  twin = decoder.with_matmul_dtype(causal.graph, "bfloat16")  # the fp32 model's bf16-matmul twin: same params
+  again = np.asarray(_jitted_logits(twin)(causal.params, causal.tokens, causal.mask), np.float32)
+  np.testing.assert_array_equal(again, ours)
+  assert decoder.with_matmul_dtype(causal.graph, "") is causal.graph

@@ -746,3 +746,19 @@ def test_bf16_first_moment_trains_like_fp32():
   initial = float(loss(jnp.zeros((16, 1))))
   assert max(finals.values()) < 0.002 * initial, (finals, initial)
   assert abs(finals["bfloat16"] - finals["float32"]) < 0.001 * initial, (finals, initial)
+
+
+def test_bf16_matmul_sampler_and_reference(roller, policy, prompts, rollout_key):
+  """sampler.matmul_dtype / model.frozen_matmul_dtype='bfloat16': the sampler's own log-probs (and
+  the reference's) come from bf16-input matmuls and stay within bf16 tolerance of the fp32 ones,
+  while the trainer's old log-probs keep the policy's fp32 matmuls."""
+  fast = rollout.Roller(policy[0], policy[1], roller.reward, sampler_cfg=SAMPLER, eos_id=EOS, pad_id=EOS,
+                        sampler_matmul_dtype="bfloat16", ref_matmul_dtype="bfloat16")
+  exp = fast(policy[1], *prompts, rollout_key, K)
+  exp32 = variant(roller, ref_params=policy[1])(policy[1], *prompts, rollout_key, K)
+  mask = exp.response_mask > 0
+  gap = np.abs(exp.logp_sampler - exp.logp_old)[mask]
+  assert 1e-4 < gap.max() < 0.05, gap.max()
+  ref_gap = np.abs(exp.logp_ref - exp.logp_old)[mask]  # reference = policy here: only the matmuls differ
+  assert 1e-4 < ref_gap.max() < 0.05, ref_gap.max()
+  np.testing.assert_allclose(exp32.logp_ref, exp32.logp_old, atol=1e-6)

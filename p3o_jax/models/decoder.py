@@ -68,6 +68,8 @@ class DecoderConfig:
                                        # memory of one block instead of all, ~1/3 more compute
   scan_layers: bool = False            # blocks' params stacked on a leading `layers` axis and run
                                        # by one lax.scan: compile time independent of depth
+  matmul_dtype: str = ""               # inputs of every weight matmul ("": the activations' dtype),
+                                       # always accumulated in float32; see `weight_matmul`
 
   @property
   def kv_heads(self) -> int:
@@ -92,6 +94,8 @@ class DecoderConfig:
                            ("dtype", tuple(DTYPES)), ("param_dtype", tuple(DTYPES))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+    if self.matmul_dtype not in ("", *DTYPES):
+      raise ValueError(f"DecoderConfig.matmul_dtype={self.matmul_dtype!r}; expected '' or one of {tuple(DTYPES)}")
     if self.shared_norm and not self.parallel_residual:
       raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
 
@@ -104,6 +108,19 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
+
+
+def weight_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
+  """einsum(x, w) for activations x and a weight w: both read in cfg.matmul_dtype (default: x's
+  dtype), the products summed in float32, the result in `out_dtype` (default: x's dtype).
+
+  bfloat16 inputs with float32 sums are what TPUs and GPUs run natively, and XLA:CPU runs them
+  on the CPU's bf16 matrix units (AMX / AVX512-BF16) several times faster than float32 here
+  (bench/rl_iteration.py); a bf16 x bf16 -> bf16 dot takes a slower path on CPU and sums in bf16.
+  """
+  dtype = DTYPES[cfg.matmul_dtype] if cfg.matmul_dtype else x.dtype
+  out = jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return out.astype(out_dtype or x.dtype)
 
 
 class LayerCache(NamedTuple):
@@ -222,7 +239,7 @@ class Attention(nnx.Module):
     """layer: None, or this layer's index into a stacked [B, L, G, S, K] cache (scan_layers)."""
     cfg = self.cfg
     dtype = x.dtype
-    proj = lambda w, b: jnp.einsum("btd,dnk->btnk", x, w[...].astype(dtype)) + (
+    proj = lambda w, b: weight_matmul(cfg, "btd,dnk->btnk", x, w[...]) + (
         b[...].astype(dtype) if b is not None else 0)
     q = proj(self.q_kernel, getattr(self, "q_bias", None))  # [B, T, H, K]
     k = proj(self.k_kernel, getattr(self, "k_bias", None))  # [B, T, G, K]
@@ -248,7 +265,7 @@ class Attention(nnx.Module):
     B, T, H, K = q.shape
     q = q.reshape(B, T, cfg.kv_heads, H // cfg.kv_heads, K)
     out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block).reshape(B, T, H, K)
-    out = jnp.einsum("btnk,nkd->btd", out, self.o_kernel[...].astype(dtype))
+    out = weight_matmul(cfg, "btnk,nkd->btd", out, self.o_kernel[...])
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dtype)
     return out, cache
@@ -270,14 +287,14 @@ class MLP(nnx.Module):
   def __call__(self, x):
     cfg, dtype = self.cfg, x.dtype
     act = ACTIVATIONS[cfg.activation]
-    h = x @ self.up_kernel[...].astype(dtype)
+    h = weight_matmul(cfg, "btd,df->btf", x, self.up_kernel[...])
     if cfg.mlp_bias:
       h = h + self.up_bias[...].astype(dtype)
     if cfg.mlp == "swiglu":
-      h = act(x @ self.gate_kernel[...].astype(dtype)) * h
+      h = act(weight_matmul(cfg, "btd,df->btf", x, self.gate_kernel[...])) * h
     else:
       h = act(h)
-    out = h @ self.down_kernel[...].astype(dtype)
+    out = weight_matmul(cfg, "btf,fd->btd", h, self.down_kernel[...])
     if cfg.mlp_bias:
       out = out + self.down_bias[...].astype(dtype)
     return out
@@ -388,12 +405,12 @@ class Decoder(nnx.Module):
   def logits(self, hidden):
     """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(hidden.dtype))
+      logits = weight_matmul(self.cfg, "btd,vd->btv", hidden, self.embed[...], out_dtype=jnp.float32)
     else:
-      logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+      logits = weight_matmul(self.cfg, "btd,dv->btv", hidden, self.lm_head[...], out_dtype=jnp.float32)
     if self.cfg.lm_head_bias:
-      logits = logits + self.lm_head_bias[...].astype(hidden.dtype)
-    return logits.astype(jnp.float32)
+      logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)
+    return logits
 
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""
@@ -427,6 +444,23 @@ def split(model: Decoder) -> tuple[Graph, dict]:
   params = nnx.to_pure_dict(state)
   template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
   return Graph(graphdef, template), params
+
+
+_MATMUL_TWINS: dict = {}
+
+
+def with_matmul_dtype(graph: Graph, matmul_dtype: str) -> Graph:
+  """The same model (same parameter tree) with its weight matmuls read in `matmul_dtype`
+  ('' or None: unchanged): e.g. a sampler or a frozen model in bf16 beside a float32 trainer."""
+  if not matmul_dtype:
+    return graph
+  key = (id(graph.template), matmul_dtype)
+  held = _MATMUL_TWINS.get(key)
+  if held is None or held[0] is not graph.template:
+    cfg = nnx.merge(graph.graphdef, jax.tree.map(lambda a: a, graph.template)).cfg
+    twin = graph if cfg.matmul_dtype == matmul_dtype else abstract(cfg.replace(matmul_dtype=matmul_dtype))[0]
+    held = _MATMUL_TWINS[key] = (graph.template, twin)
+  return held[1]
 
 
 def merge(graph: Graph, params: dict) -> Decoder:

@@ -217,7 +217,7 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
   # The round trip must reproduce every architecture field, or the export would be wrong.
   back = config_from_hf(hf)
   keep = ("lm_head", "scalar_head", "scalar_head_bias", "dtype", "param_dtype", "init_std", "remat",
-          "attention_block", "scan_layers")
+          "attention_block", "scan_layers", "matmul_dtype")
   diffs = [f"{f.name}={getattr(cfg, f.name)!r} (would be {getattr(back, f.name)!r})"
            for f in dataclasses.fields(cfg) if f.name not in keep
            and _normal(cfg, f.name) != _normal(back, f.name)]

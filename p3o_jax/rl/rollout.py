@@ -17,6 +17,7 @@ import numpy as np
 
 from p3o_jax import sampling, sharding
 from p3o_jax.data import batching
+from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
 
 
@@ -127,8 +128,12 @@ class Roller:
 
   def __init__(self, graph, ref_params, reward: RewardSource, *, sampler_cfg, eos_id: int, pad_id: int,
                missing_eos_penalty: float | None = None, gold: RewardSource | None = None, mesh=None,
-               sampler_dtype: str = "float32"):
+               sampler_dtype: str = "float32", sampler_matmul_dtype: str = "", ref_matmul_dtype: str = ""):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
+    # The sampler and the reference may read the policy's weights in other matmul dtypes
+    # (decoder.weight_matmul); the trainer's old log-probs always use the policy's own.
+    self.sampler_graph = decoder.with_matmul_dtype(graph, sampler_matmul_dtype)
+    self.ref_graph = decoder.with_matmul_dtype(graph, ref_matmul_dtype)
     # Each batch shard of the mesh samples its own rows (sampling.generate); without a mesh,
     # one device does everything.
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -144,8 +149,7 @@ class Roller:
     is a model), its outputs laid out row-split like the batch."""
     key = (out_sharding, k, value_fn, score_fn)
     if key not in self._passes:
-      logprobs = functools.partial(sequences.response_logprobs, self.graph,
-                                   temperature=self.sampler_cfg.temperature)
+      logprobs = functools.partial(sequences.response_logprobs, temperature=self.sampler_cfg.temperature)
 
       def passes(params, ref_params, value_params, reward_params, query, query_mask, response, response_mask,
                  logp_sampler):
@@ -153,7 +157,7 @@ class Roller:
         rows = (query, query_mask, response, response_mask)
         out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
                # Old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1.
-               "logp_old": logprobs(params, *rows), "logp_ref": logprobs(ref_params, *rows),
+               "logp_old": logprobs(self.graph, params, *rows), "logp_ref": logprobs(self.ref_graph, ref_params, *rows),
                "logp_sampler": logp_sampler}
         if value_fn is not None:
           out["values"] = value_fn(value_params, *rows)
@@ -212,7 +216,7 @@ class Roller:
     prompts = split.to_global({"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)})
     s = self.sampler_cfg
     out = sampling.generate(
-        self.graph, params if self._sampler_weights is None else self._sampler_weights(params),
+        self.sampler_graph, params if self._sampler_weights is None else self._sampler_weights(params),
         prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
         num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh,
@@ -257,7 +261,9 @@ def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, g
   penalty = (config.rl.missing_eos_penalty or None) if penalise_missing_eos else None
   return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=tokenizer.eos_token_id,
                 pad_id=batching.pad_token_id(tokenizer), missing_eos_penalty=penalty, gold=gold, mesh=mesh,
-                sampler_dtype=config.sampler.param_dtype)
+                sampler_dtype=config.sampler.param_dtype,
+                sampler_matmul_dtype=config.sampler.matmul_dtype or config.model.matmul_dtype,
+                ref_matmul_dtype=config.model.frozen_matmul_dtype or config.model.matmul_dtype)
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,

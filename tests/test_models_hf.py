@@ -447,6 +447,13 @@ def test_weight_matmul_reads_bf16_and_sums_in_fp32():
   assert np.abs(out - np.einsum("btd,df->btf", x, w)).max() > 1e-3  # the inputs really were rounded
   bf16_sums = np.asarray(jnp.einsum("btd,df->btf", jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)), np.float64)
   assert np.abs(out - want).max() < 0.1 * np.abs(bf16_sums - want).max()
+  # The backward pass multiplies in bf16 too: gradients = float64 products of the bf16-rounded
+  # cotangent and operands, returned in float32.
+  g = rng.standard_normal(out.shape).astype(np.float32)
+  dx, dw = jax.jit(jax.grad(lambda a, b: jnp.sum(decoder.weight_matmul(cfg, "btd,df->btf", a, b) * g), (0, 1)))(x, w)
+  assert dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(dx, np.einsum("btf,df->btd", rounded(g), rounded(w)), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dw, np.einsum("btd,btf->df", rounded(x), rounded(g)), rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="matmul_dtype='int8'"):
     cfg.replace(matmul_dtype="int8")
 

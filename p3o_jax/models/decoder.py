@@ -22,6 +22,7 @@ plain dict of arrays; `merge(graph, params)` rebuilds the module inside a jitted
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -119,8 +120,40 @@ def weight_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
   (bench/rl_iteration.py); a bf16 x bf16 -> bf16 dot takes a slower path on CPU and sums in bf16.
   """
   dtype = DTYPES[cfg.matmul_dtype] if cfg.matmul_dtype else x.dtype
-  out = jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  if dtype == jnp.float32:
+    out = jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  else:
+    out = _low_precision_einsum(subscripts, jnp.dtype(dtype), x, w)
   return out.astype(out_dtype or x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(subscripts: str, dtype, x, w):
+  """float32 einsum of x and w read in `dtype`, whose backward pass multiplies in `dtype` too
+  (the cotangent cast to it, sums in float32); autodiff alone would multiply the float32
+  cotangent by the low-precision operand, the slow mixed path. Subscripts as `weight_matmul`
+  uses them: every index of one operand is in the other operand or in the output."""
+  return jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_einsum_fwd(subscripts, dtype, x, w):
+  low_x, low_w = x.astype(dtype), w.astype(dtype)
+  out = jnp.einsum(subscripts, low_x, low_w, preferred_element_type=jnp.float32)
+  # Residuals in low precision (half the memory); zero-size arrays carry the input dtypes.
+  return out, (low_x, low_w, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _low_precision_einsum_bwd(subscripts, dtype, residuals, g):
+  low_x, low_w, x_kind, w_kind = residuals
+  inputs, out = subscripts.split("->")
+  x_sub, w_sub = inputs.split(",")
+  g = g.astype(dtype)
+  dx = jnp.einsum(f"{out},{w_sub}->{x_sub}", g, low_w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum(f"{x_sub},{out}->{w_sub}", low_x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x_kind.dtype), dw.astype(w_kind.dtype)
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
 class LayerCache(NamedTuple):

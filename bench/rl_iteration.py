@@ -42,9 +42,12 @@ What is matched and what is not:
     off, one generation per step (steps_per_generation 1, num_iterations 1), logging and saving
     off. TRL uses torch's fused AdamW with a linear decay; p3o_jax optax AdamW with a constant
     schedule, and reward clipping + running-std scaling as its RL loop does: no cost that matters.
-  * Torch runs eagerly with as many threads as cores; JAX runs jitted (sampler, log-probs, reward
-    model, and the whole update as one program) with its default matmul precision. The p3o_jax
-    update donates the train state. Neither side shards anything (one device). JAX pays its
+  * Torch runs eagerly with as many threads as cores; JAX runs jitted (sampler; log-probs and
+    reward model in one program; the whole update as one program) with its default matmul
+    precision. The p3o_jax update donates the train state. Ours runs on one device, then on a
+    data-parallel mesh of --devices host devices (default one per core); TRL on one.
+  * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
+    inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations). JAX pays its
     compiles in the first iterations (printed as "first iteration"), which the medians exclude.
   * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller, TRL's
     _generate_and_score_completions (the same work, plus the text round trip and the advantages);
@@ -56,12 +59,12 @@ What is matched and what is not:
 Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
 MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
 
-Measured on an idle 2-core CPU (jax 0.10.2, torch 2.13.0, transformers 5.24.0, trl 1.16.0), five
-runs of the defaults (16 prompts x 2 responses; medians of 4 iterations):
-  tiny:  p3o_jax 6.2k - 7.9k response tok/s, TRL 3.4k - 4.5k, ratio 1.58x - 1.83x
-  small: p3o_jax 1.22k - 1.40k response tok/s, TRL 1.06k - 1.19k, ratio 1.13x - 1.20x
-p3o_jax's lead is in the rollout (about half its iteration against two thirds of TRL's); its
-update alone is no faster than torch's on these shapes.
+Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.24.0,
+trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s:
+  tiny  fp32: p3o_jax 8.46k, TRL 5.42k, 1.56x    bf16: 9.44k vs 4.99k, 1.89x
+  small fp32: p3o_jax 1.64k, TRL 1.60k, 1.03x    bf16: 2.93k vs 1.91k, 1.53x
+With one CPU device per core (--devices 2) p3o_jax samples faster and updates slower: 1.09x / 0.72x
+(fp32). README, Benchmarks, has the phases and their shares of the measured matmul ceiling.
 """
 
 from __future__ import annotations

@@ -187,7 +187,10 @@ def test_scan_layers_matches_unrolled_and_round_trips(causal, tmp_path):
   assert cfg.scan_layers and decoder.logical_axes(graph)["layers"]["attn"]["q_kernel"][0] == "layers"
   jax.tree.map(np.testing.assert_array_equal, params, decoder.stack_layers(causal.params))
   logits = _jitted_logits(graph)(params, causal.tokens, causal.mask)
-  assert _max_err(logits, causal.logits, causal.mask) < 1e-6
+  # 1e-6 relative to the logits' scale (~8 float32 ulps): the scan body is fused apart from the
+  # unrolled layers, and XLA:CPU's kernels round differently by instruction set.
+  scale = max(1.0, float(np.abs(np.asarray(causal.logits)).max()))
+  assert _max_err(logits, causal.logits, causal.mask) < 1e-6 * scale
   remat, _ = decoder.abstract(cfg.replace(remat=True))
   got = decoder.unstack_layers(_logprob_grads(remat, params, causal.tokens, causal.mask))
   want = _logprob_grads(causal.graph, causal.params, causal.tokens, causal.mask)

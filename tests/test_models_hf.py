@@ -79,16 +79,23 @@ def test_logits_match_transformers_on_left_padded_batch(causal):
   assert np.std(causal.ref[causal.mask.astype(bool)]) > 0.3
 
 
-def test_bfloat16_is_as_accurate_as_transformers_in_bfloat16(causal):
-  """bf16 weights and activations (the TPU/GPU setting): against the fp32 reference, our
-  logits err no more than transformers' own bf16 model does (max and mean over real tokens)."""
-  _, graph, params = hf.load(str(causal.dir), dtype="bfloat16", param_dtype="bfloat16")
+def _errors_against_transformers_bf16(causal, **dtypes):
+  """(our logits loaded with `dtypes`, |error| on real tokens against the fp32 reference as a
+  function, transformers' own bf16 logits)."""
+  _, graph, params = hf.load(str(causal.dir), **dtypes)
   ours = np.asarray(_jitted_logits(graph)(params, causal.tokens, causal.mask), np.float32)
   with torch.no_grad():
     theirs = causal.model.to(torch.bfloat16)(**fx.hf_inputs(causal.tokens, causal.mask)).logits.float().numpy()
   causal.model.to(torch.float32)  # the fixture is shared
   real = causal.mask.astype(bool)
-  err = lambda x: np.abs(x - causal.ref)[real]
+  return ours, lambda x: np.abs(x - causal.ref)[real], theirs
+
+
+def test_bfloat16_is_as_accurate_as_transformers_in_bfloat16(causal):
+  """bf16 weights and activations (the TPU/GPU setting): against the fp32 reference, our
+  logits err no more than transformers' own bf16 model does (max and mean over real tokens)."""
+  ours, err, theirs = _errors_against_transformers_bf16(causal, dtype="bfloat16", param_dtype="bfloat16")
+  real = causal.mask.astype(bool)
   assert err(ours).max() <= 1.5 * err(theirs).max() + 1e-3, (err(ours).max(), err(theirs).max())
   assert err(ours).mean() <= 1.5 * err(theirs).mean() + 1e-4, (err(ours).mean(), err(theirs).mean())
   assert err(ours).max() < 0.1 * np.abs(causal.ref[real]).max()  # and bf16-small in absolute terms
@@ -464,13 +471,7 @@ def test_weight_matmul_reads_bf16_and_sums_in_fp32():
 def test_bf16_matmuls_stay_close_to_fp32_logits(causal):
   """A whole model with bf16 matmul inputs (fp32 weights, activations and sums): its logits err
   against the fp32 reference no more than transformers' bf16 model does."""
-  _, graph, params = hf.load(str(causal.dir), matmul_dtype="bfloat16")
-  ours = np.asarray(_jitted_logits(graph)(params, causal.tokens, causal.mask), np.float32)
-  with torch.no_grad():
-    theirs = causal.model.to(torch.bfloat16)(**fx.hf_inputs(causal.tokens, causal.mask)).logits.float().numpy()
-  causal.model.to(torch.float32)  # the fixture is shared
-  real = causal.mask.astype(bool)
-  err = lambda x: np.abs(x - causal.ref)[real]
+  ours, err, theirs = _errors_against_transformers_bf16(causal, matmul_dtype="bfloat16")
   assert 1e-4 < err(ours).max() <= 1.5 * err(theirs).max() + 1e-3, (err(ours).max(), err(theirs).max())
   twin = decoder.with_matmul_dtype(causal.graph, "bfloat16")  # the fp32 model's bf16-matmul twin: same params
   again = np.asarray(_jitted_logits(twin)(causal.params, causal.tokens, causal.mask), np.float32)

@@ -212,6 +212,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
                           cache, 0)
     first_logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
+    step_logits = model.repeated_logits()  # the head as the loop reads it best, laid out once
 
     # 2. Broadcast to K samples per prompt: row b*K + k.
     rep = lambda x: jnp.repeat(x, K, axis=0)
@@ -255,7 +256,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
       key_valid = key_valid_prompt | ((slots >= P) & (slots <= P + prev))[None, :]
       hidden, cache = model(state.token[:, None], (prompt_len + prev)[:, None],
                             key_valid[:, None, :], state.cache, P + prev)
-      return emit(state._replace(cache=cache), model.logits(hidden)[:, 0])
+      return emit(state._replace(cache=cache), step_logits(hidden)[:, 0])
 
     # 3. Token 0 from the prefill, then one forward per further token.
     state = _Loop(step=jnp.int32(0), token=jnp.zeros((R,), jnp.int32),

@@ -445,6 +445,22 @@ class Decoder(nnx.Module):
       logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)
     return logits
 
+  def repeated_logits(self):
+    """`logits` for a loop that calls it many times with the same weights (decoding). With
+    float32 matmuls on a CPU an untied head is laid out once as [V, D]: XLA:CPU multiplies a few
+    rows by it about 1.4x faster than by the stored [D, V] (measured at D=512, V=50304; its bf16
+    kernels prefer [D, V]). Elsewhere the head is used as stored."""
+    fp32 = (self.cfg.matmul_dtype or self.cfg.dtype) == "float32"
+    if self.cfg.tie_embeddings or not self.cfg.lm_head or not fp32 or jax.default_backend() != "cpu":
+      return self.logits
+    head = jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))  # one [V, D] copy
+    bias = self.lm_head_bias[...] if self.cfg.lm_head_bias else None
+
+    def logits(hidden):
+      out = weight_matmul(self.cfg, "btd,vd->btv", hidden, head, out_dtype=jnp.float32)
+      return out if bias is None else out + bias.astype(hidden.dtype).astype(jnp.float32)
+    return logits
+
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""
     out = hidden.astype(jnp.float32) @ self.scalar_kernel[...].astype(jnp.float32)

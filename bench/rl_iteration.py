@@ -61,9 +61,9 @@ MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output sc
 
 Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.24.0,
 trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s:
-  tiny  fp32: p3o_jax 8.46k, TRL 5.42k, 1.56x    bf16: 9.44k vs 4.99k, 1.89x
-  small fp32: p3o_jax 1.64k, TRL 1.60k, 1.03x    bf16: 2.93k vs 1.91k, 1.53x
-With one CPU device per core (--devices 2) p3o_jax samples faster and updates slower: 1.09x / 0.72x
+  tiny  fp32: p3o_jax 8.43k, TRL 5.36k, 1.57x    bf16: 11.5k vs 4.75k, 2.43x
+  small fp32: p3o_jax 1.56k, TRL 1.50k, 1.04x    bf16: 3.06k vs 1.66k, 1.84x
+With one CPU device per core (--devices 2) p3o_jax samples faster and updates slower: 1.12x / 0.71x
 (fp32). README, Benchmarks, has the phases and their shares of the measured matmul ceiling.
 """
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from configs import demo
+import demo_base
+from demo_base import fresh
 from p3o_jax import main, pipeline
 from p3o_jax.config_checks import ConfigError
 from p3o_jax.metrics_log import read_jsonl
@@ -20,10 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**rl):
-  c = demo.get_config("runlocal")
-  c.sft.steps = c.rm.steps = 2
-  c.rm.num_prompts = 8
-  c.sft.batch_size = c.rm.batch_size = 16
+  c = demo_base.tiny_config()
   c.rl.iterations = 3
   c.rl.prompts_per_rollout = 4
   c.rl.num_minibatches = 2
@@ -31,8 +29,6 @@ def tiny_config(**rl):
   c.eval.every = 3
   c.eval.num_prompts = 4
   c.ckpt.every = 1
-  c.log.tensorboard = False
-  c.mesh.data = 1  # one of the 8 simulated devices; the sharded run is its own test
   for key, value in rl.items():
     c.rl[key] = value
   return c
@@ -41,18 +37,7 @@ def tiny_config(**rl):
 @pytest.fixture(scope="module")
 def base_workdir(tmp_path_factory):
   """SFT and reward model trained once (2 steps each) for every RL test in this module."""
-  workdir = str(tmp_path_factory.mktemp("base"))
-  config = tiny_config()
-  task = pipeline.load_task(config, workdir)
-  pipeline.run_sft(config, workdir, task)
-  pipeline.run_rm(config, workdir, task)
-  return workdir
-
-
-def fresh(base_workdir, tmp_path):
-  for stage in ("sft", "rm"):
-    shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
-  return str(tmp_path)
+  return demo_base.train_base(tmp_path_factory)
 
 
 def run_rl(config, workdir, stop=None):

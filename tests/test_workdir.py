@@ -11,23 +11,13 @@ import time
 
 import pytest
 
-from configs import demo
+from demo_base import fresh, tiny_config, train_base
 from p3o_jax import checkpoint, main, pipeline
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.metrics_log import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
-
-def tiny_config():
-  c = demo.get_config("runlocal")
-  c.sft.steps = c.rm.steps = 2
-  c.rm.num_prompts = 8
-  c.sft.batch_size = c.rm.batch_size = 16
-  c.log.tensorboard = False
-  c.mesh.data = 1
-  return c
-
 
 # What the command line needs to build tiny_config() from configs/demo.py:runlocal.
 TINY_ARGS = ["--config.sft.steps=2", "--config.rm.steps=2", "--config.rm.num_prompts=8",
@@ -38,20 +28,7 @@ TINY_ARGS = ["--config.sft.steps=2", "--config.rm.steps=2", "--config.rm.num_pro
 @pytest.fixture(scope="module")
 def base_workdir(tmp_path_factory):
   """SFT and reward model trained once (2 steps each) for the tests of this module."""
-  workdir = str(tmp_path_factory.mktemp("base"))
-  config = tiny_config()
-  task = pipeline.load_task(config, workdir)
-  pipeline.run_sft(config, workdir, task)
-  pipeline.run_rm(config, workdir, task)
-  return workdir
-
-
-def fresh(base_workdir, tmp_path):
-  """A workdir holding finished sft and rm stages (exports and their completion markers)."""
-  for stage in ("sft", "rm"):
-    shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
-    workdir_lib.mark_complete(os.path.join(tmp_path, stage))
-  return str(tmp_path)
+  return train_base(tmp_path_factory)
 
 
 def main_command(workdir, *args):

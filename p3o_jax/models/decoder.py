@@ -123,34 +123,34 @@ def weight_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
   if dtype == jnp.float32:
     out = jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
   else:
-    out = _low_precision_einsum(subscripts, jnp.dtype(dtype), x, w)
+    out = _low_precision_einsum(subscripts, jnp.dtype(dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
   return out.astype(out_dtype or x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _low_precision_einsum(subscripts: str, dtype, x, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _low_precision_einsum(subscripts: str, dtype, x_dtype, w_dtype, x, w):
   """float32 einsum of x and w read in `dtype`, whose backward pass multiplies in `dtype` too
-  (the cotangent cast to it, sums in float32); autodiff alone would multiply the float32
-  cotangent by the low-precision operand, the slow mixed path. Subscripts as `weight_matmul`
-  uses them: every index of one operand is in the other operand or in the output."""
-  return jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  (the cotangent cast to it, sums in float32) and returns gradients in x's and w's own dtypes;
+  autodiff alone would multiply the float32 cotangent by the low-precision operand, the slow
+  mixed path. Subscripts as `weight_matmul` uses them: every index of one operand is in the
+  other operand or in the output."""
+  return _low_precision_einsum_fwd(subscripts, dtype, x_dtype, w_dtype, x, w)[0]
 
 
-def _low_precision_einsum_fwd(subscripts, dtype, x, w):
+def _low_precision_einsum_fwd(subscripts, dtype, x_dtype, w_dtype, x, w):
   low_x, low_w = x.astype(dtype), w.astype(dtype)
   out = jnp.einsum(subscripts, low_x, low_w, preferred_element_type=jnp.float32)
-  # Residuals in low precision (half the memory); zero-size arrays carry the input dtypes.
-  return out, (low_x, low_w, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return out, (low_x, low_w)  # residuals in low precision: half the memory
 
 
-def _low_precision_einsum_bwd(subscripts, dtype, residuals, g):
-  low_x, low_w, x_kind, w_kind = residuals
+def _low_precision_einsum_bwd(subscripts, dtype, x_dtype, w_dtype, residuals, g):
+  low_x, low_w = residuals
   inputs, out = subscripts.split("->")
   x_sub, w_sub = inputs.split(",")
   g = g.astype(dtype)
   dx = jnp.einsum(f"{out},{w_sub}->{x_sub}", g, low_w, preferred_element_type=jnp.float32)
   dw = jnp.einsum(f"{x_sub},{out}->{w_sub}", low_x, g, preferred_element_type=jnp.float32)
-  return dx.astype(x_kind.dtype), dw.astype(w_kind.dtype)
+  return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
@@ -438,9 +438,11 @@ class Decoder(nnx.Module):
   def logits(self, hidden):
     """[B, T, D] -> [B, T, V] in float32 (log-softmax must not run in bf16)."""
     if self.cfg.tie_embeddings:
-      logits = weight_matmul(self.cfg, "btd,vd->btv", hidden, self.embed[...], out_dtype=jnp.float32)
-    else:
-      logits = weight_matmul(self.cfg, "btd,dv->btv", hidden, self.lm_head[...], out_dtype=jnp.float32)
+      return self._vocab_logits(hidden, self.embed[...], "btd,vd->btv")
+    return self._vocab_logits(hidden, self.lm_head[...], "btd,dv->btv")
+
+  def _vocab_logits(self, hidden, head, subscripts: str):
+    logits = weight_matmul(self.cfg, subscripts, hidden, head, out_dtype=jnp.float32)
     if self.cfg.lm_head_bias:
       logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)
     return logits
@@ -454,12 +456,7 @@ class Decoder(nnx.Module):
     if self.cfg.tie_embeddings or not self.cfg.lm_head or not fp32 or jax.default_backend() != "cpu":
       return self.logits
     head = jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))  # one [V, D] copy
-    bias = self.lm_head_bias[...] if self.cfg.lm_head_bias else None
-
-    def logits(hidden):
-      out = weight_matmul(self.cfg, "btd,vd->btv", hidden, head, out_dtype=jnp.float32)
-      return out if bias is None else out + bias.astype(hidden.dtype).astype(jnp.float32)
-    return logits
+    return lambda hidden: self._vocab_logits(hidden, head, "btd,vd->btv")
 
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""
@@ -495,21 +492,14 @@ def split(model: Decoder) -> tuple[Graph, dict]:
   return Graph(graphdef, template), params
 
 
-_MATMUL_TWINS: dict = {}
-
-
 def with_matmul_dtype(graph: Graph, matmul_dtype: str) -> Graph:
   """The same model (same parameter tree) with its weight matmuls read in `matmul_dtype`
-  ('' or None: unchanged): e.g. a sampler or a frozen model in bf16 beside a float32 trainer."""
+  ('' or None: unchanged): e.g. a sampler or a frozen model in bf16 beside a float32 trainer.
+  A twin built twice has equal graphdefs, so the sampler's compiled programs serve both."""
   if not matmul_dtype:
     return graph
-  key = (id(graph.template), matmul_dtype)
-  held = _MATMUL_TWINS.get(key)
-  if held is None or held[0] is not graph.template:
-    cfg = nnx.merge(graph.graphdef, jax.tree.map(lambda a: a, graph.template)).cfg
-    twin = graph if cfg.matmul_dtype == matmul_dtype else abstract(cfg.replace(matmul_dtype=matmul_dtype))[0]
-    held = _MATMUL_TWINS[key] = (graph.template, twin)
-  return held[1]
+  cfg = nnx.merge(graph.graphdef, jax.tree.map(lambda a: a, graph.template)).cfg
+  return graph if cfg.matmul_dtype == matmul_dtype else abstract(cfg.replace(matmul_dtype=matmul_dtype))[0]
 
 
 def merge(graph: Graph, params: dict) -> Decoder:

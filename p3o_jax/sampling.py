@@ -305,11 +305,12 @@ def _split_axes(params) -> set[str]:
   return axes
 
 
-def _loop_axes(mesh: Mesh | None, params) -> tuple[str, ...]:
+def _loop_axes(mesh: Mesh | None, split_axes: set[str]) -> tuple[str, ...]:
   """The batch axes that each run their own decode loop (shard_map): none when a parameter is
-  split along one of them (fsdp), since a per-shard loop needs the whole model on every device."""
+  split along one of them (`split_axes`, e.g. fsdp), since a per-shard loop needs the whole
+  model on every device."""
   axes = _batch_axes(mesh)
-  return () if _split_axes(params) & set(axes) else axes
+  return () if split_axes & set(axes) else axes
 
 
 def _row_uniforms(rng, steps: int, samples: int, total_prompts: int, prompt_ids):
@@ -432,13 +433,14 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")
-  axes = _loop_axes(mesh, params)
+  split_axes = _split_axes(params)
+  axes = _loop_axes(mesh, split_axes)
   shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
   if np.shape(prompt_tokens)[0] % shards:
     log.warning("generate: %d prompts do not split over %d batch shards; decoding them as one batch",
                 np.shape(prompt_tokens)[0], shards)
     axes = ()
-  if not axes and (mesh is None or mesh.size == 1 or not _split_axes(params)):
+  if not axes and (mesh is None or mesh.size == 1 or not split_axes):
     mesh = None  # one program on the inputs' devices
   batch = np.shape(prompt_tokens)[0]
   if prompt_ids is None:

@@ -272,7 +272,7 @@ def test_per_shard_decoding_matches_one_device(neox, prompts, mesh_shape, split_
     placed, _ = sharding.shard_params(params, decoder.logical_axes(graph), mesh)
   else:
     placed = jax.device_put(params, sharding.replicated(mesh))
-  assert sampling._loop_axes(mesh, placed) == (("data", "fsdp") if mesh_shape == (2, 2, 1) and not split_params
+  assert sampling._loop_axes(mesh, sampling._split_axes(placed)) == (("data", "fsdp") if mesh_shape == (2, 2, 1) and not split_params
                                                else ("data",) if mesh_shape == (4, 1, 1) else ())
   prompts = jax.device_put(prompts, sharding.batch_sharding(mesh))
   ref = sample(graph, params, *prompts)
@@ -301,7 +301,7 @@ def test_fsdp_sampler_never_holds_the_whole_model(scan_layers):
   rows = jax.device_put((tokens, mask), sharding.batch_sharding(mesh))
   settings = dict(max_new_tokens=6, num_samples=2, top_k=0, use_top_p=False, greedy=False, eos_id=1, pad_id=0)
   args = (*rows, jax.random.key(0), np.arange(8, dtype=np.int32), np.float32(1), np.float32(1), np.int32(0))
-  axes = sampling._loop_axes(mesh, placed)
+  axes = sampling._loop_axes(mesh, sampling._split_axes(placed))
   assert axes == ()
   run = sampling._compiled(graph, mesh, axes, total_prompts=8, **settings)
   memory = run.lower(placed, *args).compile().memory_analysis()

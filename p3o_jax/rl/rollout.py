@@ -226,31 +226,27 @@ class Roller:
     device = self._teacher_forced(rows.sharding, k, value_fn, score_fn)(  # dispatched, not awaited
         params, self.ref_params, value_params, self.reward.params if score_fn else None, prompts["query"],
         prompts["query_mask"], out.tokens, out.mask.astype(jnp.int32), out.logprobs)
-    # Rewards computed on the host (Python functions, the demo's gold reward) read the sampler's
-    # rows while the device still runs the passes above.
-    sampled = {"query": out.prompt_tokens, "query_mask": out.prompt_mask, "response": out.tokens,
-               "response_mask": out.mask}
-    on_host = [r for r in (None if score_fn else self.reward, self.gold) if r is not None and not getattr(r, "on_device", False)]
-    early = {}
+    # The rewards not already in that program: host-side ones (Python functions, the demo's gold
+    # reward) read the sampler's rows while the device still runs the passes; on-device ones
+    # read the passes' rows.
+    sources = {name: r for name, r in (("scores", None if score_fn else self.reward), ("gold", self.gold))
+               if r is not None}
+    on_host = {name: r for name, r in sources.items() if not getattr(r, "on_device", False)}
+    scored = {}
     if on_host:
-      sampled_host = {name: rows.local(x) for name, x in sampled.items()}
-      early = {id(r): np.asarray(score_rows(r, rows, None, sampled_host), np.float32) for r in on_host}
+      sampled = {name: rows.local(x) for name, x in (("query", out.prompt_tokens), ("query_mask", out.prompt_mask),
+                                                      ("response", out.tokens), ("response_mask", out.mask))}
+      scored = {name: score_rows(r, rows, None, sampled) for name, r in on_host.items()}
     host = {name: rows.local(x) for name, x in device.items()}
-
-    def scores_of(reward):
-      if id(reward) in early:
-        return early[id(reward)]
-      return np.asarray(score_rows(reward, rows, device, host), np.float32)
-    scores = host.pop("scores") if score_fn else scores_of(self.reward)
+    scored.update({name: score_rows(r, rows, device, host) for name, r in sources.items() if name not in on_host})
+    host.update({name: np.asarray(s, np.float32) for name, s in scored.items()})
+    scores = host["scores"]
     if scores.shape != (len(rows.rows),):  # a scalar or [N, 1] would broadcast silently below
       raise ValueError(f"reward source returned scores of shape {scores.shape}; expected "
                        f"({len(rows.rows)},), one per response row")
     if not np.all(np.isfinite(scores)):
       bad = rows.rows[np.flatnonzero(~np.isfinite(scores))]
       raise FloatingPointError(f"reward source returned non-finite scores at rows {bad[:10].tolist()}")
-    host["scores"] = scores
-    if self.gold is not None:
-      host["gold"] = scores_of(self.gold)
     return host
 
 

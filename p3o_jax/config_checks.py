@@ -28,6 +28,8 @@ import re
 import sys
 from typing import Any, Callable, Iterator
 
+from p3o_jax import host_devices
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("v1", "v2")
@@ -97,9 +99,11 @@ def mesh_size(v):
 
 
 def cpu_devices(v):
-  if str(v).strip().lower() == "cores" or (str(v).strip().isdigit() and int(v) >= 1):
-    return None
-  return f"must be a positive integer or 'cores' (one CPU device per core), got {v!r}"
+  try:
+    host_devices.parse(v)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def names_from(*options) -> Check:

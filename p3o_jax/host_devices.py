@@ -24,14 +24,23 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
-def count(config) -> int:
-  """config.mesh.cpu_devices as a positive int ('cores': one per core); a named error otherwise."""
-  setting = str(config.mesh.get("cpu_devices", "1")).strip().lower()
-  if setting == "cores":
+def parse(setting) -> int:
+  """A mesh.cpu_devices value as a positive int ('cores': one per core); ValueError otherwise."""
+  text = str(setting).strip().lower()
+  if text == "cores":
     return cores()
-  if setting.isdigit() and int(setting) >= 1:
-    return int(setting)
-  raise ValueError(f"config.mesh.cpu_devices={config.mesh.cpu_devices!r}: expected a positive integer or 'cores'")
+  if text.isdigit() and int(text) >= 1:
+    return int(text)
+  raise ValueError(f"must be a positive integer or 'cores' (one CPU device per core), got {setting!r}")
+
+
+def count(config) -> int:
+  """config.mesh.cpu_devices as a positive int; a named error otherwise."""
+  setting = config.mesh.get("cpu_devices", "1")
+  try:
+    return parse(setting)
+  except ValueError as e:
+    raise ValueError(f"config.mesh.cpu_devices={setting!r}: {e}") from None
 
 
 def configure(config, *, multi_process: bool = False) -> str:

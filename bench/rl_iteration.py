@@ -45,10 +45,10 @@ What is matched and what is not:
   * Torch runs eagerly with as many threads as cores; JAX runs jitted (sampler; log-probs and
     reward model in one program; the whole update as one program) with its default matmul
     precision. The p3o_jax update donates the train state. Ours runs on one device, then on a
-    data-parallel mesh of --devices host devices (default one per core); TRL on one.
-  * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
-    inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations). JAX pays its
+    data-parallel mesh of --devices host devices (default one per core); TRL on one. JAX pays its
     compiles in the first iterations (printed as "first iteration"), which the medians exclude.
+  * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
+    inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations).
   * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller, TRL's
     _generate_and_score_completions (the same work, plus the text round trip and the advantages);
     the rest is the loss forward + backward + optimizer step (+ p3o_jax's host reward processing,
@@ -204,7 +204,8 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   rollout, total, sample = (statistics.median(x) for x in (rollout_s, total_s, sample_s[1:]))
   phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
   return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
-              rollout_share=rollout / total, phases=phases, devices=devices, precision=precision)
+              rollout_share=rollout / total, phases=phases, devices=devices, precision=precision,
+              rows=len(prompts) * K, prompts=len(prompts))
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -326,7 +327,6 @@ def main():
     print(f"{shape:>6} {precision}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
           f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s", flush=True)
     for ours in r["ours"]:
-      ours.update(rows=args.prompts * K, prompts=args.prompts)
       print(f"        p3o_jax P3O, {ours['devices']} device(s): {ours['tok_s']:8.1f} response tok/s | ratio "
             f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
             f"{ours['best'] / theirs['best']:.2f}x) | rollout share {ours['rollout_share']:.0%} | first iteration "

@@ -54,6 +54,10 @@ def _stage_runs(config, stages):
       yield stage, None
 
 
+def _stage_name(stage: str, algo: str | None) -> str:
+  return f"rl/{algo}" if algo else stage
+
+
 def _stop_message(stop, name: str, directory: str) -> str:
   command = shlex.join(["python", "-m", "p3o_jax.main", *sys.argv[1:]])
   steps = checkpoint.committed_steps(paths.join(directory, "ckpt"))
@@ -79,7 +83,7 @@ def config_summary(config, workdir: str, runs, mesh, devices_note: str = "") -> 
   """The few lines a user needs to recognise the run; the whole config is in config.json."""
   model = config.model.hf or ", ".join(f"{k}={config.model.arch[k]}" for k in ("model_type", "hidden_size", "num_layers")
                                         if k in config.model.arch)
-  plan = " -> ".join(f"rl/{algo}" if algo else stage for stage, algo in runs)
+  plan = " -> ".join(_stage_name(stage, algo) for stage, algo in runs)
   rl = config.rl
   return "\n".join([
       f"p3o_jax: task {config.task}, {plan}; workdir {paths.resolve(workdir)} (full config: config.json)",
@@ -128,10 +132,10 @@ def _run_locked(config, workdir: str, devices_note: str = "") -> dict[str, str]:
       elif stage == "eval":
         outputs["report"] = pipeline.run_eval(config, workdir, task)
         outputs["plots"] = paths.join(workdir, "eval", "*.png")
-      compile_cache.report(f"rl/{algo}" if algo else stage, compiled_before)
+      compile_cache.report(_stage_name(stage, algo), compiled_before)
       if stop.requested and stage != "eval":  # eval has no checkpoint: it finishes first
         if distributed.is_main():
-          print(_stop_message(stop, f"rl/{algo}" if algo else stage, directory), file=sys.stderr, flush=True)
+          print(_stop_message(stop, _stage_name(stage, algo), directory), file=sys.stderr, flush=True)
         raise Stopped(128 + (stop.signum or signal.SIGTERM))
       workdir_lib.mark_complete(directory, stage=stage)
       if stop.requested:

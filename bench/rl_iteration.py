@@ -191,13 +191,17 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
       raise AssertionError("p3o_jax: a response ended before max_new_tokens")
     rollout_s.append(rolled - start)
     total_s.append(end - start)
-  # The sampler alone, as the Roller calls it, to split the rollout into sampling and scoring.
-  placed = split.to_global({"q": prompts, "m": mask})
+  # The sampler alone, as the Roller calls it (on its own devices when it samples apart), to
+  # split the rollout into sampling and scoring.
+  sample_mesh = roller.sample_mesh
+  placed = sharding.RowSplit(len(prompts), sample_mesh).to_global({"q": prompts, "m": mask})
   sample_s = []
   for it in range(steps + 1):
     start = time.perf_counter()
-    out = sampling.generate(graph, state.params, placed["q"], placed["m"], jax.random.key(it), max_new_tokens=NEW,
-                            num_samples=K, min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID, mesh=mesh)
+    params = state.params if sample_mesh is mesh else jax.device_put(state.params, sharding.replicated(sample_mesh))
+    out = sampling.generate(roller.sampler_graph, params, placed["q"], placed["m"], jax.random.key(it),
+                            max_new_tokens=NEW, num_samples=K, min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID,
+                            mesh=sample_mesh)
     jax.block_until_ready(out.tokens)
     sample_s.append(time.perf_counter() - start)
   rollout_s, first_s, total_s = rollout_s[warmup:], total_s[0], total_s[warmup:]

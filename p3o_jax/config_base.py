@@ -44,8 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0,
       matmul_dtype="",     # the sampler's weight matmuls ('': model.matmul_dtype); see rl.rollout_is
-      param_dtype="float32"))  # the dtype the sampler reads the policy's weights in (bfloat16: as a
+      param_dtype="float32",   # the dtype the sampler reads the policy's weights in (bfloat16: as a
                                # bf16 inference engine would; see rl.rollout_is)
+      # CPU devices to decode on when the trainer holds one: 'auto' (one per core for a small
+      # policy; p3o_jax/host_devices.py), N, or 'cores'. Never changes the samples.
+      cpu_devices="auto"))
 
   optim = lambda lr: ml_collections.ConfigDict(dict(
       lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0, warmup_steps=0,

@@ -106,6 +106,10 @@ def cpu_devices(v):
   return None
 
 
+def sampler_cpu_devices(v):
+  return None if str(v).strip().lower() == "auto" else cpu_devices(v)
+
+
 def names_from(*options) -> Check:
   """A tuple / list of names, each one of `options` (e.g. pipeline.algos)."""
   def check(v):
@@ -216,6 +220,7 @@ SCHEMA: dict[str, Check] = {
     "rl.rollout_is": one_of("none", "tis"),
     "rl.rollout_is_cap": number(ge=1),
     "sampler.param_dtype": one_of("float32", "bfloat16"),
+    "sampler.cpu_devices": sampler_cpu_devices,
     # eval, pipeline
     "eval.every": positive_int,
     "eval.num_prompts": positive_int,

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from p3o_jax import host_devices
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -177,10 +179,12 @@ def replicated_fraction(shardings, params, warn_above: float = 0.5) -> float:
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:
-  """config.mesh -> Mesh. With no -1 the mesh takes the first data*fsdp*tensor devices, so a
-  single-device run stays single-device on a host that has more."""
+  """config.mesh -> Mesh over the trainer's devices (host_devices.training_devices). With no -1
+  the mesh takes the first data*fsdp*tensor of them, so a single-device run stays single-device
+  on a host that has more."""
   sizes = dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor)
-  devices = None if -1 in sizes.values() else jax.devices()[: math.prod(sizes.values())]
+  devices = host_devices.training_devices(mesh_cfg)
+  devices = devices if -1 in sizes.values() else devices[: math.prod(sizes.values())]
   return make_mesh(**sizes, devices=devices)
 
 

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
+import numpy as np
 import pytest
 
 from p3o_jax import config_checks, host_devices
@@ -48,3 +50,27 @@ def test_configure_makes_the_devices_in_a_fresh_process():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split()[-1] == "3" and "mesh.cpu_devices=3" in out.stdout
+
+
+def test_sampler_devices_follow_the_setting_and_the_model_size(monkeypatch):
+  """sampler.cpu_devices='auto' samples on one device per core when the trainer holds one device
+  and the policy is small; a bigger policy, a bigger training mesh or a setting of 1 keep the
+  sampler on the trainer's device; N takes the first N devices."""
+  one, two = SimpleNamespace(size=1), SimpleNamespace(size=2)  # training meshes
+  cpus = [SimpleNamespace(platform="cpu", id=i) for i in range(8)]  # whatever this worker's backend holds
+  monkeypatch.setattr(host_devices.jax, "devices", lambda: cpus)
+  monkeypatch.setattr(host_devices, "cores", lambda: 2)
+  config, small = base_config(), {"w": np.zeros((10, 10), np.float32)}
+  assert host_devices.sampler_devices(config, one, small) == cpus[:2]
+  monkeypatch.setattr(host_devices, "SAMPLE_PER_CORE_MAX_PARAMS", 99)
+  assert host_devices.sampler_devices(config, one, small) is None
+  config.sampler.cpu_devices = "3"
+  assert host_devices.sampler_devices(config, one, small) == cpus[:3]  # by config, whatever the size
+  assert host_devices.sampler_devices(config, two, small) is None
+  config.sampler.cpu_devices = "1"
+  assert host_devices.sampler_devices(config, one, small) is None
+  assert host_devices.sampler_count(config) == 1
+  config.sampler.cpu_devices = "many"
+  with pytest.raises(ValueError, match="sampler.cpu_devices='many'"):
+    host_devices.sampler_count(config)
+  assert config_checks.sampler_cpu_devices("auto") is None and "positive integer" in config_checks.sampler_cpu_devices("0")

@@ -707,6 +707,20 @@ def test_chunked_rollout_equals_the_whole_rollout(roller, policy, prompts, rollo
     roller(policy[1], *prompts, rollout_key, K, chunk=3)
 
 
+def test_sampling_on_devices_of_its_own_changes_nothing(roller, policy, prompts, rollout_key):
+  """sampler.cpu_devices: the sampler decodes on a 2-device data mesh of its own while the passes
+  stay on the trainer's one device; the rollout is the one-device rollout (tokens exactly, float
+  outputs up to rounding), and its arrays come back as the trainer's rows."""
+  apart = rollout.Roller(policy[0], roller.ref_params, roller.reward, sampler_cfg=SAMPLER, eos_id=EOS, pad_id=EOS,
+                         sample_devices=jax.devices()[:2])
+  assert apart.sample_mesh.size == 2 and apart.mesh.size == 1
+  whole, split = roller(policy[1], *prompts, rollout_key, K), apart(policy[1], *prompts, rollout_key, K)
+  np.testing.assert_array_equal(split.response, whole.response)
+  np.testing.assert_array_equal(split.response_mask, whole.response_mask)
+  for name in ("logp_old", "logp_ref", "logp_sampler", "scores"):
+    np.testing.assert_allclose(getattr(split, name), getattr(whole, name), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_bf16_frozen_reference_log_probs_stay_within_tolerance(roller, policy, prompts, rollout_key):
   """model.frozen_dtype='bfloat16' stores the reference's weights in bf16 (activations stay
   fp32): its per-token log-probs stay within 0.05 nats of the fp32 reference's, and the

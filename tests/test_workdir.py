@@ -12,7 +12,7 @@ import time
 import pytest
 
 from demo_base import fresh, tiny_config, train_base
-from p3o_jax import checkpoint, main, pipeline
+from p3o_jax import checkpoint, host_devices, main, pipeline
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.metrics_log import read_jsonl
 
@@ -165,7 +165,9 @@ def test_demo_pipeline_console_is_short_and_ends_in_the_summary(tmp_path):
   console = proc.stdout + proc.stderr
   assert console.count("\n") < 150, console
   assert "p3o_jax: task demo, sft -> rm -> rl/p3o -> eval" in proc.stdout
-  assert "1 cpu device(s), mesh {'data': 1," in proc.stdout, proc.stdout  # mesh.cpu_devices=1 by default
+  # The trainer on one CPU device by default (mesh.cpu_devices=1), the sampler on one per core
+  assert "cpu device(s), mesh {'data': 1," in proc.stdout, proc.stdout
+  assert "mesh.cpu_devices=1, sampler.cpu_devices=auto" in proc.stdout or host_devices.cores() == 1, proc.stdout
   assert "== eval summary ==" in proc.stdout and "Done in" in proc.stdout and "p3o policy (HF)" in proc.stdout
   assert "orbax" not in console and "] Saving checkpoint" not in console
   for bar in ("sft:", "rm:", "rl/p3o:"):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import sampling, sharding
+from p3o_jax import host_devices, sampling, sharding
 from p3o_jax.data import batching
 from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
@@ -128,7 +128,8 @@ class Roller:
 
   def __init__(self, graph, ref_params, reward: RewardSource, *, sampler_cfg, eos_id: int, pad_id: int,
                missing_eos_penalty: float | None = None, gold: RewardSource | None = None, mesh=None,
-               sampler_dtype: str = "float32", sampler_matmul_dtype: str = "", ref_matmul_dtype: str = ""):
+               sampler_dtype: str = "float32", sampler_matmul_dtype: str = "", ref_matmul_dtype: str = "",
+               sample_devices=None):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
     # The sampler and the reference may read the policy's weights in other matmul dtypes
     # (decoder.weight_matmul); the trainer's old log-probs always use the policy's own.
@@ -137,6 +138,9 @@ class Roller:
     # Each batch shard of the mesh samples its own rows (sampling.generate); without a mesh,
     # one device does everything.
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    # `sample_devices` (single process; host_devices.sampler_devices): the sampler decodes on a
+    # data mesh of its own, the passes and the update stay on `mesh`; the samples are the same.
+    self.sample_mesh = self.mesh if not sample_devices else sharding.make_mesh(-1, 1, 1, devices=sample_devices)
     self.sampler_cfg, self.eos_id, self.pad_id = sampler_cfg, eos_id, pad_id
     self.missing_eos_penalty = missing_eos_penalty
     self._sampler_weights = None if sampler_dtype == "float32" else jax.jit(
@@ -213,14 +217,24 @@ class Roller:
   def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts) -> dict:
     """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
     rows = split.repeat(k)
-    prompts = split.to_global({"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)})
+    host_prompts = {"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)}
+    prompts = split.to_global(host_prompts)
+    sample_params = params if self._sampler_weights is None else self._sampler_weights(params)
+    apart = self.sample_mesh is not self.mesh
+    if apart:  # device to device copies, no host round trip
+      sample_params = jax.device_put(sample_params, sharding.replicated(self.sample_mesh))
+      sample_prompts = sharding.RowSplit(split.n, self.sample_mesh).to_global(host_prompts)
+    else:
+      sample_prompts = prompts
     s = self.sampler_cfg
     out = sampling.generate(
-        self.sampler_graph, params if self._sampler_weights is None else self._sampler_weights(params),
-        prompts["query"], prompts["query_mask"], rng, max_new_tokens=s.max_new_tokens,
-        num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh,
+        self.sampler_graph, sample_params, sample_prompts["query"], sample_prompts["query_mask"], rng,
+        max_new_tokens=s.max_new_tokens, num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.sample_mesh,
         prompt_ids=prompt_ids, total_prompts=total_prompts)
+    if apart:
+      out = out._replace(**dict(zip(("tokens", "mask", "logprobs"), jax.device_put(
+          (out.tokens, out.mask, out.logprobs), rows.sharding))))
     value_fn, value_params = critic if critic is not None else (None, None)
     score_fn = getattr(self.reward, "score_fn", None)
     device = self._teacher_forced(rows.sharding, k, value_fn, score_fn)(  # dispatched, not awaited
@@ -255,11 +269,13 @@ def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, g
   """The Roller for `config` (sampler settings, EOS/pad ids, missing-EOS penalty): the one place
   a rollout is assembled, for RL, the demo's preference pairs and the eval stage."""
   penalty = (config.rl.missing_eos_penalty or None) if penalise_missing_eos else None
+  mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=tokenizer.eos_token_id,
                 pad_id=batching.pad_token_id(tokenizer), missing_eos_penalty=penalty, gold=gold, mesh=mesh,
                 sampler_dtype=config.sampler.param_dtype,
                 sampler_matmul_dtype=config.sampler.matmul_dtype or config.model.matmul_dtype,
-                ref_matmul_dtype=config.model.frozen_matmul_dtype or config.model.matmul_dtype)
+                ref_matmul_dtype=config.model.frozen_matmul_dtype or config.model.matmul_dtype,
+                sample_devices=host_devices.sampler_devices(config, mesh, ref_params))
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,

@@ -15,7 +15,9 @@ Ours runs twice: on one device, and data-parallel over `--devices` host devices 
 per core, made with --xla_force_host_platform_device_count) with `generate(..., mesh=...)`, each
 device decoding its share of the batch in its own loop. XLA runs a small model's decode step
 on one core, so the mesh is how it uses all of them, as torch does with its threads; a large
-model's matmuls already use every core on one device.
+model's matmuls already use every core on one device. "(default)" marks the one an RL run uses
+with the default sampler.cpu_devices='auto' (p3o_jax/host_devices.py: per core up to 20M
+parameters, so tiny samples per core and the Pythia-70M shape on one device).
 
 Shapes: tiny (2 layers, d=128, 4 heads, vocab 512) and pythia70m (6 layers, d=512, 8 heads,
 MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32, 64 new tokens.
@@ -42,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from p3o_jax import sampling, sharding  # noqa: E402
+from p3o_jax import host_devices, sampling, sharding  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
 import ceiling  # noqa: E402
@@ -120,8 +122,13 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   tokens = BATCH * NEW
   rate = lambda seconds: tokens / statistics.median(seconds)
   best = lambda seconds: tokens / min(seconds)
+  # What an RL run does by default (sampler.cpu_devices='auto', host_devices.sampler_devices):
+  # a small policy samples on one device per core, a larger one on the trainer's device.
+  size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  default = (f"{len(mesh.devices.flat)} devices" if size <= host_devices.SAMPLE_PER_CORE_MAX_PARAMS
+             and len(mesh.devices.flat) == host_devices.cores() else "one device")
   return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s), transformers_best=best(theirs_s),
-              ours={name: (rate(s), best(s)) for name, s in runs.items()})
+              ours={name: (rate(s), best(s)) for name, s in runs.items()}, default=default)
 
 
 def main():
@@ -145,7 +152,8 @@ def main():
           f"first call of ours {r['compile_s']:.1f} s", flush=True)
     flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
     for name, (rate, best) in r["ours"].items():
-      print(f"{'':>10}  p3o_jax, {name:>10}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
+      tag = " (default)" if name == r["default"] else ""
+      print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
             f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
             f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling", flush=True)
 

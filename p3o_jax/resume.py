@@ -41,11 +41,15 @@ class Run:
     """Saves at every `every` steps, at the last step and when a stop is requested; returns
     True when the loop should stop (a signal asked for it and the state is saved)."""
     stopping = stop is not None and stop.requested
-    if done % self.every == 0 or done == total or stopping:
+    if self.saves_at(done, total, stop):
       self.ckpt.save(done, self.state, meta={"data": self.order.state(), **(extra_meta or {})})
     if stopping:
       log.warning("%s: stop requested; saved step %d", self.name, done)
     return stopping
+
+  def saves_at(self, done: int, total: int, stop=None) -> bool:
+    """Whether `checkpoint(done, total, stop)` will save."""
+    return done % self.every == 0 or done == total or (stop is not None and stop.requested)
 
   def close(self) -> None:
     self.ckpt.close()

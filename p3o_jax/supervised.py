@@ -65,17 +65,14 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
                     out_shardings=(run.shardings, sharding.replicated(run.mesh)))
   split = sharding.RowSplit(stage_cfg.batch_size, run.mesh)  # the rows of each batch this process feeds
 
-  metrics, t0, tokens, rows_read = {}, time.time(), 0, 0
+  t0, tokens, rows_read, postfix = time.time(), 0, 0, {}
   bar = logger.progress(stage_cfg.steps, desc=name, initial=run.start)
-  postfix = {}
-  for step in range(run.start, stage_cfg.steps):
-    rows = next(order)[split.rows]
-    rows_read += len(rows)
-    batch = split.to_global(make_batch(rows))
-    batch_tokens = int(_count_tokens(batch))
+
+  def record(done, metrics, batch_tokens) -> dict:
+    """Reads a dispatched step's outputs (waiting for it): the loss check, the log, the bar."""
+    nonlocal tokens, postfix
+    batch_tokens = int(batch_tokens)
     tokens += batch_tokens
-    run.state, metrics = step_fn(run.state, batch)
-    done = step + 1
     if done % log_every == 0 or done == stage_cfg.steps:
       metrics = {k: float(v) for k, v in metrics.items()}
       if not np.isfinite(metrics["loss/total"]):
@@ -84,8 +81,28 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
       logger.log(done, {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/tokens_per_s": tokens / elapsed})
       postfix = {"loss": metrics["loss/total"]}
     bar.advance(1, tokens=batch_tokens, **postfix)
+    return metrics
+
+  metrics, pending = {}, None
+  for step in range(run.start, stage_cfg.steps):
+    rows = next(order)[split.rows]
+    rows_read += len(rows)
+    batch = split.to_global(make_batch(rows))
+    batch_tokens = _count_tokens(batch)
+    run.state, step_metrics = step_fn(run.state, batch)
+    done = step + 1
+    # A step is read once the next one is queued, so the host builds the next batch while the
+    # device runs this one; a step is read before its checkpoint is written, so no saved step
+    # goes unchecked or unlogged.
+    if pending is not None:
+      metrics = record(*pending)
+    pending = (done, step_metrics, batch_tokens)
+    if run.saves_at(done, stage_cfg.steps, stop):
+      metrics, pending = record(*pending), None
     if run.checkpoint(done, stage_cfg.steps, stop):
       break
+  if pending is not None:
+    metrics = record(*pending)
   bar.close()
   run.close()
   log.info("%s: process %d of %d read %d examples: rows %s of each %d-row batch", name, jax.process_index(),

@@ -44,9 +44,11 @@ What is matched and what is not:
     schedule, and reward clipping + running-std scaling as its RL loop does: no cost that matters.
   * Torch runs eagerly with as many threads as cores; JAX runs jitted (sampler; log-probs and
     reward model in one program; the whole update as one program) with its default matmul
-    precision. The p3o_jax update donates the train state. Ours runs on one device, then on a
-    data-parallel mesh of --devices host devices (default one per core); TRL on one. JAX pays its
-    compiles in the first iterations (printed as "first iteration"), which the medians exclude.
+    precision. The p3o_jax update donates the train state. Ours runs on one trainer device (its
+    sampler, as the default sampler.cpu_devices=auto has it, on one device per core), then all
+    of it on a data-parallel mesh of --devices host devices (default one per core); TRL on one.
+    JAX pays its compiles in the first iterations (printed as "first iteration"), which the
+    medians exclude.
   * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
     inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations).
   * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller, TRL's
@@ -59,12 +61,14 @@ What is matched and what is not:
 Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
 MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
 
-Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.24.0,
+Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.25.0,
 trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s:
-  tiny  fp32: p3o_jax 8.43k, TRL 5.36k, 1.57x    bf16: 11.5k vs 4.75k, 2.43x
-  small fp32: p3o_jax 1.56k, TRL 1.50k, 1.04x    bf16: 3.06k vs 1.66k, 1.84x
-With one CPU device per core (--devices 2) p3o_jax samples faster and updates slower: 1.12x / 0.71x
-(fp32). README, Benchmarks, has the phases and their shares of the measured matmul ceiling.
+  tiny  fp32: p3o_jax 9.73k, TRL 5.63k, 1.73x    bf16: 13.4k vs 5.23k, 2.56x
+  small fp32: p3o_jax 1.99k, TRL 1.77k, 1.12x    bf16: 3.47k vs 2.05k, 1.69x
+(one trainer device; the sampler on one device per core, as sampler.cpu_devices=auto does). With
+the whole iteration on one device per core (--devices 2) p3o_jax updates 1.7-2x slower: tiny
+fp32 1.27x, small fp32 0.78x. README, Benchmarks, has the phases and their shares of the
+measured matmul ceiling.
 """
 
 from __future__ import annotations

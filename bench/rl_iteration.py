@@ -183,7 +183,8 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   for it in range(warmup + steps):
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     start = time.perf_counter()
-    exp = roller(state.params, prompts, mask, rollout_key, K, split=split)  # host arrays: synchronised
+    exp = roller(state.params, prompts, mask, rollout_key, K, split=split,  # host arrays: synchronised
+                 old_pass=not algo.skips_old_pass(config.rl))
     rolled = time.perf_counter()
     rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
     state, metrics = update(state, split.to_global(algo.prepare(exp, rewards, config.rl.beta)[0]), update_key)

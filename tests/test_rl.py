@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,7 +45,7 @@ SAMPLER = ml_collections.ConfigDict(dict(max_new_tokens=N, min_new_tokens=0, tem
 def rl_config(**overrides) -> ml_collections.ConfigDict:
   """config_base's rl defaults, but K and one epoch of one minibatch."""
   c = config_base.base_config().rl
-  c.update(k=K, inner_epochs=1, num_minibatches=1, **overrides)
+  c.update({"k": K, "inner_epochs": 1, "num_minibatches": 1, **overrides})
   return c
 
 
@@ -602,6 +603,35 @@ def test_first_p3o_step_ratio_is_one(experience, policy, p3o_update):
   assert float(metrics["policy/approxkl_avg"][0, 0]) <= 1e-10  # every response's ratio, not only the mean
   assert int(state.step) == 1
   assert trees_differ(state.params, policy[1])
+
+
+def test_skipping_the_old_pass_gives_the_same_update(experience, roller, policy, prompts, rollout_key, p3o_update):
+  """One epoch of one minibatch (`skips_old_pass`): the rollout leaves out the old policy's pass
+  and the loss takes the update's own log-probs, detached, as pi_old's. The update is the one
+  with the pass (same samples, same key), its first ratio exactly 1; the statistics read the
+  sampler's log-probs, which agree with the trainer's old ones."""
+  algo = make_algo("p3o")
+  assert algo.skips_old_pass(rl_config()) and not algo.skips_old_pass(rl_config(inner_epochs=2))
+  assert not algo.skips_old_pass(rl_config(num_minibatches=2)) and not algo.skips_old_pass(rl_config(rollout_is="tis"))
+  assert not make_algo("ppo").skips_old_pass(rl_config()) and not make_algo("reinforce_pp").skips_old_pass(rl_config())
+  assert make_algo("grpo").skips_old_pass(rl_config()) and make_algo("online_dpo").skips_old_pass(rl_config())
+  skipped = roller(policy[1], *prompts, rollout_key, K, old_pass=False)
+  assert skipped.logp_old is None
+  np.testing.assert_array_equal(skipped.response, experience.response)
+  np.testing.assert_allclose(skipped.seq_kl, experience.seq_kl, atol=1e-4)
+  update, tx = p3o_update(1, 1, 1e-2)
+  with_pass, _ = algo.prepare(experience, experience.scores, 0.05)
+  without, _ = algo.prepare(skipped, skipped.scores, 0.05)
+  assert "logp_old" in with_pass and "logp_old" not in without
+  state_with, metrics_with = update(fresh_state(policy[1], tx), with_pass, jax.random.key(0))
+  state_without, metrics_without = update(fresh_state(policy[1], tx), without, jax.random.key(0))
+  assert float(metrics_without["val/ratio"][0, 0]) == 1.0
+  chex.assert_trees_all_close(state_without.params, state_with.params, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(metrics_without["loss/total"], metrics_with["loss/total"], rtol=1e-5, atol=1e-7)
+  assert trees_differ(state_without.params, policy[1])
+  bf16_sampler = rollout.Roller(policy[0], roller.ref_params, roller.reward, sampler_cfg=SAMPLER, eos_id=EOS,
+                                pad_id=EOS, sampler_dtype="bfloat16")
+  assert bf16_sampler(policy[1], *prompts, rollout_key, K, old_pass=False).logp_old is not None  # kept
 
 
 def test_zero_lr_changes_nothing_and_metric_shapes(experience, policy, p3o_update):

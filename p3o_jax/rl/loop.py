@@ -41,7 +41,7 @@ def rollout_metrics(exp: Experience, kl_coef: float) -> dict:
   process's rows."""
   seq_kl, scores = exp.all_rows(exp.seq_kl), exp.all_rows(exp.scores)
   lengths = exp.all_rows(exp.response_mask.sum(-1))
-  entropy = exp.all_rows(-(exp.logp_old * exp.response_mask).sum(-1))
+  entropy = exp.all_rows(-(exp.logp_policy * exp.response_mask).sum(-1))
   out = {
       "objective/scores": float(scores.mean()),
       "objective/kl": float(seq_kl.mean()),
@@ -88,6 +88,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   update = make_update(algo.loss, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
                        state_shardings=run.shardings, micro_batches=rl.micro_batches, count_fn=algo.count)
   value_fn = algo.value_fn()
+  old_pass = not algo.skips_old_pass(rl)  # one epoch of one minibatch: the update's forward is pi_old's
   split = sharding.RowSplit(rl.prompts_per_rollout, run.mesh)      # this process's rows of each rollout
   eval_split = sharding.RowSplit(eval_prompts.count, run.mesh)
   eval_queries = eval_prompts.tokenize(eval_split.rows)
@@ -114,7 +115,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     prompts_read += len(idx)
     exp = roller(algo.policy_params(run.state.params), *train_prompts.tokenize(idx), rollout_key, rl.k,
                  split=split, critic=None if value_fn is None else (value_fn, run.state.params), chunk=rl.rollout_chunk,
-                 baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx])
+                 baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass)
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)
     run.state, step_metrics = update(run.state, split.to_global(batch), update_key)

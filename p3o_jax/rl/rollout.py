@@ -88,7 +88,8 @@ class Experience:
   query_mask: np.ndarray      # [n, P]
   response: np.ndarray        # [n, R] right-padded after EOS
   response_mask: np.ndarray   # [n, R] 1 up to and including the first EOS
-  logp_old: np.ndarray        # [n, R] per-token, the trainer's forward of the policy that sampled
+  logp_old: np.ndarray | None  # [n, R] per-token, the trainer's forward of the policy that sampled
+                               # (None: the pass was skipped, see Roller.__call__'s old_pass)
   logp_ref: np.ndarray        # [n, R] per-token, under the frozen reference
   scores: np.ndarray          # [n] reward source output, after the missing-EOS penalty
   has_eos: np.ndarray         # [n] bool
@@ -99,9 +100,15 @@ class Experience:
   rows: sharding.RowSplit | None = None  # which of the N global rows these are (None: all)
 
   @property
+  def logp_policy(self) -> np.ndarray:
+    """[n, R] the sampling policy's per-token log-probs, for statistics: the trainer's old pass,
+    or where it was skipped the sampler's own (then the same weights in the same dtypes)."""
+    return self.logp_old if self.logp_old is not None else self.logp_sampler
+
+  @property
   def seq_kl(self) -> np.ndarray:
     """k1 estimate of KL(pi || pi_ref) per response: sum_t log pi - log pi_ref (docs/pitfalls.md, 4)."""
-    return ((self.logp_old - self.logp_ref) * self.response_mask).sum(-1)
+    return ((self.logp_policy - self.logp_ref) * self.response_mask).sum(-1)
 
   def all_rows(self, x) -> np.ndarray:
     """A per-row array of this process's rows -> all N rows in global order (for statistics)."""
@@ -147,11 +154,16 @@ class Roller:
         lambda p: jax.tree.map(lambda x: x.astype(sampler_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
     self._passes: dict = {}
 
-  def _teacher_forced(self, out_sharding, k: int, value_fn, score_fn=None):
-    """One jitted program for every teacher-forced pass over the rows: old and reference
-    log-probs, the critic's values and the reward model's scores (`score_fn`, when the reward
-    is a model), its outputs laid out row-split like the batch."""
-    key = (out_sharding, k, value_fn, score_fn)
+  @property
+  def samples_as_trainer(self) -> bool:
+    """Whether the sampler reads the policy's weights as the trainer does (dtypes, matmuls)."""
+    return self._sampler_weights is None and self.sampler_graph is self.graph
+
+  def _teacher_forced(self, out_sharding, k: int, value_fn, score_fn=None, old_pass: bool = True):
+    """One jitted program for every teacher-forced pass over the rows: old (unless `old_pass`
+    is off) and reference log-probs, the critic's values and the reward model's scores
+    (`score_fn`, when the reward is a model), its outputs laid out row-split like the batch."""
+    key = (out_sharding, k, value_fn, score_fn, old_pass)
     if key not in self._passes:
       logprobs = functools.partial(sequences.response_logprobs, temperature=self.sampler_cfg.temperature)
 
@@ -160,9 +172,9 @@ class Roller:
         query, query_mask = jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0)
         rows = (query, query_mask, response, response_mask)
         out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
-               # Old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1.
-               "logp_old": logprobs(self.graph, params, *rows), "logp_ref": logprobs(self.ref_graph, ref_params, *rows),
-               "logp_sampler": logp_sampler}
+               "logp_ref": logprobs(self.ref_graph, ref_params, *rows), "logp_sampler": logp_sampler}
+        if old_pass:  # old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1
+          out["logp_old"] = logprobs(self.graph, params, *rows)
         if value_fn is not None:
           out["values"] = value_fn(value_params, *rows)
         if score_fn is not None:
@@ -173,12 +185,16 @@ class Roller:
 
   def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
                split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None,
-               chunk: int | None = None) -> Experience:
+               chunk: int | None = None, old_pass: bool = True) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
     without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
     critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params);
     chunk: sample, score and teacher-force `chunk` prompts at a time (of the split's n), so one
-    chunk's KV cache and activations are the peak; the result equals one chunk's."""
+    chunk's KV cache and activations are the peak; the result equals one chunk's.
+    old_pass=False (the algorithm's `skips_old_pass`): no old-policy pass, logp_old None; kept
+    when the sampler reads the weights otherwise than the trainer, whose statistics
+    (`Experience.logp_policy`) then need it."""
+    old_pass = old_pass or not self.samples_as_trainer
     split = split or sharding.RowSplit(len(query), self.mesh)
     chunk = split.n if not chunk or chunk >= split.n else int(chunk)
     if split.n % chunk:
@@ -199,7 +215,7 @@ class Roller:
                          f"but it holds {mine} per chunk; choose a chunk that data x fsdp divides")
       prompt_ids = np.arange(split.n) if count == 1 else part.gather(np.asarray(split.rows)[piece])
       parts.append(self._chunk(params, np.asarray(query)[piece], np.asarray(query_mask)[piece], rng, k, part,
-                               critic, prompt_ids, split.n))
+                               critic, prompt_ids, split.n, old_pass))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
     has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
@@ -210,11 +226,12 @@ class Roller:
       scores = scores - self.missing_eos_penalty * (~has_eos)
     return Experience(
         query=host["query"], query_mask=host["query_mask"], response=host["response"],
-        response_mask=host["response_mask"], logp_old=host["logp_old"], logp_ref=host["logp_ref"],
+        response_mask=host["response_mask"], logp_old=host.get("logp_old"), logp_ref=host["logp_ref"],
         scores=scores, has_eos=has_eos, k=k, logp_sampler=host["logp_sampler"], values=host.get("values"),
         gold=host.get("gold"), rows=rows)
 
-  def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts) -> dict:
+  def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts,
+             old_pass: bool = True) -> dict:
     """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
     rows = split.repeat(k)
     host_prompts = {"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)}
@@ -237,7 +254,7 @@ class Roller:
           (out.tokens, out.mask, out.logprobs), rows.sharding))))
     value_fn, value_params = critic if critic is not None else (None, None)
     score_fn = getattr(self.reward, "score_fn", None)
-    device = self._teacher_forced(rows.sharding, k, value_fn, score_fn)(  # dispatched, not awaited
+    device = self._teacher_forced(rows.sharding, k, value_fn, score_fn, old_pass)(  # dispatched, not awaited
         params, self.ref_params, value_params, self.reward.params if score_fn else None, prompts["query"],
         prompts["query_mask"], out.tokens, out.mask.astype(jnp.int32), out.logprobs)
     # The rewards not already in that program: host-side ones (Python functions, the demo's gold

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -72,7 +73,7 @@ def group(exp: Experience, **extra) -> dict:
   """Rollout arrays regrouped [n, ...] -> [n / K, K, ...] plus any extra per-row arrays."""
   arrays = dict(query=exp.query, query_mask=exp.query_mask, response=exp.response,
                 response_mask=exp.response_mask, logp_old=exp.logp_old, logp_ref=exp.logp_ref, **extra)
-  return {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items()}
+  return {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items() if v is not None}
 
 
 def rows(batch: dict) -> dict:
@@ -107,6 +108,7 @@ class Algorithm:
   weight_level: ClassVar[str | None] = "token"  # rollout IS weights per 'token', 'sequence', or None
   uses_critic: ClassVar[bool] = False
   exact_k: ClassVar[int | None] = None         # responses per prompt it requires (None: any K >= 2)
+  reads_old_in_prepare: ClassVar[bool] = False  # its host `prepare` reads exp.logp_old (per-token KL rewards)
   order: ClassVar[int] = 10                    # where it is listed: the paper's algorithms first
 
   def __init__(self, rl, graph, temperature: float, critic_graph=None):
@@ -136,6 +138,15 @@ class Algorithm:
   def kl_controller(self) -> KLController:
     return KLController(getattr(self.hp, "beta", 0.0))
 
+  def skips_old_pass(self, rl) -> bool:
+    """Whether the rollout may leave out the old policy's teacher-forced pass: with one epoch of
+    one minibatch the update's own forward runs at pi_old's parameters, so the losses take its
+    detached log-probs as pi_old's (`old_logprobs`; the ratio is exactly 1, as TRL does with
+    num_iterations=1). Not when the host reads pi_old's log-probs before the update: per-token
+    KL rewards (`reads_old_in_prepare`) or the rollout IS weights."""
+    rollout_is = rl.rollout_is != "none" and self.weight_level is not None
+    return rl.inner_epochs == 1 and rl.num_minibatches == 1 and not self.reads_old_in_prepare and not rollout_is
+
   # -- the update
   def prepare(self, exp: Experience, rewards: np.ndarray, kl_coef: float) -> tuple[dict, dict]:
     """(batch grouped [G, K, ...], host metrics). Adds the rollout IS weights when on."""
@@ -157,6 +168,12 @@ class Algorithm:
     return jnp.sum(jnp.any(batch["response_mask"] > 0, axis=-1)).astype(jnp.float32)
 
   # -- helpers for subclasses
+  @staticmethod
+  def old_logprobs(batch: dict, logp):
+    """pi_old's per-token log-probs: the rollout's, or, where it skipped that pass
+    (`skips_old_pass`), the update's own `logp` detached."""
+    return batch["logp_old"] if "logp_old" in batch else jax.lax.stop_gradient(logp)
+
   def token_logprobs(self, params, batch: dict):
     """Per-token log-probs [M, K, R] of the batch's responses under `params`, the model and
     the hidden states [M * K, R, D]."""

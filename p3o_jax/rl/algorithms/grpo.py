@@ -92,7 +92,7 @@ class GRPO(Algorithm):
   def loss(self, params, batch, normaliser=None):
     logp, _, _ = self.token_logprobs(params, batch)
     hp = self.hp
-    return grpo_loss(logp, batch["logp_old"], batch["logp_ref"], batch["rewards"], batch["response_mask"],
+    return grpo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
                      loss_type=hp.loss_type, beta=hp.beta, eps=hp.eps, eps_low=hp.eps_low, eps_high=hp.eps_high,
                      sample_weight=batch.get("sample_weight"), normaliser=normaliser)
 

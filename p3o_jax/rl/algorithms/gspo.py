@@ -61,6 +61,6 @@ class GSPO(Algorithm):
   def loss(self, params, batch, normaliser=None):
     logp, _, _ = self.token_logprobs(params, batch)
     hp = self.hp
-    return gspo_loss(logp, batch["logp_old"], batch["logp_ref"], batch["rewards"], batch["response_mask"],
+    return gspo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
                      beta=hp.beta, eps_low=hp.seq_eps_low, eps_high=hp.seq_eps_high,
                      sample_weight=batch.get("sample_weight"), normaliser=normaliser)

@@ -33,7 +33,7 @@ class P3O(Algorithm):
     logp, _, _ = self.token_logprobs(params, batch)
     hp = self.hp
     return losses.p3o(
-        logp, batch["logp_old"], batch["logp_ref"], batch["rewards"], token_mask=batch["response_mask"],
+        logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], token_mask=batch["response_mask"],
         variant=hp.variant, beta=hp.beta, eps=hp.eps, c=hp.c, kl_source=hp.kl_source,
         whiten_delta=hp.whiten_delta, clip_per_token=hp.clip_per_token, normalise=hp.normalise,
         normaliser=normaliser, sample_weight=batch.get("sample_weight"))

@@ -50,6 +50,7 @@ class PPO(Algorithm):
   name = "ppo"
   order = 1
   uses_critic = True
+  reads_old_in_prepare = True
 
   @dataclasses.dataclass(frozen=True)
   class Hyper:

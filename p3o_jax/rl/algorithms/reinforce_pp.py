@@ -30,6 +30,7 @@ def reinforce_pp_advantages(scores, logp_old, logp_ref, mask, *, kl_coef: float)
 @register
 class ReinforcePP(Algorithm):
   name = "reinforce_pp"
+  reads_old_in_prepare = True
 
   @dataclasses.dataclass(frozen=True)
   class Hyper:

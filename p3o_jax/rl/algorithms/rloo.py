@@ -60,6 +60,6 @@ class RLOO(Algorithm):
 
   def loss(self, params, batch, normaliser=None):
     logp, _, _ = self.token_logprobs(params, batch)
-    return rloo_loss(logp, batch["logp_old"], batch["logp_ref"], batch["rewards"], batch["response_mask"],
+    return rloo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
                      beta=self.hp.beta, eps=self.hp.eps, sample_weight=batch.get("sample_weight"),
                      normaliser=normaliser)

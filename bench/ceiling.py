@@ -61,11 +61,13 @@ def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) ->
   return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
 
 
-def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int) -> dict[str, float]:
-  """Model FLOPs of one RL iteration's phases: sample; score (policy, reference and reward model
-  forwards over prompt + response); update (one forward + backward of the policy)."""
+def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int,
+                old_pass: bool = True) -> dict[str, float]:
+  """Model FLOPs of one RL iteration's phases: sample; score (the old policy's forward unless
+  skipped, the reference's and the reward model's, over prompt + response); update (one forward
+  + backward of the policy)."""
   T = prompt + new
   forward = forward_flops(shape, rows, T)
   return {"sample": decode_flops(shape, prompts, rows, prompt, new),
-          "score": 2 * forward + forward_flops(shape, rows, T, lm_head=False),
+          "score": (1 + old_pass) * forward + forward_flops(shape, rows, T, lm_head=False),
           "update": 3 * forward}

@@ -1,7 +1,7 @@
 """Response tokens per second of whole RL iterations: p3o_jax P3O (K=2) against TRL's RLOOTrainer.
 
     pip install --no-deps -r requirements-bench.txt   # TRL + accelerate; --no-deps keeps the pinned torch
-    python bench/rl_iteration.py --shape all [--prompts 16] [--steps 4] [--warmup 2]
+    python bench/rl_iteration.py --shape all [--prompts 16] [--steps 4] [--warmup 2] [--old-pass]
 
 Not part of `make bench` (TRL is not in requirements-dev.txt) and never run by the tests or CI.
 
@@ -16,8 +16,8 @@ What one iteration is, on both sides (each of these is done exactly once per ite
   sample K=2 responses to each of P prompts (prompt 32 tokens, 32 new tokens, multinomial at
   temperature 1, no top-k / top-p, min_new_tokens = max_new_tokens so every row has exactly 32
   response tokens and no EOS), KV cache on;
-  teacher-forced log-probs of the responses under the sampling policy and under the frozen
-  reference (a second copy of the initial policy);
+  teacher-forced log-probs of the responses under the frozen reference (a second copy of the
+  initial policy) and, on TRL's side and ours with --old-pass, under the sampling policy (below);
   reward model score of every (prompt, response);
   the algorithm's advantage / pair computation on the host;
   one optimizer update on all P*K rows: one epoch, one minibatch, AdamW, grad-norm clip 1.0,
@@ -31,6 +31,11 @@ What is matched and what is not:
     folded into the reward). With K=2 both compare the two responses to a prompt, and both cost
     one policy forward+backward over the same rows; the loss arithmetic is negligible next to it.
     TRL's RLOO is TRL's closest trainer to P3O with K=2 (its PPO trainer needs a value model).
+  * The sampling policy's own teacher-forced pass: TRL's RLOO runs it (it folds the KL into the
+    reward, so it needs pi_old's log-probs before the update). p3o_jax leaves it out with one
+    epoch of one minibatch, as rl/loop.py does (Algorithm.skips_old_pass: the update's own
+    forward runs at pi_old's parameters, so its detached log-probs are pi_old's); --old-pass
+    runs it anyway, for the like-for-like count of forwards.
   * TRL also computes the per-token entropy in its loss forward (a logsumexp-sized extra over the
     vocabulary), and logs more metrics (each a host sync); p3o_jax computes P3O's own metrics.
   * TRL turns token ids into text and back: prompts are text in a dataset, tokenized every step,
@@ -63,12 +68,12 @@ MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output sc
 
 Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.25.0,
 trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s:
-  tiny  fp32: p3o_jax 9.73k, TRL 5.63k, 1.73x    bf16: 13.4k vs 5.23k, 2.56x
-  small fp32: p3o_jax 1.99k, TRL 1.77k, 1.12x    bf16: 3.47k vs 2.05k, 1.69x
-(one trainer device; the sampler on one device per core, as sampler.cpu_devices=auto does). With
-the whole iteration on one device per core (--devices 2) p3o_jax updates 1.7-2x slower: tiny
-fp32 1.27x, small fp32 0.78x. README, Benchmarks, has the phases and their shares of the
-measured matmul ceiling.
+  tiny  fp32: p3o_jax 11.8k, TRL 6.30k, 1.88x    bf16: 15.4k vs 5.18k, 2.97x
+  small fp32: p3o_jax 2.52k, TRL 1.91k, 1.32x    bf16: 4.21k vs 2.22k, 1.89x
+(one trainer device, the sampler on one device per core, the old pass skipped: the defaults;
+--old-pass: 1.83x / 2.60x / 1.17x / 1.62x). With the whole iteration on one device per core
+(--devices 2) p3o_jax updates 1.7-2x slower: tiny fp32 1.28x, small fp32 0.87x. README,
+Benchmarks, has the phases and their shares of the measured matmul ceiling.
 """
 
 from __future__ import annotations
@@ -154,7 +159,7 @@ def median_and_best(seconds: list[float], tokens: int) -> dict:
 # ----------------------------------------------------------------------------- p3o_jax
 
 def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
-               devices: int = 1, precision: str = "fp32") -> dict:
+               devices: int = 1, precision: str = "fp32", old_pass: bool = False) -> dict:
   """p3o_jax's iterations on a data-parallel mesh of `devices` host devices (1: one device), as
   rl/loop.py runs them: params replicated, the rollout's prompts and the update's groups split.
   precision 'bf16': every weight matmul (sampler, scoring, update) reads bf16 inputs summed in
@@ -177,14 +182,14 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   state, shardings = train_state.create_on_mesh(params, tx, decoder.logical_axes(graph), mesh)
   update = make_update(algo.loss, tx, epochs=1, num_minibatches=1, state_shardings=shardings)
   split = sharding.RowSplit(len(prompts), mesh)
+  old_pass = old_pass or not algo.skips_old_pass(config.rl)  # one epoch, one minibatch: skipped, as in rl/loop.py
   mask = np.ones_like(prompts)
   key, moments = jax.random.key(0), RunningMoments()
   rollout_s, total_s = [], []
   for it in range(warmup + steps):
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     start = time.perf_counter()
-    exp = roller(state.params, prompts, mask, rollout_key, K, split=split,  # host arrays: synchronised
-                 old_pass=not algo.skips_old_pass(config.rl))
+    exp = roller(state.params, prompts, mask, rollout_key, K, split=split, old_pass=old_pass)  # synchronised
     rolled = time.perf_counter()
     rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
     state, metrics = update(state, split.to_global(algo.prepare(exp, rewards, config.rl.beta)[0]), update_key)
@@ -214,7 +219,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
   return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
               rollout_share=rollout / total, phases=phases, devices=devices, precision=precision,
-              rows=len(prompts) * K, prompts=len(prompts))
+              rows=len(prompts) * K, prompts=len(prompts), old_pass=old_pass or not roller.samples_as_trainer)
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -279,7 +284,8 @@ def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, step
               rollout_share=statistics.median(rollout_s[warmup:]) / statistics.median(all_s[warmup:]))
 
 
-def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, precision: str) -> dict:
+def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, precision: str,
+          old_pass: bool = False) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
   with tempfile.TemporaryDirectory() as directory:
@@ -289,13 +295,14 @@ def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, 
     for devices in device_counts:
       # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
       time.sleep(1.0)
-      ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices, precision))
+      ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices, precision, old_pass))
   return dict(shape=shape, ours=ours, theirs=theirs)
 
 
 def phase_report(shape: str, r: dict, ceilings: dict) -> str:
   """Each phase's seconds, achieved model FLOP/s and share of the fp32 (and bf16) matmul ceiling."""
-  flops = ceiling.phase_flops(SHAPES[shape], rows=r["rows"], prompts=r["prompts"], prompt=PROMPT, new=NEW)
+  flops = ceiling.phase_flops(SHAPES[shape], rows=r["rows"], prompts=r["prompts"], prompt=PROMPT, new=NEW,
+                              old_pass=r["old_pass"])
   parts = []
   for phase, seconds in r["phases"].items():
     achieved = flops[phase] / seconds
@@ -312,6 +319,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="host devices of ours' data-parallel run (one per core by default); ours also runs on one")
+  parser.add_argument("--old-pass", action="store_true",
+                      help="ours also runs the sampling policy's teacher-forced pass (as TRL's RLOO does)")
   parser.add_argument("--precision", default="fp32,bf16",
                       help="comma list: fp32 (both sides fp32, TRL's bf16 off) and/or bf16 (TRL bf16=True, "
                            "autocast; ours model.matmul_dtype=bfloat16)")
@@ -331,12 +340,13 @@ def main():
         f"fp32 {ceilings['float32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
-    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision)
+    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision, args.old_pass)
     theirs = r["theirs"]
     print(f"{shape:>6} {precision}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
           f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s", flush=True)
     for ours in r["ours"]:
-      print(f"        p3o_jax P3O, {ours['devices']} device(s): {ours['tok_s']:8.1f} response tok/s | ratio "
+      print(f"        p3o_jax P3O, {ours['devices']} device(s), old pass {'run' if ours['old_pass'] else 'skipped'}: "
+            f"{ours['tok_s']:8.1f} response tok/s | ratio "
             f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
             f"{ours['best'] / theirs['best']:.2f}x) | rollout share {ours['rollout_share']:.0%} | first iteration "
             f"{ours['first_s']:.1f} s", flush=True)

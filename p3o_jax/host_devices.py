@@ -95,15 +95,26 @@ def sampler_devices(config, train_mesh, params) -> list | None:
     return None
   size = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
   if setting == "auto" and size > SAMPLE_PER_CORE_MAX_PARAMS:
-    log.info("sampler on the trainer's device: %.1fM parameters (sampler.cpu_devices=auto samples per core "
-             "up to %.0fM)", size / 1e6, SAMPLE_PER_CORE_MAX_PARAMS / 1e6)
+    _announce(f"sampler on the trainer's CPU device: {size / 1e6:.1f}M parameters (sampler.cpu_devices=auto "
+              f"samples per core up to {SAMPLE_PER_CORE_MAX_PARAMS / 1e6:.0f}M)")
     return None
   wanted = min(sampler_count(config), len(devices))
   if wanted <= 1:
     return None
-  log.info("sampler on %d CPU devices (sampler.cpu_devices=%s, %.1fM parameters); scoring and update on one",
-           wanted, setting, size / 1e6)
+  _announce(f"sampler on {wanted} CPU devices (sampler.cpu_devices={setting}, {size / 1e6:.1f}M parameters); "
+            "scoring and the update on the trainer's one")
   return devices[:wanted]
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(message: str) -> None:
+  """Prints a device choice once per process (every stage's Roller makes the same one)."""
+  if message not in _ANNOUNCED:
+    _ANNOUNCED.add(message)
+    print(message, flush=True)
+    log.info(message)
 
 
 def configure(config, *, multi_process: bool = False) -> str:

@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   # library's INFO lines too, as --verbosity=0 does)
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax",
                                          level="warning"))
-  # cpu_devices: CPU devices to make, N or 'cores' (p3o_jax/host_devices.py: measured, 1 is fastest here)
+  # cpu_devices: the trainer's CPU devices, N or 'cores' (p3o_jax/host_devices.py: measured, 1 is
+  # fastest here; the sampler's are sampler.cpu_devices)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="1"))
   return c
 

@@ -183,7 +183,7 @@ class Lock:
 # (orbax restores onto any mesh; remat recomputes the same values).
 SAFE_TO_CHANGE = ("stage", "pipeline.algos", "sft.steps", "rm.steps", "rl.iterations", "eval.*", "log.*",
                   "ckpt.every", "ckpt.keep", "ckpt.resume", "ckpt.allow_changes", "mesh.*",
-                  "model.remat")
+                  "model.remat", "sampler.cpu_devices")  # where the sampler decodes never changes its samples
 
 # The fields each stage's checkpoint depends on ('*' everything but the exclusions after it).
 STAGE_FIELDS = {

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from demo_base import fresh, tiny_config, train_base
-from p3o_jax import checkpoint, host_devices, main, pipeline
+from p3o_jax import checkpoint, config_base, host_devices, main, pipeline
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.metrics_log import read_jsonl
 
@@ -152,6 +152,17 @@ def test_resuming_with_changed_fields_fails_naming_them(base_workdir, tmp_path):
   assert len(kept) == 1
   with open(os.path.join(workdir, kept[0])) as f:
     assert json.load(f)["rl"]["beta"] == 0.1
+
+
+def test_sampler_devices_may_change_on_resume():
+  """sampler.cpu_devices never changes the samples, so a checkpoint saved with another setting, or
+  before the field existed, resumes; a sampler setting that does change them is refused."""
+  current = workdir_lib.fingerprint(config_base.base_config())
+  saved = {k: v for k, v in current.items() if k != "sampler.cpu_devices"}
+  for stage in ("rm", "rl"):
+    assert workdir_lib.config_changes(saved, current, stage) == []
+    assert workdir_lib.config_changes({**saved, "sampler.cpu_devices": "1"}, current, stage) == []
+    assert workdir_lib.config_changes({**saved, "sampler.top_k": 5}, current, stage) == ["sampler.top_k: 5 -> 0"]
 
 
 def test_demo_pipeline_console_is_short_and_ends_in_the_summary(tmp_path):

@@ -33,12 +33,14 @@ def test_count_reads_the_setting(monkeypatch):
 
 
 def test_configure_leaves_fixed_counts_alone(monkeypatch):
+  # Start this worker's backends under conftest's XLA_FLAGS first: started below with the flags
+  # cleared, they would hold one device for every later test in the worker.
+  devices = jax.device_count()
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert host_devices.configure(config_with("2")) == "CPU devices set by XLA_FLAGS"
   monkeypatch.setenv("XLA_FLAGS", "")
   assert host_devices.configure(config_with("2"), multi_process=True) == "CPU devices as the job started them"
-  devices = jax.device_count()  # this test process's backends are running (and keep their 8 devices)
-  assert "not applied" in host_devices.configure(config_with("2"))
+  assert "not applied" in host_devices.configure(config_with("2"))  # the backends are running
   assert jax.device_count() == devices
 
 

@@ -219,7 +219,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
   return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
               rollout_share=rollout / total, phases=phases, devices=devices, precision=precision,
-              rows=len(prompts) * K, prompts=len(prompts), old_pass=old_pass or not roller.samples_as_trainer)
+              rows=len(prompts) * K, prompts=len(prompts), old_pass=exp.logp_old is not None)  # the Roller keeps it where it must
 
 
 # ----------------------------------------------------------------------------- TRL

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from p3o_jax import host_devices, sampling, sharding  # noqa: E402
+from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
 import ceiling  # noqa: E402
@@ -122,11 +123,10 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   tokens = BATCH * NEW
   rate = lambda seconds: tokens / statistics.median(seconds)
   best = lambda seconds: tokens / min(seconds)
-  # What an RL run does by default (sampler.cpu_devices='auto', host_devices.sampler_devices):
-  # a small policy samples on one device per core, a larger one on the trainer's device.
-  size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  default = (f"{len(mesh.devices.flat)} devices" if size <= host_devices.SAMPLE_PER_CORE_MAX_PARAMS
-             and len(mesh.devices.flat) == host_devices.cores() else "one device")
+  # What an RL run does by default: the devices host_devices.sampler_devices picks for this
+  # policy beside a one-device trainer (sampler.cpu_devices='auto'); None: the trainer's one.
+  picked = host_devices.sampler_devices(base_config(), None, params)
+  default = "one device" if picked is None else f"{len(picked)} devices"
   return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s), transformers_best=best(theirs_s),
               ours={name: (rate(s), best(s)) for name, s in runs.items()}, default=default)
 

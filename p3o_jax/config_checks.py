@@ -107,7 +107,7 @@ def cpu_devices(v):
 
 
 def sampler_cpu_devices(v):
-  return None if str(v).strip().lower() == "auto" else cpu_devices(v)
+  return None if host_devices.is_auto(v) else cpu_devices(v)
 
 
 def names_from(*options) -> Check:

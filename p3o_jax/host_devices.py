@@ -1,13 +1,14 @@
 """How many CPU devices a run makes (`config.mesh.cpu_devices`), set before JAX starts its
 backends.
 
-XLA:CPU makes one device; `mesh.cpu_devices=N` gives the trainer N, and with `mesh.data=-1` the batch is then
-split over them. Measured on a 2-core CPU (README, Benchmarks): a small model's decode loop runs
-on about one core, so 2 devices sample 1.6x faster; the update and the scoring passes, whose
-matmuls already use both cores on one device, get slower (two programs compete for the cores and
-the gradients are all-reduced): a tiny model's whole RL iteration runs at 10.1k response tokens/s
-on 2 devices against 13.4k on one. So the default is 1. The setting only touches the CPU backend: on a GPU or TPU host
-the mesh is made of the accelerators whatever it says.
+XLA:CPU makes one device; `mesh.cpu_devices=N` gives the trainer N, and with `mesh.data=-1` the
+batch is then split over them. Measured on a 2-core CPU (README, Benchmarks): a small model's
+decode loop runs on about one core, so 2 devices sample 1.6x faster; the update and the scoring
+passes, whose matmuls already use both cores on one device, get slower (two programs compete for
+the cores and the gradients are all-reduced): a tiny model's whole RL iteration runs at 10.1k
+response tokens/s on 2 devices against 13.4k on one. So the default is 1. The setting only
+touches the CPU backend: on a GPU or TPU host the mesh is made of the accelerators whatever it
+says.
 
 The sampler may decode on more CPU devices than the trainer uses (`config.sampler.cpu_devices`):
 'auto' makes one per core and samples on all of them when the training mesh is one device and
@@ -49,59 +50,68 @@ def parse(setting) -> int:
   raise ValueError(f"must be a positive integer or 'cores' (one CPU device per core), got {setting!r}")
 
 
-def count(config) -> int:
-  """config.mesh.cpu_devices as a positive int; a named error otherwise."""
-  setting = config.mesh.get("cpu_devices", "1")
+def is_auto(setting) -> bool:
+  """Whether a sampler.cpu_devices value is 'auto' (any case, surrounding spaces ignored)."""
+  return str(setting).strip().lower() == "auto"
+
+
+def _named_count(field: str, setting, also: str = "") -> int:
   try:
     return parse(setting)
   except ValueError as e:
-    raise ValueError(f"config.mesh.cpu_devices={setting!r}: {e}") from None
+    raise ValueError(f"config.{field}={setting!r}: {e}{also}") from None
+
+
+def mesh_count(mesh_cfg) -> int:
+  """config.mesh.cpu_devices as a positive int; a named error otherwise."""
+  return _named_count("mesh.cpu_devices", mesh_cfg.get("cpu_devices", "1"))
+
+
+def count(config) -> int:
+  """The trainer's CPU devices (config.mesh.cpu_devices)."""
+  return mesh_count(config.mesh)
 
 
 def sampler_count(config) -> int:
   """config.sampler.cpu_devices as a positive int ('auto': one per core); a named error otherwise."""
   setting = config.sampler.get("cpu_devices", "auto")
-  if str(setting).strip().lower() == "auto":
-    return cores()
-  try:
-    return parse(setting)
-  except ValueError as e:
-    raise ValueError(f"config.sampler.cpu_devices={setting!r}: {e} (or 'auto')") from None
+  return cores() if is_auto(setting) else _named_count("sampler.cpu_devices", setting, " (or 'auto')")
 
 
-def fixed_elsewhere() -> bool:
-  """Whether the CPU device count was set by XLA_FLAGS or a multi-process job, not by configure."""
-  return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.process_count() > 1
+def _set_by_xla_flags() -> bool:
+  return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
 
 
 def training_devices(mesh_cfg) -> list:
   """The devices the training mesh may span: all of them, except on a single-process CPU run
   whose devices `configure` made, where the first mesh.cpu_devices (the rest are the sampler's)."""
   devices = jax.devices()
-  if devices[0].platform != "cpu" or fixed_elsewhere():
+  if devices[0].platform != "cpu" or _set_by_xla_flags() or jax.process_count() > 1:
     return devices
-  return devices[: parse(mesh_cfg.get("cpu_devices", "1"))]
+  return devices[: mesh_count(mesh_cfg)]
 
 
 def sampler_devices(config, train_mesh, params) -> list | None:
-  """The devices the sampler decodes on when they are not the training mesh's, else None.
+  """The devices the sampler decodes on when they are not the training mesh's (None: one
+  device), else None.
 
   Only a single-process CPU run whose trainer holds one device samples apart: 'auto' on one
   device per core for a policy of at most SAMPLE_PER_CORE_MAX_PARAMS parameters, N on the
-  first N devices. Logged, with the reason."""
-  setting = str(config.sampler.get("cpu_devices", "auto")).strip().lower()
+  first N devices. Printed once, with the reason."""
+  setting = config.sampler.get("cpu_devices", "auto")
   devices = jax.devices()
-  if devices[0].platform != "cpu" or jax.process_count() > 1 or train_mesh.size > 1:
+  if devices[0].platform != "cpu" or jax.process_count() > 1 or (train_mesh is not None and train_mesh.size > 1):
     return None
   size = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
-  if setting == "auto" and size > SAMPLE_PER_CORE_MAX_PARAMS:
+  if is_auto(setting) and size > SAMPLE_PER_CORE_MAX_PARAMS:
     _announce(f"sampler on the trainer's CPU device: {size / 1e6:.1f}M parameters (sampler.cpu_devices=auto "
               f"samples per core up to {SAMPLE_PER_CORE_MAX_PARAMS / 1e6:.0f}M)")
     return None
   wanted = min(sampler_count(config), len(devices))
   if wanted <= 1:
     return None
-  _announce(f"sampler on {wanted} CPU devices (sampler.cpu_devices={setting}, {size / 1e6:.1f}M parameters); "
+  _announce(f"sampler on {wanted} CPU devices (sampler.cpu_devices={str(setting).strip().lower()}, "
+            f"{size / 1e6:.1f}M parameters); "
             "scoring and the update on the trainer's one")
   return devices[:wanted]
 
@@ -123,7 +133,7 @@ def configure(config, *, multi_process: bool = False) -> str:
   (--xla_force_host_platform_device_count), by a multi-process job (each process keeps the
   devices it was started with) or by backends already running. Returns what held, for the log."""
   wanted = max(count(config), sampler_count(config))
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+  if _set_by_xla_flags():
     return "CPU devices set by XLA_FLAGS"
   if multi_process:
     return "CPU devices as the job started them"

@@ -286,7 +286,6 @@ def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, g
   """The Roller for `config` (sampler settings, EOS/pad ids, missing-EOS penalty): the one place
   a rollout is assembled, for RL, the demo's preference pairs and the eval stage."""
   penalty = (config.rl.missing_eos_penalty or None) if penalise_missing_eos else None
-  mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=tokenizer.eos_token_id,
                 pad_id=batching.pad_token_id(tokenizer), missing_eos_penalty=penalty, gold=gold, mesh=mesh,
                 sampler_dtype=config.sampler.param_dtype,

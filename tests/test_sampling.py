@@ -131,6 +131,24 @@ def test_scan_layers_samples_the_same_tokens(neox, prompts):
   assert len(set(np.asarray(want.tokens).ravel().tolist())) > 5  # sampled, not one repeated token
 
 
+def test_head_laid_out_for_decoding_samples_the_same_tokens(neox, prompts, monkeypatch):
+  """A CPU fp32 decode loop reads a wide untied head as [V, D] (`Decoder.repeated_logits`); the
+  tiny model is narrower than that rule's threshold, so lowering it takes the other layout."""
+  _, graph, params = neox
+  model = decoder.merge(graph, params)
+  assert model.repeated_logits() == model.logits  # d=64: the head as stored
+  jax.clear_caches()  # generate's compiled loop does not depend on the constant: trace it anew
+  want = sample(graph, params, *prompts, seed=5)
+  monkeypatch.setattr(decoder, "REPEATED_HEAD_ROWS_MIN_WIDTH", 0)
+  assert model.repeated_logits() != model.logits
+  jax.clear_caches()
+  got = sample(graph, params, *prompts, seed=5)
+  jax.clear_caches()
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert len(set(np.asarray(want.tokens).ravel().tolist())) > 5
+
+
 # ----------------------------------------------------------------------------- top-k / top-p
 
 def allowed_tokens(logits, top_k, top_p, slack=1e-4):

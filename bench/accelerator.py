@@ -9,10 +9,12 @@
     on the Pythia-1B shape with bf16 activations and fp32 weights (as configs/tldr.py trains),
     8 rows x 1024 tokens (4 prompts x K=2; 512 prompt + 512 response tokens). Median of
     --steps timed steps after two untimed ones (the first compiles).
-    FLOPs per step = 6·N_blocks·tokens + 6·d·V·response_tokens + 12·L·d·T² per row:
-    forward + backward (x3) of every matmul, where the LM head only runs on the positions that
-    predict response tokens (rl/sequences.py), the input embedding is a gather (no FLOPs), and
-    attention is counted without causal halving (QK^T and PV, 2·2·T²·d a layer forward), the
+    FLOPs per step = 6·N_blocks·tokens + 6·d·V·response_tokens + attention: forward + backward
+    (x3) of every matmul, where each prompt runs once for its K responses and the LM head only
+    on the positions that predict response tokens (rl/sequences.py; tokens = 4 prompts x 512 +
+    8 responses x 512), the input embedding is a gather (no FLOPs), and attention (QK^T and PV,
+    12·L·d per query and key: a prompt's 512² pairs, a response's 512 x 1024) is counted
+    without causal halving, the
     PaLM paper's (Chowdhery et al. 2022, appendix B) convention. MFU = FLOPs / time / peak bf16:
     model FLOPs only, so recomputation (the backward's re-run of each query block's attention,
     decoder.attend) counts as time, not work.
@@ -140,7 +142,8 @@ def train_step(tiny: bool, steps: int, peak_flops: float) -> dict:
   # Old and reference log-probs of a uniform policy, near a random init's: any finite values cost the same.
   logp = np.full((rows, response), -np.log(cfg.vocab_size), np.float32)
   group = lambda x: jnp.asarray(x).reshape(rows // 2, 2, *np.shape(x)[1:])
-  batch = dict(query=group(query), query_mask=group(ones_q), response=group(resp), response_mask=group(ones_r),
+  batch = dict(query=jnp.asarray(query[::2]), query_mask=jnp.asarray(ones_q[::2]),  # one per group of K=2
+               response=group(resp), response_mask=group(ones_r),
                logp_old=group(logp), logp_ref=group(logp), rewards=group(rng.normal(size=rows).astype(np.float32)))
   state = jax.jit(lambda p: train_state.create(p, tx))(params)
   key = jax.random.key(0)
@@ -155,7 +158,9 @@ def train_step(tiny: bool, steps: int, peak_flops: float) -> dict:
   seconds = statistics.median(times[2:])
   L, d, V, T = cfg.num_layers, cfg.hidden_size, cfg.vocab_size, prompt + response
   n_blocks = memory.num_params(cfg) - 2 * V * d  # without the input embedding and the LM head
-  flops = 6 * n_blocks * rows * T + 6 * d * V * rows * response + 12 * L * d * T * T * rows
+  prompts = rows // 2
+  flops = (6 * n_blocks * (prompts * prompt + rows * response) + 6 * d * V * rows * response
+           + 12 * L * d * (prompts * prompt * prompt + rows * response * T))
   return dict(shape="tiny" if tiny else "Pythia-1B", params=memory.num_params(cfg), rows=rows, T=T,
               first_s=times[0], seconds=seconds, flops=flops, tflops=flops / seconds / 1e12,
               mfu=flops / seconds / peak_flops)

@@ -61,13 +61,26 @@ def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) ->
   return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
 
 
+def prompt_once_flops(shape: dict, *, prompts: int, rows: int, prompt: int, new: int, head: str = "lm") -> float:
+  """A teacher-forced pass with each prompt run once for its rows' responses (rl/sequences.py):
+  the prompts' causal forward through the blocks, each response token attending to the prompt
+  and the response before it; the head only where it is read: the LM head at the `new`
+  positions of each row that predict a response token (head='lm'), a scalar head at every
+  position (head='scalar', reward models), or none."""
+  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
+  blocks = weights_per_token(shape, lm_head=False) - d  # without the scalar head
+  pairs = prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1))
+  heads = {"lm": rows * new * d * shape["vocab_size"], "scalar": (prompts * prompt + rows * new) * d, "none": 0}
+  return 2 * blocks * (prompts * prompt + rows * new) + 4 * d * layers * pairs + 2 * heads[head]
+
+
 def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int,
                 old_pass: bool = True) -> dict[str, float]:
-  """Model FLOPs of one RL iteration's phases: sample; score (the old policy's forward unless
-  skipped, the reference's and the reward model's, over prompt + response); update (one forward
-  + backward of the policy)."""
-  T = prompt + new
-  forward = forward_flops(shape, rows, T)
+  """Model FLOPs of one RL iteration's phases as p3o_jax runs them: sample; score (the old
+  policy's forward unless skipped, the reference's and the reward model's); update (one forward
+  + backward of the policy); the passes run each prompt once (`prompt_once_flops`)."""
+  forward = prompt_once_flops(shape, prompts=prompts, rows=rows, prompt=prompt, new=new)
+  reward = prompt_once_flops(shape, prompts=prompts, rows=rows, prompt=prompt, new=new, head="scalar")
   return {"sample": decode_flops(shape, prompts, rows, prompt, new),
-          "score": (1 + old_pass) * forward + forward_flops(shape, rows, T, lm_head=False),
+          "score": (1 + old_pass) * forward + reward,
           "update": 3 * forward}

@@ -36,6 +36,11 @@ What is matched and what is not:
     epoch of one minibatch, as rl/loop.py does (Algorithm.skips_old_pass: the update's own
     forward runs at pi_old's parameters, so its detached log-probs are pi_old's); --old-pass
     runs it anyway, for the like-for-like count of forwards.
+  * Each prompt's share of a teacher-forced pass: TRL runs every (prompt, response) row whole, so
+    each prompt's 32 tokens pass through every model K times in every pass; p3o_jax runs each
+    prompt once per pass and its K responses over its repeated keys and values (the reference,
+    reward model and update forward + backward alike; docs/design.md), the same numbers up to
+    float32 rounding. Same results, less work: it is part of how each trainer works.
   * TRL also computes the per-token entropy in its loss forward (a logsumexp-sized extra over the
     vocabulary), and logs more metrics (each a host sync); p3o_jax computes P3O's own metrics.
   * TRL turns token ids into text and back: prompts are text in a dataset, tokenized every step,

@@ -30,21 +30,23 @@ def make_algo(graph, name="p3o", **overrides):
 
 
 def group_batch(graph, params, k, seed):
-  """G groups of k (query, response) rows, ragged on both sides, with old = current log-probs
-  shifted so that clipping is active."""
+  """G groups of k responses to one query each (the query [G, P] once per group, as `group`
+  gives it), ragged on both sides, with old = current log-probs shifted so that clipping is
+  active. The log-probs come from a forward on every row's own repeated query."""
   rng = np.random.default_rng(seed)
   n = G * k
-  query = rng.integers(2, CFG.vocab_size, (n, P)).astype(np.int32)
+  query = rng.integers(2, CFG.vocab_size, (G, P)).astype(np.int32)
   response = rng.integers(2, CFG.vocab_size, (n, R)).astype(np.int32)
-  q_len, r_len = rng.integers(1, P + 1, n), rng.integers(1, R + 1, n)
+  q_len, r_len = rng.integers(1, P + 1, G), rng.integers(1, R + 1, n)
   query_mask = (np.arange(P)[None] >= P - q_len[:, None]).astype(np.int32)
   response_mask = (np.arange(R)[None] < r_len[:, None]).astype(np.int32)
-  logp = np.asarray(sequences.response_logprobs(graph, params, query, query_mask, response, response_mask))
+  logp = np.asarray(sequences.response_logprobs(graph, params, np.repeat(query, k, 0), np.repeat(query_mask, k, 0),
+                                                response, response_mask))
   old = (logp + 0.3 * rng.standard_normal(logp.shape) * response_mask).astype(np.float32)
   ref = (logp + 0.2 * rng.standard_normal(logp.shape) * response_mask).astype(np.float32)
-  rows = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-              logp_old=old, logp_ref=ref)
-  return {name: jnp.asarray(v).reshape(G, k, *v.shape[1:]) for name, v in rows.items()}, rng
+  rows = dict(response=response, response_mask=response_mask, logp_old=old, logp_ref=ref)
+  return {"query": jnp.asarray(query), "query_mask": jnp.asarray(query_mask),
+          **{name: jnp.asarray(v).reshape(G, k, *v.shape[1:]) for name, v in rows.items()}}, rng
 
 
 def one_step(loss_fn, params, batch, micro, count_fn):

@@ -127,7 +127,7 @@ def experience(seed, rows=6, k=2, r=5, sampler_shift=0.0):
   mask = (np.arange(r)[None] < lengths[:, None]).astype(np.int32)
   old = rng.normal(-2.0, 1.0, (rows, r)).astype(np.float32)
   return Experience(
-      query=rng.integers(0, 20, (rows, 3)).astype(np.int32), query_mask=np.ones((rows, 3), np.int32),
+      query=np.repeat(rng.integers(0, 20, (rows // k, 3)), k, 0).astype(np.int32), query_mask=np.ones((rows, 3), np.int32),
       response=rng.integers(0, 20, (rows, r)).astype(np.int32), response_mask=mask, logp_old=old,
       logp_ref=rng.normal(-2.0, 1.0, (rows, r)).astype(np.float32),
       scores=rng.normal(0.0, 1.0, rows).astype(np.float32), has_eos=np.ones(rows, bool), k=k,

@@ -71,3 +71,9 @@ def test_model_flops_count_every_linear_weight_once_per_token():
   # attending to the 4 prompt keys and itself.
   decode = ceiling.decode_flops(shape, prompts=1, rows=2, prompt=4, new=2)
   assert decode == ceiling.forward_flops(shape, 1, 4) + 2 * (2 * linear + 4 * 32 * 3 * 5)
+  # A prompt of 4 run once for its 2 responses of 3: 4 + 2 x 3 tokens through the blocks, the
+  # prompt's 10 causal pairs and each response's 5 + 6 + 7, the LM head at 2 x 3 positions.
+  head = 32 * 96
+  blocks = linear - head
+  once = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3)
+  assert once == 2 * blocks * (4 + 2 * 3) + 4 * 32 * 3 * (10 + 2 * 18) + 2 * head * 2 * 3

@@ -254,6 +254,51 @@ def test_response_logprobs_equal_unpadded_rows(cfg, temperature):
   assert np.all(got[rows[3] == 0] == 0.0)
 
 
+def prompt_groups(seed):
+  """padded_rows whose rows come in groups of K answering one prompt: (query once per group
+  [n / K, P], query_mask, response, response_mask) and the same rows with the query repeated."""
+  query, query_mask, response, response_mask = padded_rows(seed)
+  once = (query[::K], query_mask[::K])
+  return (*once, response, response_mask), (*(np.repeat(x, K, 0) for x in once), response, response_mask)
+
+
+STACKED_GQA = ROTARY.replace(num_layers=2, num_kv_heads=2, scan_layers=True, remat=True)
+
+
+@pytest.mark.parametrize("cfg", [ROTARY, LEARNED, STACKED_GQA], ids=["rotary", "learned", "scan_gqa_remat"])
+def test_prompt_once_equals_unpadded_rows(cfg):
+  """A query given once per group (its prompt computed once, decoder.prefixed_forward) gives every
+  row's log-probs as a forward on that row's unpadded tokens does, and the same gradient as the
+  query repeated on every row (the per-row forward)."""
+  graph, params = tiny(cfg, 4)
+  once, repeated = prompt_groups(seed=8)
+  got = np.asarray(jitted(sequences.response_logprobs, graph)(params, *once, temperature=0.7))
+  np.testing.assert_allclose(got, unpadded_logprobs(graph, params, *repeated, temperature=0.7), atol=1e-5, rtol=0)
+  assert np.all(got[once[3] == 0] == 0.0)
+  loss = lambda p, rows: (sequences.response_logprobs(graph, p, *rows) ** 2).sum()
+  grad_once, grad_rows = (jax.jit(jax.grad(loss))(params, rows) for rows in (once, repeated))
+  # float32 sums in another order: errors of ~1e-6 of the largest gradient entry (some tensors'
+  # true gradient is 0, e.g. a key bias under softmax, and holds only that noise)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grad_rows))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0), grad_once, grad_rows)
+
+
+def test_prompt_once_scores_and_groups(reward_model):
+  """The reward model's score with each prompt computed once is the unpadded row's; a rollout
+  batch keeps one query per group, and a group whose rows hold different queries is refused."""
+  graph, params = reward_model
+  once, repeated = prompt_groups(seed=9)
+  got = np.asarray(jitted(sequences.response_scores, graph)(params, *once))
+  np.testing.assert_allclose(got, unpadded_scores(graph, params, *repeated), atol=1e-5, rtol=0)
+  exp = synthetic_experience(seed=3, rows=8, k=2)
+  batch = algorithms.base.group(exp)
+  np.testing.assert_array_equal(batch["query"], exp.query[::2])
+  assert batch["response"].shape == (4, 2, exp.response.shape[1])
+  exp.query[5, 0] += 1  # row 5 of group 2 now answers another prompt
+  with pytest.raises(ValueError, match=r"groups \[2\]"):
+    algorithms.base.group(exp)
+
+
 def test_reference_sees_padding_mistakes():
   """The reference above has the power to fail: without position ids (learned positions; rotary
   is shift-invariant, so it cannot show this one) or with attention to the padding, log-probs
@@ -493,7 +538,8 @@ def synthetic_experience(seed, rows=6, k=2, r=5, values=True):
   lengths = np.concatenate([[1, r], rng.integers(1, r + 1, rows - 2)])
   mask = (np.arange(r)[None] < lengths[:, None]).astype(np.int32)
   return rollout.Experience(
-      query=rng.integers(0, VOCAB, (rows, 3)).astype(np.int32), query_mask=np.ones((rows, 3), np.int32),
+      query=np.repeat(rng.integers(0, VOCAB, (rows // k, 3)), k, 0).astype(np.int32),
+      query_mask=np.ones((rows, 3), np.int32),
       response=rng.integers(0, VOCAB, (rows, r)).astype(np.int32), response_mask=mask,
       logp_old=rng.normal(-2.0, 1.0, (rows, r)).astype(np.float32),
       logp_ref=rng.normal(-2.0, 1.0, (rows, r)).astype(np.float32),
@@ -528,7 +574,7 @@ def test_ppo_prepare_matches_numpy(whiten):
   algo = make_algo("ppo", gamma=gamma, lam=lam, whiten_advantages=whiten)
   batch, _ = algo.prepare(exp, exp.scores, kl_coef)
   rows, r = exp.response.shape
-  flat = {name: np.asarray(v).reshape(rows, *np.shape(v)[2:]) for name, v in batch.items()}
+  flat = {name: np.asarray(v) for name, v in algorithms.base.rows(batch).items()}
   rewards, raw_adv, ret = numpy_ppo_targets(exp, exp.scores, kl_coef, gamma, lam)
   mask = exp.response_mask > 0
   adv = raw_adv

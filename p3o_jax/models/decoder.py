@@ -371,6 +371,10 @@ def _uncached_block(layer: Block, x, positions, mask):
   return layer(x, positions, mask, None, 0)[0]
 
 
+def _cached_block(layer: Block, x, positions, mask, cache, cache_index, index=None):
+  return layer(x, positions, mask, cache, cache_index, index)
+
+
 def _stacked_blocks(cfg: DecoderConfig, rngs: nnx.Rngs) -> Block:
   """cfg.num_layers Blocks as one, each param with a leading `layers` axis (logical name too)."""
   @nnx.split_rngs(splits=cfg.num_layers)
@@ -425,8 +429,9 @@ class Decoder(nnx.Module):
         x = block(layer, x, positions, mask)
       return self.final_norm(x), None
     new_cache = []
+    block = nnx.remat(_cached_block) if cfg.remat else _cached_block  # differentiated: `prefixed_forward`
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, cache[i], cache_index)
+      x, layer_cache = block(layer, x, positions, mask, cache[i], cache_index)
       new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
 
@@ -442,10 +447,12 @@ class Decoder(nnx.Module):
         return block(nnx.merge(graphdef, layer_state), x, positions, mask), None
       return jax.lax.scan(step, x, state)[0], None
 
+    block = nnx.remat(_cached_block, prevent_cse=False) if self.cfg.remat else _cached_block
+
     def cached_step(carry, layer_state_and_index):
       x, cache = carry
       layer_state, i = layer_state_and_index
-      return nnx.merge(graphdef, layer_state)(x, positions, mask, cache, cache_index, i), None
+      return block(nnx.merge(graphdef, layer_state), x, positions, mask, cache, cache_index, i), None
     index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
     return jax.lax.scan(cached_step, (x, cache), (state, index))[0]
 
@@ -587,6 +594,35 @@ def forward(graph: Graph, params: dict, tokens, padding_mask):
   model = merge(graph, params)
   hidden, _ = model(tokens, positions_from_mask(padding_mask), causal_mask(padding_mask))
   return model, hidden
+
+
+def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, suffix_mask):
+  """Teacher-forced pass on rows that share prefixes: row b * K + k is prefix b (left-padded,
+  [B, P]) followed by suffix b * K + k (right-padded, [B * K, R]). Each prefix runs once, its
+  keys and values are repeated K times and every suffix attends over them, so the hidden states
+  are `forward`'s on the concatenated rows (same positions, masks and key order) while the
+  prefix costs 1/K of the work: a prompt and its K responses in RL.
+
+  Returns the model, the prefixes' hidden states [B, P, D] and the suffixes' [B * K, R, D].
+  Differentiable (remat per block with cfg.remat, like `forward`)."""
+  model = merge(graph, params)
+  B, P = prefix.shape
+  N, R = suffix.shape
+  if N % B:
+    raise ValueError(f"prefixed_forward: {N} suffix rows are not a whole number per each of {B} prefixes")
+  K = N // B
+  prefix_valid, suffix_valid = prefix_mask.astype(bool), suffix_mask.astype(bool)
+  prefix_hidden, cache = model(prefix, positions_from_mask(prefix_valid), causal_mask(prefix_valid),
+                               init_cache(model.cfg, B, P), 0)
+  # Slots are the second-to-last axis of both cache layouts; R empty slots for the suffixes.
+  widen = lambda c: jnp.pad(jnp.repeat(c, K, axis=0), [(0, 0)] * (c.ndim - 2) + [(0, R), (0, 0)])
+  cache = jax.tree.map(widen, cache)
+  prefix_valid = jnp.repeat(prefix_valid, K, axis=0)
+  prefix_len = prefix_valid.sum(-1, dtype=jnp.int32)
+  positions = jnp.maximum(prefix_len[:, None] + jnp.cumsum(suffix_valid, -1, dtype=jnp.int32) - 1, 0)
+  keys = jnp.concatenate([jnp.broadcast_to(prefix_valid[:, None, :], (N, R, P)), causal_mask(suffix_valid)], -1)
+  suffix_hidden, _ = model(suffix, positions, keys, cache, P)
+  return model, prefix_hidden, suffix_hidden
 
 
 def token_logprobs(graph: Graph, params: dict, tokens, padding_mask, temperature: float = 1.0):

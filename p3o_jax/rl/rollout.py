@@ -169,9 +169,10 @@ class Roller:
 
       def passes(params, ref_params, value_params, reward_params, query, query_mask, response, response_mask,
                  logp_sampler):
-        query, query_mask = jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0)
+        # Each prompt once, before its k responses (sequences: the prompt's work is done once).
         rows = (query, query_mask, response, response_mask)
-        out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": response_mask,
+        out = {"query": jnp.repeat(query, k, axis=0), "query_mask": jnp.repeat(query_mask, k, axis=0),
+               "response": response, "response_mask": response_mask,
                "logp_ref": logprobs(self.ref_graph, ref_params, *rows), "logp_sampler": logp_sampler}
         if old_pass:  # old log-probs from the trainer's own forward: the first inner step's ratio is exactly 1
           out["logp_old"] = logprobs(self.graph, params, *rows)

@@ -2,7 +2,8 @@
 
 A row is a left-padded query [N, P] followed by a right-padded response [N, R]. Positions
 come from the concatenated mask, so left padding and padding after EOS are both handled
-(docs/pitfalls.md, 2, 3). Log-probs use logits / temperature, exactly as the sampler does (docs/pitfalls.md, 1).
+(docs/pitfalls.md, 2, 3). The query may also come once per prompt ([N / K, P]) before its K
+responses: the prompt is then computed once, not K times (`decoder.prefixed_forward`). Log-probs use logits / temperature, exactly as the sampler does (docs/pitfalls.md, 1).
 """
 
 from __future__ import annotations
@@ -19,11 +20,40 @@ def _concat(query, query_mask, response, response_mask):
   return tokens, mask
 
 
+def responses_per_query(query, response) -> int:
+  """K: responses per query row. A query may come once per prompt ([B, P] before [B * K, R]
+  responses, row b * K + k answering prompt b), or once per response (K = 1)."""
+  B, N = query.shape[0], response.shape[0]
+  if N % B:
+    raise ValueError(f"{N} response rows do not divide evenly over {B} query rows")
+  return N // B
+
+
+def _shared_forward(graph, params, query, query_mask, response, response_mask):
+  """(model, K, the queries' hidden states [B, P, D], the responses' [B * K, R, D]); with K > 1
+  each prompt runs once for its K responses (decoder.prefixed_forward)."""
+  k = responses_per_query(query, response)
+  if k == 1:
+    tokens, mask = _concat(query, query_mask, response, response_mask)
+    model, hidden = decoder.forward(graph, params, tokens, mask)
+    P = query.shape[1]
+    return model, k, hidden[:, :P], hidden[:, P:]
+  model, query_hidden, response_hidden = decoder.prefixed_forward(graph, params, query, query_mask, response,
+                                                                  response_mask)
+  return model, k, query_hidden, response_hidden
+
+
 def response_hidden(graph, params, query, query_mask, response, response_mask):
-  """The model and the hidden states at the positions that predict each response token [N, R, D]."""
-  tokens, mask = _concat(query, query_mask, response, response_mask)
-  model, hidden = decoder.forward(graph, params, tokens, mask)
-  return model, hidden[:, query.shape[1] - 1:-1]  # position t predicts token t + 1
+  """The model and the hidden states at the positions that predict each response token [N, R, D].
+
+  query [B, P] with B = N (one per row) or B = N / K (one per prompt, each prompt's K responses
+  in consecutive rows: the prompt is computed once, see `responses_per_query`)."""
+  model, k, query_hidden, response_hidden = _shared_forward(graph, params, query, query_mask, response,
+                                                            response_mask)
+  # Position t predicts token t + 1: the last query slot (always real: left padding) predicts
+  # the first response token.
+  last = jnp.repeat(query_hidden[:, -1:], k, axis=0)
+  return model, jnp.concatenate([last, response_hidden[:, :-1]], axis=1)
 
 
 def response_logprobs_and_hidden(graph, params, query, query_mask, response, response_mask,
@@ -56,8 +86,13 @@ def sequence_scores(graph, params, tokens, mask):
 
 
 def response_scores(graph, params, query, query_mask, response, response_mask):
-  tokens, mask = _concat(query, query_mask, response, response_mask)
-  return sequence_scores(graph, params, tokens, mask)
+  """Scalar head at the last real token of query + response: [N] (query as in `response_hidden`)."""
+  model, k, query_hidden, response_hidden = _shared_forward(graph, params, query, query_mask, response,
+                                                            response_mask)
+  # The scalar head is cheap: read it at every slot, then pick each row's last real token.
+  scalars = jnp.concatenate([jnp.repeat(model.scalar(query_hidden), k, axis=0), model.scalar(response_hidden)], 1)
+  _, mask = _concat(jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0), response, response_mask)
+  return decoder.last_token_scalar(scalars, mask)
 
 
 def response_values(model, hidden):

@@ -4,7 +4,7 @@ An algorithm declares what it needs from the rollout (a critic, how many respons
 prompt), holds its hyperparameters in a frozen dataclass read once from `config.rl`, and
 supplies
 
-    prepare(exp, rewards, kl_coef) -> batch     host side: arrays grouped [G, K, ...]
+    prepare(exp, rewards, kl_coef) -> batch     host side: arrays grouped [G, K, ...], the query [G, P]
     loss(params, batch, normaliser) -> (loss, metrics)   pure; traced inside the update
     count(batch) -> normaliser                  the minibatch's loss count (exact micro-batching)
 
@@ -69,16 +69,34 @@ def rollout_is_weights(exp: Experience, level: str, cap: float) -> tuple[np.ndar
   return weights, metrics
 
 
+QUERY_KEYS = ("query", "query_mask")  # once per group in a batch: [G, P]
+
+
 def group(exp: Experience, **extra) -> dict:
-  """Rollout arrays regrouped [n, ...] -> [n / K, K, ...] plus any extra per-row arrays."""
-  arrays = dict(query=exp.query, query_mask=exp.query_mask, response=exp.response,
-                response_mask=exp.response_mask, logp_old=exp.logp_old, logp_ref=exp.logp_ref, **extra)
-  return {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items() if v is not None}
+  """Rollout arrays regrouped [n, ...] -> [n / K, K, ...] plus any extra per-row arrays; the
+  query once per group, [n / K, P]: a group's K rows answer one prompt (checked), which the
+  update then computes once (`group_rows`)."""
+  query, query_mask = (np.asarray(x).reshape(-1, exp.k, np.shape(x)[-1]) for x in (exp.query, exp.query_mask))
+  differs = ((query != query[:, :1]) | (query_mask != query_mask[:, :1])).any((1, 2))
+  if differs.any():
+    raise ValueError(f"groups {np.flatnonzero(differs)[:10].tolist()} of the rollout hold rows with different "
+                     f"queries; each group's {exp.k} rows must be responses to one prompt (row b * K + k)")
+  arrays = dict(response=exp.response, response_mask=exp.response_mask, logp_old=exp.logp_old,
+                logp_ref=exp.logp_ref, **extra)
+  grouped = {k: np.asarray(v).reshape(-1, exp.k, *np.shape(v)[1:]) for k, v in arrays.items() if v is not None}
+  return {"query": query[:, 0], "query_mask": query_mask[:, 0], **grouped}
 
 
 def rows(batch: dict) -> dict:
-  """[M, K, ...] -> [M * K, ...] for the model forward."""
-  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+  """The per-row arrays [M, K, ...] -> [M * K, ...] for the model forward (not the per-group query)."""
+  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k not in QUERY_KEYS}
+
+
+def group_rows(batch: dict) -> tuple:
+  """(query [M, P], query_mask, response [M * K, R], response_mask) of a grouped batch: each
+  query once for its K rows, the prompt-once forward of `sequences`."""
+  flat = rows({k: batch[k] for k in ("response", "response_mask")})
+  return batch["query"], batch["query_mask"], flat["response"], flat["response_mask"]
 
 
 def hyperparameters(cls: type, rl) -> Any:
@@ -176,11 +194,9 @@ class Algorithm:
 
   def token_logprobs(self, params, batch: dict):
     """Per-token log-probs [M, K, R] of the batch's responses under `params`, the model and
-    the hidden states [M * K, R, D]."""
-    flat = rows({k: batch[k] for k in ("query", "query_mask", "response", "response_mask")})
+    the hidden states [M * K, R, D]. Each group's prompt is computed once for its K responses."""
     logp, model, hidden = sequences.response_logprobs_and_hidden(
-        self.graph, params, flat["query"], flat["query_mask"], flat["response"], flat["response_mask"],
-        self.temperature)
+        self.graph, params, *group_rows(batch), self.temperature)
     return logp.reshape(batch["response_mask"].shape), model, hidden
 
 

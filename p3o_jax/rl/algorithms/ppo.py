@@ -14,7 +14,7 @@ import numpy as np
 from p3o_jax import losses
 from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
-from p3o_jax.rl.algorithms.base import Algorithm, KLController, group, register, rows
+from p3o_jax.rl.algorithms.base import Algorithm, KLController, group, group_rows, register, rows
 
 
 def ppo_advantages(exp, scores: np.ndarray, *, kl_coef: float, gamma: float, lam: float,
@@ -38,10 +38,9 @@ def _head_values(head, hidden):
   return (hidden.astype(jnp.float32) @ head["kernel"] + head["bias"])[..., 0]
 
 
-def _critic_values(critic_graph, critic_params, flat):
+def _critic_values(critic_graph, critic_params, query, query_mask, response, response_mask):
   """rl.critic='separate': the critic model's scalar head at each response position -> [N, R]."""
-  model, hidden = sequences.response_hidden(critic_graph, critic_params, flat["query"], flat["query_mask"],
-                                            flat["response"], flat["response_mask"])
+  model, hidden = sequences.response_hidden(critic_graph, critic_params, query, query_mask, response, response_mask)
   return model.scalar(hidden)
 
 
@@ -105,8 +104,7 @@ class PPO(Algorithm):
       if critic_graph is None:
         _, hidden = sequences.response_hidden(graph, params["policy"], query, query_mask, response, response_mask)
         return _head_values(params["critic"], hidden)
-      flat = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask)
-      return _critic_values(critic_graph, params["critic"], flat)
+      return _critic_values(critic_graph, params["critic"], query, query_mask, response, response_mask)
     return values
 
   def kl_controller(self):
@@ -123,7 +121,7 @@ class PPO(Algorithm):
     logp, model, hidden = self.token_logprobs(params["policy"], batch)
     flat = rows(batch)
     values = (_head_values(params["critic"], hidden) if self.critic_graph is None
-              else _critic_values(self.critic_graph, params["critic"], flat))
+              else _critic_values(self.critic_graph, params["critic"], *group_rows(batch)))
     entropy = sequences.response_entropy(model, hidden, flat["response_mask"], self.temperature)
     advantages = flat["advantages"]
     if "sample_weight" in flat:

@@ -620,7 +620,10 @@ def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, su
   prefix_valid = jnp.repeat(prefix_valid, K, axis=0)
   prefix_len = prefix_valid.sum(-1, dtype=jnp.int32)
   positions = jnp.maximum(prefix_len[:, None] + jnp.cumsum(suffix_valid, -1, dtype=jnp.int32) - 1, 0)
-  keys = jnp.concatenate([jnp.broadcast_to(prefix_valid[:, None, :], (N, R, P)), causal_mask(suffix_valid)], -1)
+  # Response query t sees every real prefix key and the real response keys up to itself. Built
+  # from one [N, P + R] validity row (a 3-D concatenate takes XLA:CPU's LLVM over a second to compile).
+  sees = jnp.arange(P + R)[None, :] <= P + jnp.arange(R)[:, None]  # [R, P + R]
+  keys = sees[None] & jnp.concatenate([prefix_valid, suffix_valid], -1)[:, None, :]
   suffix_hidden, _ = model(suffix, positions, keys, cache, P)
   return model, prefix_hidden, suffix_hidden
 

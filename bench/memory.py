@@ -227,9 +227,10 @@ def _logprobs(cfg, frozen, prompts, k, prompt, new, sampler_cfg):
                     _sds((prompts * k, new), jnp.float32))
 
 
-def _reward(cfg, rows, prompt, new):
+def _reward(cfg, prompts, k, prompt, new):
+  """The reward model's pass as the rollout runs it: each prompt once for its k responses."""
   graph, params = decoder.abstract(cfg)
-  q, r = _sds((rows, prompt), jnp.int32), _sds((rows, new), jnp.int32)
+  q, r = _sds((prompts, prompt), jnp.int32), _sds((prompts * k, new), jnp.int32)
   return temp_bytes(ModelReward(graph, params)._score, params, q, q, r, r)
 
 
@@ -260,7 +261,7 @@ class Activations:
     jobs = {
         "decode": (chunk * K, lambda cfg: _decode(cfg, chunk, K, P, N), sampler),
         "log-probs": (chunk * K, lambda cfg, ref: _logprobs(cfg, ref, chunk, K, P, N, c.sampler), s.policy, frozen),
-        "reward": (chunk * K, lambda cfg: _reward(cfg, chunk * K, P, N), s.reward),
+        "reward": (chunk * K, lambda cfg: _reward(cfg, chunk, K, P, N), s.reward),
     }
     for name, (rows, fn, *cfgs) in jobs.items():
       start = time.perf_counter()
@@ -312,7 +313,8 @@ class Activations:
       graph, params = decoder.abstract(s.policy.replace(remat=remat, num_layers=layers))
       algo = algorithms.create(s.config.rl, graph, s.config.sampler.temperature)
       g = lambda n, dtype=jnp.int32: _sds((groups, k, n), dtype)
-      batch = dict(query=g(s.prompt), query_mask=g(s.prompt), response=g(s.new), response_mask=g(s.new),
+      batch = dict(query=_sds((groups, s.prompt), jnp.int32), query_mask=_sds((groups, s.prompt), jnp.int32),
+                   response=g(s.new), response_mask=g(s.new),  # the query once per group, as `group` gives it
                    logp_old=g(s.new, jnp.float32), logp_ref=g(s.new, jnp.float32), rewards=_sds((groups, k), jnp.float32))
       saved = saved_residuals(lambda p, b: algo.loss(p, b)[0], params, batch)
       self.residuals[key] = sum(nbytes(a.shape, a.dtype) for a, source in saved if not source.startswith("from the argument"))

@@ -71,14 +71,15 @@ What is matched and what is not:
 Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
 MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
 
-Measured on an idle 2-core Intel Xeon with AMX (jax 0.10.2, torch 2.13.0, transformers 5.25.0,
-trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s:
-  tiny  fp32: p3o_jax 11.8k, TRL 6.30k, 1.88x    bf16: 15.4k vs 5.18k, 2.97x
-  small fp32: p3o_jax 2.52k, TRL 1.91k, 1.32x    bf16: 4.21k vs 2.22k, 1.89x
-(one trainer device, the sampler on one device per core, the old pass skipped: the defaults;
---old-pass: 1.83x / 2.60x / 1.17x / 1.62x). With the whole iteration on one device per core
-(--devices 2) p3o_jax updates 1.7-2x slower: tiny fp32 1.28x, small fp32 0.87x. README,
-Benchmarks, has the phases and their shares of the measured matmul ceiling.
+Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.13.0, transformers
+5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
+median of 3 runs:
+  tiny  fp32: p3o_jax 12.0k, TRL 4.31k, 2.79x    bf16: 16.0k vs 4.25k, 3.76x
+  small fp32: p3o_jax 1.92k, TRL 1.11k, 1.69x    bf16: 3.07k vs 1.53k, 2.03x
+(one trainer device, the sampler on one device per core, the old pass skipped, each prompt once
+per pass: the defaults; --old-pass: 2.05x / 2.90x / 1.61x / 1.77x). With the whole iteration on
+one device per core (--devices 2) p3o_jax updates about 2x slower: tiny fp32 1.86x, small bf16
+1.44x. README, Benchmarks, has the phases and their shares of the measured matmul ceiling.
 """
 
 from __future__ import annotations

@@ -151,8 +151,10 @@ def test_remat_saves_fewer_residuals_and_keeps_the_gradient():
   for remat in (False, True):
     graph, params = decoder.create(cfg.replace(remat=remat), seed=1)
     loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
-    forward = [e.primitive.name for e in jax.make_jaxpr(loss)(params).jaxpr.eqns]
-    assert forward.count("remat2") == (cfg.num_layers if remat else 0)
+    remats = lambda jaxpr: [e for e in jaxpr.eqns if e.primitive.name == "remat2"]
+    # A block's remat holds its attention's own (decoder.attend recomputes the scores either way).
+    blocks = [e for e in remats(jax.make_jaxpr(loss)(params).jaxpr) if remats(e.params["jaxpr"])]
+    assert len(blocks) == (cfg.num_layers if remat else 0)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
       jax.ad_checkpoint.print_saved_residuals(loss, params)

@@ -187,6 +187,28 @@ def test_blocked_attention_bounds_the_score_memory():
   assert temp[0] > scores and temp[64] < temp[0] / 4, (temp, scores)
 
 
+def test_attention_scores_are_not_kept_for_the_backward():
+  """A pass shorter than one attention block (a prompt, the responses after it) keeps no layer's
+  [B, H, T, T] scores until the backward pass, which recomputes them from q and k: no residual
+  autodiff saves is as large as one layer's scores (the MLP's [B, T, F] and the mask's [B, T, T]
+  are the largest), while without the recomputation the probabilities would be among them."""
+  from jax._src.ad_checkpoint import saved_residuals
+  T, B, H = 128, 2, 4
+  cfg = decoder.DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=H, num_kv_heads=2,
+                              max_position_embeddings=T)
+  assert cfg.attention_block >= T
+  graph, params = decoder.create(cfg)
+  tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+  sizes = lambda loss: [int(np.prod(a.shape)) for a, _ in saved_residuals(loss, params)]
+  kept = sizes(lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum())
+  assert max(kept) < B * H * T * T, sorted(kept)[-5:]
+  q = jnp.ones((B, T, 2, 2, 8))
+  kv = jnp.ones((B, 2, T, 8))
+  whole = [int(np.prod(a.shape)) for a, _ in saved_residuals(
+      lambda q: decoder._attend_all(q, kv, kv, decoder.causal_mask(mask)).sum(), q)]
+  assert max(whole) >= B * H * T * T  # the power to fail: the plain attention keeps them
+
+
 def test_scan_layers_matches_unrolled_and_round_trips(causal, tmp_path):
   """scan_layers: HF import stacks the same tensors; logits and gradients (with remat inside
   the scan) equal the unrolled model's; export writes the same checkpoint back."""

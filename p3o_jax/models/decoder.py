@@ -250,12 +250,14 @@ def attend(q, k, v, mask, block: int = 0):
   """`_attend_all` one block of `block` queries at a time (0: all at once).
 
   Each block sees all S keys under its own mask rows, so the result is the same for any mask
-  and any block. Only one block's [B, H, block, S] float32 scores exist at a time, and the
-  backward pass recomputes them per block instead of keeping all T rows per layer.
+  and any block. Only one block's [B, H, block, S] float32 scores exist at a time, and no layer
+  keeps its scores for the backward pass, which recomputes them from q and k (as FlashAttention
+  does): without that, a short pass (a prompt of <= `block` tokens, the responses after it)
+  would keep every layer's scores until the backward.
   """
   B, T = q.shape[:2]
   if not block or T <= block:
-    return _attend_all(q, k, v, mask)
+    return jax.checkpoint(_attend_all)(q, k, v, mask)
   n = -(-T // block)
   pad = n * block - T  # padded query rows see no key; they are cut off below
   q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2))

@@ -132,8 +132,9 @@ def test_scan_layers_samples_the_same_tokens(neox, prompts):
 
 
 def test_head_laid_out_for_decoding_samples_the_same_tokens(neox, prompts, monkeypatch):
-  """A CPU fp32 decode loop reads a wide untied head as [V, D] (`Decoder.repeated_logits`); the
-  tiny model is narrower than that rule's threshold, so lowering it takes the other layout."""
+  """A CPU fp32 decode loop may read a wide untied head as [V, D] (`Decoder.repeated_logits`: on
+  a CPU with AMX); the tiny model is narrower than that rule's threshold (and this CPU may have no
+  AMX), so setting the threshold to 0 takes the other layout."""
   _, graph, params = neox
   model = decoder.merge(graph, params)
   assert model.repeated_logits() == model.logits  # d=64: the head as stored

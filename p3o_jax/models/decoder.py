@@ -612,6 +612,15 @@ def forward(graph: Graph, params: dict, tokens, padding_mask):
   return model, hidden
 
 
+def suffixes_per_prefix(prefix, suffix) -> int:
+  """K for rows given as B prefixes and B * K suffixes, row b * K + k being prefix b followed by
+  suffix b * K + k (K = 1: one prefix per row)."""
+  B, N = prefix.shape[0], suffix.shape[0]
+  if N % B:
+    raise ValueError(f"{N} suffix rows do not divide evenly over {B} prefix rows")
+  return N // B
+
+
 def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, suffix_mask):
   """Teacher-forced pass on rows that share prefixes: row b * K + k is prefix b (left-padded,
   [B, P]) followed by suffix b * K + k (right-padded, [B * K, R]). Each prefix runs once, its
@@ -622,11 +631,8 @@ def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, su
   Returns the model, the prefixes' hidden states [B, P, D] and the suffixes' [B * K, R, D].
   Differentiable (remat per block with cfg.remat, like `forward`)."""
   model = merge(graph, params)
-  B, P = prefix.shape
-  N, R = suffix.shape
-  if N % B:
-    raise ValueError(f"prefixed_forward: {N} suffix rows are not a whole number per each of {B} prefixes")
-  K = N // B
+  (B, P), (N, R) = prefix.shape, suffix.shape
+  K = suffixes_per_prefix(prefix, suffix)
   prefix_valid, suffix_valid = prefix_mask.astype(bool), suffix_mask.astype(bool)
   prefix_hidden, cache = model(prefix, positions_from_mask(prefix_valid), causal_mask(prefix_valid),
                                init_cache(model.cfg, B, P), 0)

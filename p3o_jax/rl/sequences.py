@@ -20,19 +20,10 @@ def _concat(query, query_mask, response, response_mask):
   return tokens, mask
 
 
-def responses_per_query(query, response) -> int:
-  """K: responses per query row. A query may come once per prompt ([B, P] before [B * K, R]
-  responses, row b * K + k answering prompt b), or once per response (K = 1)."""
-  B, N = query.shape[0], response.shape[0]
-  if N % B:
-    raise ValueError(f"{N} response rows do not divide evenly over {B} query rows")
-  return N // B
-
-
 def _shared_forward(graph, params, query, query_mask, response, response_mask):
   """(model, K, the queries' hidden states [B, P, D], the responses' [B * K, R, D]); with K > 1
   each prompt runs once for its K responses (decoder.prefixed_forward)."""
-  k = responses_per_query(query, response)
+  k = decoder.suffixes_per_prefix(query, response)
   if k == 1:
     tokens, mask = _concat(query, query_mask, response, response_mask)
     model, hidden = decoder.forward(graph, params, tokens, mask)
@@ -47,7 +38,7 @@ def response_hidden(graph, params, query, query_mask, response, response_mask):
   """The model and the hidden states at the positions that predict each response token [N, R, D].
 
   query [B, P] with B = N (one per row) or B = N / K (one per prompt, each prompt's K responses
-  in consecutive rows: the prompt is computed once, see `responses_per_query`)."""
+  in consecutive rows: the prompt is computed once, see `decoder.suffixes_per_prefix`)."""
   model, k, query_hidden, response_hidden = _shared_forward(graph, params, query, query_mask, response,
                                                             response_mask)
   # Position t predicts token t + 1: the last query slot (always real: left padding) predicts
@@ -91,7 +82,7 @@ def response_scores(graph, params, query, query_mask, response, response_mask):
                                                             response_mask)
   # The scalar head is cheap: read it at every slot, then pick each row's last real token.
   scalars = jnp.concatenate([jnp.repeat(model.scalar(query_hidden), k, axis=0), model.scalar(response_hidden)], 1)
-  _, mask = _concat(jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0), response, response_mask)
+  mask = jnp.concatenate([jnp.repeat(query_mask, k, axis=0), response_mask], axis=1)
   return decoder.last_token_scalar(scalars, mask)
 
 

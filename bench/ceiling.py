@@ -62,16 +62,24 @@ def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) ->
 
 
 def prompt_once_flops(shape: dict, *, prompts: int, rows: int, prompt: int, new: int, head: str = "lm") -> float:
-  """A teacher-forced pass with each prompt run once for its rows' responses (rl/sequences.py):
-  the prompts' causal forward through the blocks, each response token attending to the prompt
-  and the response before it; the head only where it is read: the LM head at the `new`
-  positions of each row that predict a response token (head='lm'), a scalar head at every
-  position (head='scalar', reward models), or none."""
-  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
-  blocks = weights_per_token(shape, lm_head=False) - d  # without the scalar head
-  pairs = prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1))
-  heads = {"lm": rows * new * d * shape["vocab_size"], "scalar": (prompts * prompt + rows * new) * d, "none": 0}
-  return 2 * blocks * (prompts * prompt + rows * new) + 4 * d * layers * pairs + 2 * heads[head]
+  """A teacher-forced pass with each prompt run once for its rows' responses (rl/sequences.py).
+
+  head='lm' (log-probs): the prompt's first prompt - 1 tokens through the blocks, but in the last
+  block only their keys and values (nothing reads that block's output there); then per row the
+  `new` tokens that predict a response token (the prompt's last and the response's first new - 1),
+  each attending to the prompt and the response before it, and the LM head on them.
+  head='scalar' (reward models): the whole prompt through every block, the `new` response tokens
+  after it, and the scalar head at every position."""
+  d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+  block = 4 * d * d + 2 * d * f
+  if head == "scalar":
+    tokens = prompts * prompt + rows * new
+    pairs = layers * (prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1)))
+    return 2 * (block * layers * tokens + tokens * d) + 4 * d * pairs
+  prefix = prompts * (prompt - 1)
+  weights = block * ((layers - 1) * prefix + layers * rows * new) + 2 * d * d * prefix + rows * new * d * shape["vocab_size"]
+  pairs = (layers - 1) * prompts * (prompt - 1) * prompt / 2 + layers * rows * sum(prompt - 1 + t for t in range(1, new + 1))
+  return 2 * weights + 4 * d * pairs
 
 
 def phase_flops(shape: dict, *, rows: int, prompts: int, prompt: int, new: int,

@@ -16,9 +16,11 @@ and a whole row longer than 512 tokens runs its attention in blocks of 512 queri
 in the backward pass (decoder.attend). Never run by the tests or CI.
 
 Measured on a 2-core AMD EPYC (Zen 4) VM, defaults (4 layers, d=256, vocab 8192, 4 prompts of
-512, responses of 64): K=2 forward 587 -> 210 ms (2.80x), forward + backward 1878 -> 755 ms
-(2.49x), 1.70x fewer FLOPs; K=4 forward 1162 -> 293 ms (3.97x), forward + backward 3846 -> 899 ms
-(4.28x), 2.61x fewer FLOPs; log-probs within 2e-6.
+512, responses of 64): K=2 forward 560 -> 165 ms (3.40x), forward + backward 1884 -> 563 ms
+(3.34x), 2.00x fewer FLOPs; K=4 forward 1190 -> 220 ms (5.41x), forward + backward 3887 -> 811 ms
+(4.79x), 2.94x fewer FLOPs; log-probs within 1e-6. (Before the prompt's last token moved to the
+responses, which lets XLA leave out the prompt's last block: K=2 forward + backward 755 ms, K=4
+899 ms.)
 """
 
 from __future__ import annotations
@@ -81,7 +83,10 @@ def main():
     masks = jnp.ones_like(query), jnp.ones_like(response)
     once = (query, masks[0], response, masks[1])
     per_row = (jnp.repeat(query, k, 0), jnp.repeat(masks[0], k, 0), response, masks[1])
-    whole = ceiling.prompt_once_flops(shape, prompts=N, rows=N, prompt=args.prompt, new=args.response)  # its own prompt per row
+    # Every row whole: prompt + response - 1 tokens through every block, the LM head on `response`.
+    length = args.prompt + args.response - 1
+    whole = N * (2 * (ceiling.weights_per_token(shape, lm_head=False) - args.width) * length
+                 + 4 * args.width * args.layers * length * (length + 1) / 2 + 2 * args.response * args.width * args.vocab)
     shared = ceiling.prompt_once_flops(shape, prompts=G, rows=N, prompt=args.prompt, new=args.response)
     gap = float(jnp.abs(passes["forward"](params, *once) - passes["forward"](params, *per_row)).max())
     for name, fn in passes.items():

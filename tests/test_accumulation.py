@@ -64,7 +64,8 @@ def assert_same_update(loss_fn, params, batch, count_fn):
     split, m = one_step(loss_fn, params, batch, micro, count_fn)
     np.testing.assert_allclose(m["loss/total"], m1["loss/total"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m["optim/grad_norm"], m1["optim/grad_norm"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split, whole)
+    # Float32 summation order: within 1e-5 of each leaf's largest entry.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), split, whole)
   assert m1["optim/grad_norm"] > 0
 
 

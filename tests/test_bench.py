@@ -71,9 +71,41 @@ def test_model_flops_count_every_linear_weight_once_per_token():
   # attending to the 4 prompt keys and itself.
   decode = ceiling.decode_flops(shape, prompts=1, rows=2, prompt=4, new=2)
   assert decode == ceiling.forward_flops(shape, 1, 4) + 2 * (2 * linear + 4 * 32 * 3 * 5)
-  # A prompt of 4 run once for its 2 responses of 3: 4 + 2 x 3 tokens through the blocks, the
-  # prompt's 10 causal pairs and each response's 5 + 6 + 7, the LM head at 2 x 3 positions.
+  # A prompt of 4 run once for its 2 responses of 3, for log-probs: the prompt's first 3 tokens
+  # through 2 blocks (6 causal pairs each) and the third block's keys and values only; per row
+  # the prompt's last token and 2 response tokens through all 3 blocks, attending to 3 + 1, 3 + 2
+  # and 3 + 3 keys; the LM head at 2 x 3 positions.
   head = 32 * 96
-  blocks = linear - head
+  block = (linear - head) // 3
   once = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3)
-  assert once == 2 * blocks * (4 + 2 * 3) + 4 * 32 * 3 * (10 + 2 * 18) + 2 * head * 2 * 3
+  assert once == 2 * (block * (2 * 3 + 3 * 2 * 3) + 2 * 32 * 32 * 3 + head * 2 * 3) + 4 * 32 * (2 * 6 + 3 * 2 * 15)
+  # For a reward model: the whole prompt (10 causal pairs) and each response's 3 tokens after it
+  # (5 + 6 + 7 keys) through all 3 blocks, the scalar head at all 4 + 2 x 3 positions.
+  scores = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3, head="scalar")
+  assert scores == 2 * (block * 3 * (4 + 2 * 3) + (4 + 2 * 3) * 32) + 4 * 32 * 3 * (10 + 2 * 18)
+
+
+def test_prompt_once_flops_are_what_xla_compiles():
+  """XLA's own FLOP count of the compiled log-prob and reward passes (rl/sequences.py) is within
+  1.0-1.25x of bench/ceiling.py's (XLA adds the elementwise ops and the masked half of attention).
+  At this shape a pass whose prompt ran its last block in full compiled to 4.0M against 2.3M
+  counted: the band also shows that XLA leaves that block out of the log-prob pass."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import ceiling
+  from p3o_jax.models import decoder
+  from p3o_jax.rl import sequences
+  shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
+  cfg = decoder.DecoderConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=80,
+                              parallel_residual=True, rotary_pct=0.25, activation="gelu", model_type="gpt_neox")
+  G, K, P, R = 2, 2, 32, 4
+  query, response = jnp.ones((G, P), jnp.int32), jnp.ones((G * K, R), jnp.int32)
+  rows = (query, jnp.ones_like(query), response, jnp.ones_like(response))
+  for head, fn, model_cfg in (("lm", sequences.response_logprobs, cfg),
+                              ("scalar", sequences.response_scores, cfg.replace(lm_head=False, scalar_head=True))):
+    graph, params = decoder.create(model_cfg)
+    cost = jax.jit(lambda p: fn(graph, p, *rows)).lower(params).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    counted = ceiling.prompt_once_flops(shape, prompts=G, rows=G * K, prompt=P, new=R, head=head)
+    assert 1.0 <= xla / counted <= 1.25, (head, xla, counted)

@@ -672,7 +672,8 @@ def test_skipping_the_old_pass_gives_the_same_update(experience, roller, policy,
   state_with, metrics_with = update(fresh_state(policy[1], tx), with_pass, jax.random.key(0))
   state_without, metrics_without = update(fresh_state(policy[1], tx), without, jax.random.key(0))
   assert float(metrics_without["val/ratio"][0, 0]) == 1.0
-  chex.assert_trees_all_close(state_without.params, state_with.params, atol=1e-6, rtol=1e-5)
+  # Float32 rounding of two programs, through Adam at lr 1e-2: 5e-6 is 5e-4 of one step.
+  chex.assert_trees_all_close(state_without.params, state_with.params, atol=5e-6, rtol=1e-5)
   np.testing.assert_allclose(metrics_without["loss/total"], metrics_with["loss/total"], rtol=1e-5, atol=1e-7)
   assert trees_differ(state_without.params, policy[1])
   bf16_sampler = rollout.Roller(policy[0], roller.ref_params, roller.reward, sampler_cfg=SAMPLER, eos_id=EOS,

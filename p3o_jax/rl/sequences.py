@@ -20,31 +20,29 @@ def _concat(query, query_mask, response, response_mask):
   return tokens, mask
 
 
-def _shared_forward(graph, params, query, query_mask, response, response_mask):
-  """(model, K, the queries' hidden states [B, P, D], the responses' [B * K, R, D]); with K > 1
-  each prompt runs once for its K responses (decoder.prefixed_forward)."""
-  k = decoder.suffixes_per_prefix(query, response)
-  if k == 1:
-    tokens, mask = _concat(query, query_mask, response, response_mask)
-    model, hidden = decoder.forward(graph, params, tokens, mask)
-    P = query.shape[1]
-    return model, k, hidden[:, :P], hidden[:, P:]
-  model, query_hidden, response_hidden = decoder.prefixed_forward(graph, params, query, query_mask, response,
-                                                                  response_mask)
-  return model, k, query_hidden, response_hidden
-
-
 def response_hidden(graph, params, query, query_mask, response, response_mask):
   """The model and the hidden states at the positions that predict each response token [N, R, D].
 
   query [B, P] with B = N (one per row) or B = N / K (one per prompt, each prompt's K responses
-  in consecutive rows: the prompt is computed once, see `decoder.suffixes_per_prefix`)."""
-  model, k, query_hidden, response_hidden = _shared_forward(graph, params, query, query_mask, response,
-                                                            response_mask)
-  # Position t predicts token t + 1: the last query slot (always real: left padding) predicts
-  # the first response token.
-  last = jnp.repeat(query_hidden[:, -1:], k, axis=0)
-  return model, jnp.concatenate([last, response_hidden[:, :-1]], axis=1)
+  in consecutive rows: the prompt is computed once, see `decoder.suffixes_per_prefix`).
+  """
+  # Position t predicts token t + 1: the last query slot (always real: left padding) predicts the
+  # first response token, and the last response token predicts nothing, so it is not run.
+  k = decoder.suffixes_per_prefix(query, response)
+  P = query.shape[1]
+  if k == 1 or P == 1:
+    tokens, mask = _concat(jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0), response[:, :-1],
+                           response_mask[:, :-1])
+    model, hidden = decoder.forward(graph, params, tokens, mask)
+    return model, hidden[:, P - 1:]
+  # The last query token goes with the responses: the prompt's other tokens then only feed the
+  # keys and values the responses attend to, nothing reads their last layer's output, and XLA
+  # leaves out that layer's attention and MLP on them, forward and backward (the reference pass
+  # 20% faster at 2-4 layers, bench/prompt_once.py).
+  suffix, suffix_mask = _concat(jnp.repeat(query[:, -1:], k, axis=0), jnp.repeat(query_mask[:, -1:], k, axis=0),
+                                response[:, :-1], response_mask[:, :-1])
+  model, _, hidden = decoder.prefixed_forward(graph, params, query[:, :-1], query_mask[:, :-1], suffix, suffix_mask)
+  return model, hidden
 
 
 def response_logprobs_and_hidden(graph, params, query, query_mask, response, response_mask,
@@ -77,9 +75,16 @@ def sequence_scores(graph, params, tokens, mask):
 
 
 def response_scores(graph, params, query, query_mask, response, response_mask):
-  """Scalar head at the last real token of query + response: [N] (query as in `response_hidden`)."""
-  model, k, query_hidden, response_hidden = _shared_forward(graph, params, query, query_mask, response,
-                                                            response_mask)
+  """Scalar head at the last real token of query + response: [N] (query as in `response_hidden`).
+
+  The query stays whole here: moving its last token to the responses (as `_from_last_query`
+  does) measured 2-20% slower for reward models on CPU, the scores needing every last layer
+  anyway."""
+  k = decoder.suffixes_per_prefix(query, response)
+  if k == 1:
+    return sequence_scores(graph, params, *_concat(query, query_mask, response, response_mask))
+  model, query_hidden, response_hidden = decoder.prefixed_forward(graph, params, query, query_mask, response,
+                                                                  response_mask)
   # The scalar head is cheap: read it at every slot, then pick each row's last real token.
   scalars = jnp.concatenate([jnp.repeat(model.scalar(query_hidden), k, axis=0), model.scalar(response_hidden)], 1)
   mask = jnp.concatenate([jnp.repeat(query_mask, k, axis=0), response_mask], axis=1)

@@ -73,13 +73,12 @@ MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output sc
 
 Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.13.0, transformers
 5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
-median of 4 runs:
-  tiny  fp32: p3o_jax 11.8k, TRL 4.22k, 2.81x    bf16: 15.6k vs 4.32k, 3.73x
-  small fp32: p3o_jax 2.01k, TRL 1.18k, 1.69x    bf16: 3.09k vs 1.53k, 2.03x
-(one trainer device, the sampler on one device per core, the old pass skipped, each prompt once
-per pass: the defaults; --old-pass: 2.05x / 2.90x / 1.61x / 1.77x). With the whole iteration on
-one device per core (--devices 2) p3o_jax updates about 2x slower: tiny fp32 1.86x, small bf16
-1.44x. README, Benchmarks, has the phases and their shares of the measured matmul ceiling.
+median of 3 runs, one trainer device (the default) | --devices 2:
+  tiny  fp32: p3o_jax 13.3k, TRL 4.85k, 2.78x | 3.14x    bf16: 16.3k vs 4.29k, 3.80x | 4.84x
+  small fp32: p3o_jax 2.09k, TRL 1.09k, 1.89x | 1.95x    bf16: 3.36k vs 1.53k, 2.22x | 2.11x
+(one trainer device: the sampler on one device per core, the old pass skipped, each prompt once
+per pass, the defaults). README, Benchmarks, has the phases and their shares of the measured
+matmul ceiling.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the default):
   reward      (`p3o_jax.sampling`: prefill + while-loop decode; its KV cache is its own row), the
               Roller's teacher-forced pass (old and reference log-probs, `rl/rollout.py`), the
               reward model's score (`rollout.ModelReward`). A 32-layer model takes minutes to
-              compile on a CPU, so each is compiled at 2 and 3 layers with the real widths,
+              compile on a CPU, so each is compiled at 3 and 4 layers with the real widths,
               lengths and batch and extrapolated linearly in layers (why not 1 and 2: see
               per_layer_fit). This is the CPU backend's buffer assignment, which runs bf16 dots in
               f32 and fuses less than a GPU: read it as an upper estimate.
@@ -235,12 +235,15 @@ def _reward(cfg, prompts, k, prompt, new):
 
 
 def per_layer_fit(measure, cfg: decoder.DecoderConfig, *frozen_cfgs) -> tuple[int, int]:
-  """(bytes at 0 layers, bytes per layer), a line through compiles at 2 and 3 layers (same widths).
-  Not 1 and 2: a forward reuses the first layer's buffers for the next ones, so the step from one
-  layer to two is larger than the steps after it."""
+  """(bytes at 0 layers, bytes per layer), a line through compiles at 3 and 4 layers (same widths).
+  Not fewer: a forward reuses the first layer's buffers for the next ones, so the step from one
+  layer to two is larger than the steps after it, and the log-prob pass leaves out the prompt's
+  last block (rl/sequences.py), half of a 2-layer model's prompt blocks but 1/L of a real one's:
+  through 2 and 3 layers a Pythia-6.9B-wide pass grows 6.5 GB a layer, through 3, 4 and 6 by
+  0.4-0.6 GB."""
   at = lambda n: measure(cfg.replace(num_layers=n), *(f.replace(num_layers=n) for f in frozen_cfgs))
-  two, three = at(2), at(3)
-  return two - 2 * (three - two), three - two
+  three, four = at(3), at(4)
+  return three - 3 * (four - three), four - three
 
 
 # ----------------------------------------------------------------------------- activations
@@ -267,7 +270,7 @@ class Activations:
       start = time.perf_counter()
       base, per_layer = per_layer_fit(fn, *cfgs)
       self.fits[name] = (rows, base, per_layer)
-      log(f"  compiled {name:>12} at 2 and 3 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
+      log(f"  compiled {name:>12} at 3 and 4 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
           f"per layer ({time.perf_counter() - start:.0f} s)", flush=True)
 
   def _xla(self, name, cfg, rows, minus=0) -> tuple[float, str]:

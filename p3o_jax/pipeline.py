@@ -218,8 +218,8 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
 
   def make_batch(idx):
     pick = lambda key: [prefs[key][i] for i in idx]
-    return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), max_len,
-                                     config.data.max_prompt_len, config.data.truncate_prompts)
+    return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), config.data.max_prompt_len,
+                                     config.sampler.max_new_tokens, config.data.truncate_prompts)
 
   batching.check_positions(model.cfg, max_len, "rm")
 

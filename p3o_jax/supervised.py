@@ -35,11 +35,14 @@ def sft_loss_fn(graph):
 
 
 def reward_loss_fn(graph):
-  """batch: chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each [B, T]."""
+  """batch: query / query_mask [B, P], response / response_mask [B, 2, N] (chosen, rejected:
+  `batching.preference_batch`); each prompt runs once for its two responses."""
   def loss_fn(params, batch):
-    chosen = sequences.sequence_scores(graph, params, batch["chosen_tokens"], batch["chosen_mask"])
-    rejected = sequences.sequence_scores(graph, params, batch["rejected_tokens"], batch["rejected_mask"])
-    return losses.bradley_terry(chosen, rejected)
+    B, _, N = batch["response"].shape
+    scores = sequences.response_scores(graph, params, batch["query"], batch["query_mask"],
+                                       batch["response"].reshape(2 * B, N), batch["response_mask"].reshape(2 * B, N))
+    scores = scores.reshape(B, 2)
+    return losses.bradley_terry(scores[:, 0], scores[:, 1])
   return loss_fn
 
 

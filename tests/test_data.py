@@ -237,14 +237,49 @@ def test_sft_batch_masks_completion_and_eos(demo_tok, bpe_tok):
   assert demo_tok.decode(short["tokens"][1][short["mask"][1]]) == task.sft_prompts[1].split(" ", 2)[2] + " 1 <eos>"
 
 
-def test_preference_batch_ends_each_row_with_its_last_real_token(demo_tok):
-  prompts, chosen, rejected = ["sort 3 1 2 =", "copy 7 ="], ["1 2 3", "7"], ["3 2", "7 7 7 7"]
-  batch = batching.preference_batch(demo_tok, prompts, chosen, rejected, max_len=10)
-  for name, responses in (("chosen", chosen), ("rejected", rejected)):
-    tokens, mask = batch[f"{name}_tokens"], batch[f"{name}_mask"]
-    assert tokens.shape == mask.shape == (2, 10) and mask[:, -1].all()
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-      assert demo_tok.decode(tokens[row][mask[row]]) == f"{p} {r} <eos>"
+def test_preference_batch_holds_each_prompt_once_before_both_responses(demo_tok):
+  """The reward model's batch is laid out as RL scores it: the prompt left padded to
+  max_prompt_len (cut as RL prompts are), the chosen and rejected responses right padded to
+  max_new_tokens with EOS when it fits, the same prompt tokens for both."""
+  prompts, chosen, rejected = ["sort 3 1 2 =", "copy 7 ="], ["1 2 3", "7"], ["3 2", "7 7 7 7 7 7"]
+  batch = batching.preference_batch(demo_tok, prompts, chosen, rejected, max_prompt_len=6, max_new_tokens=5)
+  assert batch["query"].shape == batch["query_mask"].shape == (2, 6)
+  assert batch["response"].shape == batch["response_mask"].shape == (2, 2, 5)
+  assert batch["query_mask"][:, -1].all()  # left padded: the last query slot is real
+  for row, prompt in enumerate(prompts):
+    assert demo_tok.decode(batch["query"][row][batch["query_mask"][row].astype(bool)]) == prompt
+    for column, responses in enumerate((chosen, rejected)):
+      tokens, mask = batch["response"][row, column], batch["response_mask"][row, column].astype(bool)
+      assert mask[:mask.sum()].all()  # right padded
+      expected = f"{responses[row]} <eos>" if len(responses[row].split()) < 5 else " ".join(responses[row].split()[:5])
+      assert demo_tok.decode(tokens[mask]) == expected
+  with pytest.raises(ValueError, match="2 prompts, 1 chosen"):
+    batching.preference_batch(demo_tok, prompts, chosen[:1], rejected, max_prompt_len=6, max_new_tokens=5)
+
+
+def test_reward_loss_is_bradley_terry_on_whole_rows(demo_tok):
+  """supervised.reward_loss_fn runs each prompt once for its two responses; its loss and
+  accuracy are the Bradley-Terry ones of the reward model read on each whole (prompt, response)
+  row, computed here with NumPy."""
+  import jax
+  from p3o_jax import supervised
+  from p3o_jax.models import decoder
+  from p3o_jax.rl import sequences
+  cfg = decoder.DecoderConfig(vocab_size=len(demo_tok), hidden_size=16, num_layers=2, num_heads=2,
+                              intermediate_size=32, lm_head=False, scalar_head=True)
+  graph, params = decoder.create(cfg, seed=3)
+  prompts = ["sort 3 1 2 =", "copy 7 =", "sort 9 =", "copy 1 2 ="]
+  chosen, rejected = ["1 2 3", "7", "9", "1 2"], ["3 2", "7 7 7", "", "2 1 1 2 2"]
+  batch = batching.preference_batch(demo_tok, prompts, chosen, rejected, max_prompt_len=7, max_new_tokens=4)
+  loss, metrics = supervised.reward_loss_fn(graph)(params, batch)
+  scores = np.stack([np.asarray(sequences.sequence_scores(
+      graph, params, np.concatenate([batch["query"], batch["response"][:, i]], 1),
+      np.concatenate([batch["query_mask"], batch["response_mask"][:, i]], 1))) for i in (0, 1)], 1)
+  margin = scores[:, 0] - scores[:, 1]
+  np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp(-margin))), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["rm/accuracy"]), np.mean(margin > 0))
+  grads = jax.grad(lambda p: supervised.reward_loss_fn(graph)(p, batch)[0])(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
 def test_tokenize_responses_right_pads_and_ends_in_eos(demo_tok):

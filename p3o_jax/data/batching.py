@@ -162,19 +162,24 @@ def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max
 
 
 def preference_batch(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                     max_len: int, max_prompt_len: int | None = None, truncate: str = "left") -> dict[str, np.ndarray]:
-  """Reward-model batch: prompt + response + EOS, left padded, so the score is read at column -1.
+                     max_prompt_len: int, max_new_tokens: int, truncate: str = "left") -> dict[str, np.ndarray]:
+  """Reward-model batch laid out as RL scores: each pair's prompt once, its two responses after it.
 
-  Returns chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each [B, L] with L = max_len.
-  EOS is appended because RL scores sampled responses that end in EOS; the reward model should
-  see the same ending it was trained on.
+  Returns query int32 [B, P] and query_mask [B, P] (`tokenize_prompts`: left padded, P =
+  max_prompt_len, cut by `truncate`) and response / response_mask int32 [B, 2, N] (`tokenize_responses`:
+  right padded, N = max_new_tokens, EOS appended when it fits), chosen at [:, 0], rejected at
+  [:, 1]. Both responses read the same prompt tokens, and the reward model trains on the shapes
+  it scores in RL, a sampled response's length included; the prompt's pass runs once per pair
+  (`sequences.response_scores`).
   """
-  pad = pad_token_id(tokenizer)
-  out = {}
-  for name, responses in (("chosen", chosen), ("rejected", rejected)):
-    rows = _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len, truncate)
-    out[f"{name}_tokens"], out[f"{name}_mask"] = left_pad([ids for ids, _ in rows], max_len, pad)
-  return out
+  if not len(prompts) == len(chosen) == len(rejected):
+    raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
+  query, query_mask = tokenize_prompts(tokenizer, prompts, max_prompt_len, truncate)
+  pairs = [text for both in zip(chosen, rejected) for text in both]  # row 2b chosen, 2b + 1 rejected
+  response, response_mask = tokenize_responses(tokenizer, pairs, max_new_tokens)
+  return {"query": query, "query_mask": query_mask.astype(np.int32),
+          "response": response.reshape(len(prompts), 2, max_new_tokens),
+          "response_mask": response_mask.reshape(len(prompts), 2, max_new_tokens)}
 
 
 class EpochIterator:

@@ -4,8 +4,8 @@ backends.
 XLA:CPU makes one device; `mesh.cpu_devices=N` gives the trainer N, and with `mesh.data=-1` the
 batch is then split over them, every pass (sampling, scoring, the update) running each device's
 rows. Measured on a 2-core CPU (bench/rl_iteration.py --devices 2; README, Benchmarks): with
-minibatches of 32 rows of 64 tokens a d=128 policy's whole RL iteration runs 1.3x (fp32) to 1.4x
-(bf16) faster on 2 devices than on one, a d=256 policy's 1.0x and 1.1x; but the demo (d=64,
+minibatches of 32 rows of 64 tokens a d=128 policy's whole RL iteration runs 1.1x (fp32) to 1.25x
+(bf16) faster on 2 devices than on one, a d=256 policy's 1.02x and 0.94x; but the demo (d=64,
 minibatches of 16 short rows, 32 update steps per iteration) runs its RL stages 12% slower on 2
 devices (each step's all-reduce and dispatch outweigh its small matmuls) and its whole pipeline
 in 50 s against 47 s. So the default is 1, and `mesh.cpu_devices=cores` is the setting to try for

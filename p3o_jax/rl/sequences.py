@@ -37,8 +37,8 @@ def response_hidden(graph, params, query, query_mask, response, response_mask):
     return model, hidden[:, P - 1:]
   # The last query token goes with the responses: the prompt's other tokens then only feed the
   # keys and values the responses attend to, nothing reads their last layer's output, and XLA
-  # leaves out that layer's attention and MLP on them, forward and backward (the reference pass
-  # 20% faster at 2-4 layers, bench/prompt_once.py).
+  # leaves out that layer's attention and MLP on them, forward and backward (measured: the
+  # log-prob forward about 20% faster at 2-4 layers; bench/prompt_once.py at a TL;DR-like shape).
   suffix, suffix_mask = _concat(jnp.repeat(query[:, -1:], k, axis=0), jnp.repeat(query_mask[:, -1:], k, axis=0),
                                 response[:, :-1], response_mask[:, :-1])
   model, _, hidden = decoder.prefixed_forward(graph, params, query[:, :-1], query_mask[:, :-1], suffix, suffix_mask)
@@ -77,9 +77,8 @@ def sequence_scores(graph, params, tokens, mask):
 def response_scores(graph, params, query, query_mask, response, response_mask):
   """Scalar head at the last real token of query + response: [N] (query as in `response_hidden`).
 
-  The query stays whole here: moving its last token to the responses (as `_from_last_query`
-  does) measured 2-20% slower for reward models on CPU, the scores needing every last layer
-  anyway."""
+  The query stays whole here: moving its last token to the responses (as `response_hidden`
+  does) measured 2-20% slower for reward models on CPU."""
   k = decoder.suffixes_per_prefix(query, response)
   if k == 1:
     return sequence_scores(graph, params, *_concat(query, query_mask, response, response_mask))

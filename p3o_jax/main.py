@@ -96,6 +96,7 @@ def config_summary(config, workdir: str, runs, mesh, devices_note: str = "") -> 
 def _run_locked(config, workdir: str, devices_note: str = "") -> dict[str, str]:
   logging.info("config:\n%s", config)
   batching.TRUNCATED.clear()
+  batching.RESPONSES_CUT.clear()
   mesh = sharding.mesh_from_config(config.mesh)
   stages = pipeline.STAGES if config.stage == "pipeline" else (config.stage,)
   if config.stage == "pipeline" and (config.model.reward_fn or config.model.reward_hf):
@@ -156,6 +157,8 @@ def _run_locked(config, workdir: str, devices_note: str = "") -> dict[str, str]:
       print(f"  {name:<24} {path}")
     for mode, count in sorted(batching.TRUNCATED.items()):
       print(f"  {count} prompt(s) cut to fit (data.truncate_prompts={mode!r})")
+    if batching.RESPONSES_CUT["max_new_tokens"]:
+      print(f"  {batching.RESPONSES_CUT['max_new_tokens']} response(s) longer than sampler.max_new_tokens cut to it")
   return outputs
 
 

@@ -242,7 +242,9 @@ def test_preference_batch_holds_each_prompt_once_before_both_responses(demo_tok)
   max_prompt_len (cut as RL prompts are), the chosen and rejected responses right padded to
   max_new_tokens with EOS when it fits, the same prompt tokens for both."""
   prompts, chosen, rejected = ["sort 3 1 2 =", "copy 7 ="], ["1 2 3", "7"], ["3 2", "7 7 7 7 7 7"]
+  cut_before = batching.RESPONSES_CUT["max_new_tokens"]
   batch = batching.preference_batch(demo_tok, prompts, chosen, rejected, max_prompt_len=6, max_new_tokens=5)
+  assert batching.RESPONSES_CUT["max_new_tokens"] == cut_before + 1  # the 6-token response, counted
   assert batch["query"].shape == batch["query_mask"].shape == (2, 6)
   assert batch["response"].shape == batch["response_mask"].shape == (2, 2, 5)
   assert batch["query_mask"][:, -1].all()  # left padded: the last query slot is real

@@ -16,7 +16,9 @@ Truncation (data.truncate_prompts), when a prompt is longer than P or prompt + r
 does not fit in L: 'left' drops the prompt's start (the end of a TL;DR post or the last HH
 turns stay), 'right' its end, never below one token; 'error' refuses the row. Every cut is
 counted in `TRUNCATED` (the first one is logged, main prints the count). A response longer
-than what is left loses its end, EOS included (such a row teaches no stopping).
+than what is left loses its end, EOS included (such a row teaches no stopping); those cut to
+sampler.max_new_tokens (`tokenize_responses`: preference pairs, reference responses) are counted
+in `RESPONSES_CUT` the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TRUNCATE_MODES = ("left", "right", "error")
 TRUNCATED: collections.Counter = collections.Counter()  # prompts cut, by mode (this process)
+RESPONSES_CUT: collections.Counter = collections.Counter()  # responses cut to max_new_tokens (this process)
 
 
 def _cut_prompt(ids: list[int], budget: int, truncate: str, text: str, row: int, why: str) -> list[int]:
@@ -121,6 +124,11 @@ def tokenize_responses(tokenizer, texts: Sequence[str], max_new_tokens: int) -> 
   tokens = np.full((len(texts), max_new_tokens), pad, np.int32)
   mask = np.zeros((len(texts), max_new_tokens), np.int32)
   for i, ids in enumerate(_ids(tokenizer, texts, add_special_tokens=False)):
+    if len(ids) > max_new_tokens:
+      if not RESPONSES_CUT["max_new_tokens"]:
+        log.warning("response of batch row %d has %d tokens, more than sampler.max_new_tokens = %d: cut there, "
+                    "without EOS, as a sample would be; further cuts are counted", i, len(ids), max_new_tokens)
+      RESPONSES_CUT["max_new_tokens"] += 1
     ids = (ids + [eos])[:max_new_tokens]
     tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
   return tokens, mask

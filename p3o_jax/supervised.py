@@ -21,7 +21,7 @@ import numpy as np
 from p3o_jax import losses, resume, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.models import decoder
-from p3o_jax.rl import sequences
+from p3o_jax.rl import algorithms, sequences
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ def reward_loss_fn(graph):
   """batch: query / query_mask [B, P], response / response_mask [B, 2, N] (chosen, rejected:
   `batching.preference_batch`); each prompt runs once for its two responses."""
   def loss_fn(params, batch):
-    B, _, N = batch["response"].shape
-    scores = sequences.response_scores(graph, params, batch["query"], batch["query_mask"],
-                                       batch["response"].reshape(2 * B, N), batch["response_mask"].reshape(2 * B, N))
-    scores = scores.reshape(B, 2)
+    scores = sequences.response_scores(graph, params, *algorithms.base.group_rows(batch)).reshape(-1, 2)
     return losses.bradley_terry(scores[:, 0], scores[:, 1])
   return loss_fn
 

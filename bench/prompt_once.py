@@ -87,10 +87,11 @@ def main():
     masks = jnp.ones_like(query), jnp.ones_like(response)
     once = (query, masks[0], response, masks[1])
     per_row = (jnp.repeat(query, k, 0), jnp.repeat(masks[0], k, 0), response, masks[1])
-    # Every row whole: prompt + response - 1 tokens through every block, the LM head on `response`.
+    # Every row whole: prompt + response - 1 tokens through every block (forward_flops without a
+    # head counts a scalar head at each token: taken off), the LM head on `response` of them.
     length = args.prompt + args.response - 1
-    whole = N * (2 * (ceiling.weights_per_token(shape, lm_head=False) - args.width) * length
-                 + 4 * args.width * args.layers * length * (length + 1) / 2 + 2 * args.response * args.width * args.vocab)
+    whole = (ceiling.forward_flops(shape, N, length, lm_head=False) - 2 * N * length * args.width
+             + 2 * N * args.response * args.width * args.vocab)
     shared = ceiling.prompt_once_flops(shape, prompts=G, rows=N, prompt=args.prompt, new=args.response)
     gap = float(jnp.abs(passes["forward"](params, *once) - passes["forward"](params, *per_row)).max())
     for name, fn in passes.items():

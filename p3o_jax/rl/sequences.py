@@ -30,9 +30,9 @@ def response_hidden(graph, params, query, query_mask, response, response_mask):
   # first response token, and the last response token predicts nothing, so it is not run.
   k = decoder.suffixes_per_prefix(query, response)
   P = query.shape[1]
+  response, response_mask = response[:, :-1], response_mask[:, :-1]
   if k == 1 or P == 1:
-    tokens, mask = _concat(jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0), response[:, :-1],
-                           response_mask[:, :-1])
+    tokens, mask = _concat(jnp.repeat(query, k, axis=0), jnp.repeat(query_mask, k, axis=0), response, response_mask)
     model, hidden = decoder.forward(graph, params, tokens, mask)
     return model, hidden[:, P - 1:]
   # The last query token goes with the responses: the prompt's other tokens then only feed the
@@ -40,7 +40,7 @@ def response_hidden(graph, params, query, query_mask, response, response_mask):
   # leaves out that layer's attention and MLP on them, forward and backward (measured: the
   # log-prob forward about 20% faster at 2-4 layers; bench/prompt_once.py at a TL;DR-like shape).
   suffix, suffix_mask = _concat(jnp.repeat(query[:, -1:], k, axis=0), jnp.repeat(query_mask[:, -1:], k, axis=0),
-                                response[:, :-1], response_mask[:, :-1])
+                                response, response_mask)
   model, _, hidden = decoder.prefixed_forward(graph, params, query[:, :-1], query_mask[:, :-1], suffix, suffix_mask)
   return model, hidden
 

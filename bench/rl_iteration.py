@@ -59,6 +59,11 @@ What is matched and what is not:
     of it on a data-parallel mesh of --devices host devices (default one per core); TRL on one.
     JAX pays its compiles in the first iterations (printed as "first iteration"), which the
     medians exclude.
+  * Host memory: ours runs with the malloc setting `python -m p3o_jax.main` makes on a CPU
+    (mesh.cpu_reuse_memory, p3o_jax/host_memory.py: freed blocks kept for reuse instead of
+    page-faulted in again at every call). TRL runs in a fresh process of its own, once with
+    glibc's malloc as TRL users run it (the ratio) and once with the same setting (printed beside
+    it: TRL's allocations gain from it too).
   * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
     inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations).
   * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller, TRL's
@@ -84,6 +89,7 @@ matmul ceiling.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -108,7 +114,7 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from p3o_jax import sampling, sharding, train_state  # noqa: E402
+from p3o_jax import host_memory, sampling, sharding, train_state  # noqa: E402
 from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
@@ -229,6 +235,23 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
 
 # ----------------------------------------------------------------------------- TRL
 
+def _trl_child(malloc: str, *args) -> dict:
+  if malloc == "reuse":
+    host_memory.reuse_freed_memory()
+  torch.set_num_threads(os.cpu_count())
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  return bench_trl(*args)
+
+
+def bench_trl_apart(malloc: str, *args) -> dict:
+  """`bench_trl` in a fresh process of its own, with glibc's malloc as TRL runs it ('default') or
+  with the setting p3o_jax makes on a CPU ('reuse', p3o_jax/host_memory.py)."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_trl_child, (malloc, *args))
+
+
 def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
               workdir: str, precision: str = "fp32") -> dict:
   import trl  # noqa: PLC0415  (optional: only this function needs it)
@@ -295,13 +318,14 @@ def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, 
   prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
   with tempfile.TemporaryDirectory() as directory:
     policy_dir, rm_dir, tokenizer = build_models(shape, directory)
-    theirs = bench_trl(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, directory, precision)
+    theirs, theirs_reuse = (bench_trl_apart(malloc, policy_dir, rm_dir, tokenizer, prompts, steps, warmup,
+                                            directory, precision) for malloc in ("default", "reuse"))
     ours = []
     for devices in device_counts:
       # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
       time.sleep(1.0)
       ours.append(bench_ours(policy_dir, rm_dir, tokenizer, prompts, steps, warmup, devices, precision, old_pass))
-  return dict(shape=shape, ours=ours, theirs=theirs)
+  return dict(shape=shape, ours=ours, theirs=theirs, theirs_reuse=theirs_reuse)
 
 
 def phase_report(shape: str, r: dict, ceilings: dict) -> str:
@@ -317,6 +341,9 @@ def phase_report(shape: str, r: dict, ceilings: dict) -> str:
 
 
 def main():
+  # What `python -m p3o_jax.main` does on a CPU (mesh.cpu_reuse_memory); TRL runs in processes of
+  # its own, with and without it (bench_trl_apart).
+  memory_note = host_memory.reuse_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (P); rows = P * K")
@@ -342,18 +369,22 @@ def main():
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl.__version__}; "
         f"{args.prompts} prompts x K={K}, prompt {PROMPT}, new tokens {NEW}, median of {args.steps} "
         f"iterations after {args.warmup} warm-up; matmul ceiling here (XLA, one device): "
-        f"fp32 {ceilings['float32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
+        f"fp32 {ceilings['float32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bfloat16'] / 1e9:.0f} GFLOP/s; p3o_jax: "
+        f"{memory_note}; TRL in a process of its own, with glibc's malloc as it runs, then with that setting",
+        flush=True)
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
     r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision, args.old_pass)
-    theirs = r["theirs"]
+    theirs, reuse = r["theirs"], r["theirs_reuse"]
     print(f"{shape:>6} {precision}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
-          f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s", flush=True)
+          f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s | with p3o_jax's host-memory "
+          f"setting {reuse['tok_s']:.1f} (best {reuse['best']:.1f})", flush=True)
     for ours in r["ours"]:
       print(f"        p3o_jax P3O, {ours['devices']} device(s), old pass {'run' if ours['old_pass'] else 'skipped'}: "
             f"{ours['tok_s']:8.1f} response tok/s | ratio "
             f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
-            f"{ours['best'] / theirs['best']:.2f}x) | rollout share {ours['rollout_share']:.0%} | first iteration "
+            f"{ours['best'] / theirs['best']:.2f}x) | against TRL with the same setting "
+            f"{ours['tok_s'] / reuse['tok_s']:.2f}x | rollout share {ours['rollout_share']:.0%} | first iteration "
             f"{ours['first_s']:.1f} s", flush=True)
       print(f"          phases: {phase_report(shape, ours, ceilings)}", flush=True)
 

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from p3o_jax import compile_cache, config_checks, main as entry  # noqa: E402
+from p3o_jax import compile_cache, config_checks, host_memory, main as entry  # noqa: E402
 
 _STAGES = flags.DEFINE_list("stages", ["sft", "rm"], "Stages to run, in order.")
 
@@ -19,8 +19,9 @@ _STAGES = flags.DEFINE_list("stages", ["sft", "rm"], "Stages to run, in order.")
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  compile_cache.enable(entry._COMPILE_CACHE.value)  # as p3o_jax.main does
   config = entry._CONFIG.value
+  host_memory.configure(config)  # as p3o_jax.main does
+  compile_cache.enable(entry._COMPILE_CACHE.value)
   for stage in _STAGES.value:
     config.stage = stage
     entry.run(config, entry._WORKDIR.value)

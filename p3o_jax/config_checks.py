@@ -237,6 +237,7 @@ SCHEMA: dict[str, Check] = {
     "mesh.fsdp": mesh_size,
     "mesh.tensor": mesh_size,
     "mesh.cpu_devices": cpu_devices,
+    "mesh.cpu_reuse_memory": boolean,
 }
 
 

@@ -21,7 +21,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from p3o_jax import checkpoint, compile_cache, config_checks, distributed, host_devices, paths, pipeline, sharding
+from p3o_jax import (checkpoint, compile_cache, config_checks, distributed, host_devices, host_memory, paths,
+                     pipeline, sharding)
 from p3o_jax import workdir as workdir_lib
 from p3o_jax.data import batching
 
@@ -168,6 +169,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # --verbosity wins; else config.log.level (default: warnings)
     logging.set_verbosity(_CONFIG.value.log.get("level", "warning"))
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value]
+  memory_note = host_memory.configure(_CONFIG.value)  # before JAX starts its threads
   devices_note = host_devices.configure(_CONFIG.value, multi_process=_DISTRIBUTED.value)  # before JAX starts
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -180,7 +182,7 @@ def main(argv):
   # that one of them reads while another misses would compile them apart.
   if jax.process_count() == 1:
     compile_cache.enable(_COMPILE_CACHE.value)
-  run(_CONFIG.value, _WORKDIR.value, devices_note)
+  run(_CONFIG.value, _WORKDIR.value, "; ".join(note for note in (devices_note, memory_note) if note))
 
 
 def entry():

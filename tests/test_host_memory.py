@@ -1,0 +1,68 @@
+"""mesh.cpu_reuse_memory: freed host memory kept for XLA:CPU's next call (p3o_jax/host_memory.py)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from p3o_jax import host_memory
+from p3o_jax.config_base import base_config
+
+# A jitted function whose scratch buffer (49 MB: above glibc's 32 MB mmap limit, below a thread
+# arena's 64 MB cap) is allocated at every call; its page faults a call once warm, with the
+# setting made first (argv[1] == 'reuse', as p3o_jax.main makes it) or not.
+_FAULTS = textwrap.dedent("""
+    import resource, sys
+    from p3o_jax import host_memory
+    note = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else "default"
+    import jax, jax.numpy as jnp
+    outer = lambda x: jnp.sin(x)[:, None] * jnp.cos(x)[None, :]  # [3500, 3500], read by two dots
+    f = jax.jit(lambda x: outer(x) @ x + x @ outer(x))
+    x = jnp.linspace(0.0, 1.0, 3500)
+    for _ in range(12):  # the heap settles after a few calls
+      jax.block_until_ready(f(x))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+      jax.block_until_ready(f(x))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
+    print(f.lower(x).compile().memory_analysis().temp_size_in_bytes / 4096, faults, note)
+""")
+
+
+def _faults(mode: str):
+  env = {**os.environ, "XLA_FLAGS": ""}
+  out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  pages, faults, note = out.stdout.split(maxsplit=2)
+  return float(pages), float(faults), note.strip()
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="the mallopt knobs are glibc's")
+def test_reuse_stops_the_page_faults_of_every_call():
+  pages, default, _ = _faults("default")
+  _, reused, note = _faults("reuse")
+  # By default every call faults its scratch in anew; kept memory is touched once, then reused.
+  assert pages > 32 * 256 and default > pages / 2, (pages, default)
+  assert reused < default / 20, (default, reused)
+  assert "mesh.cpu_reuse_memory" in note
+
+
+def test_configure_touches_cpu_runs_only_and_can_be_turned_off(monkeypatch):
+  calls = []
+  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append(1) or "kept")
+  config = base_config()
+  assert config.mesh.cpu_reuse_memory is True  # the default
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not host_memory.runs_on_cpu() and host_memory.configure(config) == "" and calls == []
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.runs_on_cpu() and host_memory.configure(config) == "kept" and calls == [1]
+  config.mesh.cpu_reuse_memory = False
+  assert host_memory.configure(config) == "" and calls == [1]
+
+
+def test_accelerator_plugins_are_recognised():
+  names = ["jax-cuda12-plugin", "jax_cuda13_plugin", "jax-rocm7-plugin", "libtpu", "libtpu-nightly"]
+  assert all(host_memory._ACCELERATOR_PLUGIN.match(n) for n in names)
+  assert not any(host_memory._ACCELERATOR_PLUGIN.match(n) for n in ["jax", "jaxlib", "jax-cuda12-pjrt", "flax"])

@@ -78,9 +78,10 @@ MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output sc
 
 Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.13.0, transformers
 5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
-median of 3 runs, one trainer device (the default) | --devices 2:
-  tiny  fp32: p3o_jax 13.3k, TRL 4.85k, 2.78x | 3.14x    bf16: 16.3k vs 4.29k, 3.80x | 4.84x
-  small fp32: p3o_jax 2.09k, TRL 1.09k, 1.89x | 1.95x    bf16: 3.36k vs 1.53k, 2.22x | 2.11x
+median of 5 runs, one trainer device (the default) | --devices 2 | one device against TRL with
+the same malloc setting:
+  tiny  fp32: p3o_jax 15.4k, TRL 4.17k, 3.30x | 3.35x | 2.99x    bf16: 21.2k vs 4.22k, 5.05x | 4.52x | 4.70x
+  small fp32: p3o_jax 2.26k, TRL 1.23k, 1.83x | 1.69x | 1.77x    bf16: 3.27k vs 1.58k, 2.18x | 2.09x | 2.16x
 (one trainer device: the sampler on one device per core, the old pass skipped, each prompt once
 per pass, the defaults). README, Benchmarks, has the phases and their shares of the measured
 matmul ceiling.

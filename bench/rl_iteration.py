@@ -236,13 +236,18 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
 
 # ----------------------------------------------------------------------------- TRL
 
-def _trl_child(malloc: str, *args) -> dict:
-  if malloc == "reuse":
-    host_memory.reuse_freed_memory()
+def quiet_torch() -> None:
+  """Torch on every core; transformers' and TRL's logs, progress bars and deprecations off."""
   torch.set_num_threads(os.cpu_count())
   transformers.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()
-  warnings.filterwarnings("ignore", category=FutureWarning)
+  warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / TRL
+
+
+def _trl_child(malloc: str, *args) -> dict:
+  if malloc == "reuse":
+    host_memory.reuse_freed_memory()
+  quiet_torch()
   return bench_trl(*args)
 
 
@@ -358,10 +363,7 @@ def main():
                       help="comma list: fp32 (both sides fp32, TRL's bf16 off) and/or bf16 (TRL bf16=True, "
                            "autocast; ours model.matmul_dtype=bfloat16)")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
-  transformers.logging.set_verbosity_error()
-  transformers.utils.logging.disable_progress_bar()
-  warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / TRL
+  quiet_torch()
   import trl  # noqa: PLC0415
   device_counts = sorted({1, min(args.devices, jax.device_count())})
   ceilings = {dtype: ceiling.matmul_ceiling(dtype) for dtype in ("float32", "bfloat16")}

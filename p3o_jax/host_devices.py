@@ -10,8 +10,8 @@ about as fast on 2 devices as on one (1.02x fp32, 0.90x bf16), a d=256 policy's 
 demo (d=64, minibatches of 16 short rows, 32 update steps per iteration) runs its RL stages 12%
 slower on 2 devices (each step's all-reduce and dispatch outweigh its small matmuls). A sweep of
 d = 64-256 and 4-64 prompts of 8-32 tokens found none whose update 2 devices ran more than a few
-percent faster, and several they ran 1.5x slower. So the default is 1. The setting only touches the CPU backend: on a GPU or TPU
-host the mesh is made of the accelerators whatever it says.
+percent faster, and several they ran 1.5x slower. So the default is 1. The setting only touches
+the CPU backend: on a GPU or TPU host the mesh is made of the accelerators whatever it says.
 
 The sampler may decode on more CPU devices than the trainer uses (`config.sampler.cpu_devices`):
 'auto' makes one per core and samples on all of them when the training mesh is one device and

@@ -69,7 +69,8 @@ def _stop_message(stop, name: str, directory: str) -> str:
 
 def run(config, workdir: str, devices_note: str = "") -> dict[str, str]:
   """Runs config.stage in workdir; returns the outputs by name. `devices_note`: how the CPU
-  device count was chosen (host_devices.configure), for the summary.
+  devices and host memory were set up (host_devices.configure, host_memory.configure), for the
+  summary.
 
   Each stage first checks that the stages it reads finished (workdir.check_inputs) and writes
   its completion marker once its export is done. SIGTERM / SIGINT: the running stage saves a
@@ -169,7 +170,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # --verbosity wins; else config.log.level (default: warnings)
     logging.set_verbosity(_CONFIG.value.log.get("level", "warning"))
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value]
-  memory_note = host_memory.configure(_CONFIG.value)  # before JAX starts its threads
+  memory_note = host_memory.configure(_CONFIG.value)  # before JAX allocates its first buffers
   devices_note = host_devices.configure(_CONFIG.value, multi_process=_DISTRIBUTED.value)  # before JAX starts
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

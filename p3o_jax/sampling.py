@@ -212,7 +212,8 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
                           cache, 0)
     first_logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
-    step_logits = model.repeated_logits()  # the head as the loop reads it best, laid out once
+    model.stack_projections()  # the loop's weights as it reads them best, laid out once
+    step_logits = model.repeated_logits()
 
     # 2. Broadcast to K samples per prompt: row b*K + k.
     rep = lambda x: jnp.repeat(x, K, axis=0)

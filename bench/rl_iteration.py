@@ -59,11 +59,13 @@ What is matched and what is not:
     of it on a data-parallel mesh of --devices host devices (default one per core); TRL on one.
     JAX pays its compiles in the first iterations (printed as "first iteration"), which the
     medians exclude.
-  * Host memory: ours runs with the malloc setting `python -m p3o_jax.main` makes on a CPU
+  * Host memory: ours runs with the setting `python -m p3o_jax.main` makes on a CPU
     (mesh.cpu_reuse_memory, p3o_jax/host_memory.py: freed blocks kept for reuse instead of
-    page-faulted in again at every call). TRL runs in a fresh process of its own, once with
-    glibc's malloc as TRL users run it (the ratio) and once with the same setting (printed beside
-    it: TRL's allocations gain from it too).
+    page-faulted in again at every call, and one-device calls run on the calling thread so that
+    blocks above 64 MB come from that kept memory too). TRL runs in a fresh process of its own,
+    once with glibc's malloc as TRL users run it (the ratio) and once with the same malloc setting
+    (printed beside it: TRL's allocations gain from it too; torch runs its ops on the calling
+    thread already).
   * --precision bf16: TRL's bf16=True (torch autocast); ours model.matmul_dtype=bfloat16 (bf16
     inputs, fp32 sums, forward and backward; fp32 weights, optimizer state and activations).
   * "rollout share": the fraction of an iteration spent before the update: p3o_jax's Roller, TRL's
@@ -349,7 +351,7 @@ def phase_report(shape: str, r: dict, ceilings: dict) -> str:
 def main():
   # What `python -m p3o_jax.main` does on a CPU (mesh.cpu_reuse_memory); TRL runs in processes of
   # its own, with and without it (bench_trl_apart).
-  memory_note = host_memory.reuse_freed_memory()
+  memory_note = f"{host_memory.reuse_freed_memory()}; {host_memory.run_calls_on_calling_thread()}"
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (P); rows = P * K")

@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
                                          level="warning"))
   # cpu_devices: the trainer's CPU devices, N or 'cores' (p3o_jax/host_devices.py: measured, 1 is
   # fastest here; the sampler's are sampler.cpu_devices). cpu_reuse_memory: on a CPU run, keep
-  # freed host memory for XLA's next call instead of page-faulting it in again (p3o_jax/host_memory.py)
+  # freed host memory for XLA's next call instead of page-faulting it in again, and run one-device
+  # calls on the calling thread so that their scratch comes from it (p3o_jax/host_memory.py)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="1", cpu_reuse_memory=True))
   return c
 

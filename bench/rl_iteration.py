@@ -351,7 +351,7 @@ def phase_report(shape: str, r: dict, ceilings: dict) -> str:
 def main():
   # What `python -m p3o_jax.main` does on a CPU (mesh.cpu_reuse_memory); TRL runs in processes of
   # its own, with and without it (bench_trl_apart).
-  memory_note = f"{host_memory.reuse_freed_memory()}; {host_memory.run_calls_on_calling_thread()}"
+  memory_note = host_memory.apply()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (P); rows = P * K")

@@ -64,15 +64,16 @@ def runs_on_cpu() -> bool:
                  for dist in importlib.metadata.distributions())
 
 
-def reuse_freed_memory() -> str:
-  """Applies the setting's first part (malloc) to this process; returns what held, for the log."""
+def reuse_freed_memory() -> tuple[bool, str]:
+  """Applies the setting's first part (malloc) to this process; returns whether glibc took it
+  and what held, for the log."""
   libc = _glibc()
   if libc is None:
-    return "host memory: not glibc, malloc left as it is"
+    return False, "host memory: not glibc, malloc left as it is"
   for option, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)):
     if libc.mallopt(option, value) != 1:
-      return f"host memory: glibc refused mallopt({option}, {value}), malloc partly set"
-  return f"freed host memory kept for reuse, up to {KEEP_FREED_BYTES >> 20} MB (mesh.cpu_reuse_memory)"
+      return False, f"host memory: glibc refused mallopt({option}, {value}), malloc partly set"
+  return True, f"freed host memory kept for reuse, up to {KEEP_FREED_BYTES >> 20} MB (mesh.cpu_reuse_memory)"
 
 
 def run_calls_on_calling_thread() -> str:
@@ -87,13 +88,16 @@ def run_calls_on_calling_thread() -> str:
   return "one-device calls run on the calling thread"
 
 
+def apply() -> str:
+  """Both parts of the setting, the second only where glibc took the first; returns what held."""
+  kept, note = reuse_freed_memory()
+  return f"{note}; {run_calls_on_calling_thread()}" if kept else note
+
+
 def configure(config) -> str:
-  """Both parts of the setting on a CPU run with mesh.cpu_reuse_memory (the default), the second
-  only where glibc took the first; '' where the setting does not apply."""
+  """`apply` on a CPU run with mesh.cpu_reuse_memory (the default); '' where it does not apply."""
   if not config.mesh.get("cpu_reuse_memory", True) or not runs_on_cpu():
     return ""
-  note = reuse_freed_memory()
-  if note.startswith("freed"):
-    note = f"{note}; {run_calls_on_calling_thread()}"
+  note = apply()
   log.info(note)
   return note

@@ -17,7 +17,7 @@ from p3o_jax.config_base import base_config
 _FAULTS = textwrap.dedent("""
     import ctypes, resource, sys
     from p3o_jax import host_memory
-    note = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else "default"
+    note = host_memory.reuse_freed_memory()[1] if sys.argv[1] == "reuse" else "default"
     libc = host_memory._glibc()
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     def round_trip():
@@ -93,7 +93,7 @@ def test_an_xla_call_above_a_worker_arena_reuses_its_scratch():
 
 def test_configure_touches_cpu_runs_only_and_can_be_turned_off(monkeypatch):
   calls = []
-  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append("malloc") or "freed memory kept")
+  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append("malloc") or (True, "freed memory kept"))
   monkeypatch.setattr(host_memory, "run_calls_on_calling_thread", lambda: calls.append("dispatch") or "inline")
   config = base_config()
   assert config.mesh.cpu_reuse_memory is True  # the default
@@ -103,7 +103,8 @@ def test_configure_touches_cpu_runs_only_and_can_be_turned_off(monkeypatch):
   assert host_memory.runs_on_cpu() and host_memory.configure(config) == "freed memory kept; inline"
   assert calls == ["malloc", "dispatch"]
   # Where glibc did not take the malloc part, calls stay where JAX puts them.
-  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: "host memory: not glibc, malloc left as it is")
+  not_glibc = "host memory: not glibc, malloc left as it is"
+  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: (False, not_glibc))
   assert host_memory.configure(config) == "host memory: not glibc, malloc left as it is"
   assert calls == ["malloc", "dispatch"]
   config.mesh.cpu_reuse_memory = False

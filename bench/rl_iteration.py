@@ -82,8 +82,8 @@ Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.1
 5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
 median of 5 runs, one trainer device (the default) | --devices 2 | one device against TRL with
 the same malloc setting:
-  tiny  fp32: p3o_jax 15.4k, TRL 4.17k, 3.30x | 3.35x | 2.99x    bf16: 21.2k vs 4.22k, 5.05x | 4.52x | 4.70x
-  small fp32: p3o_jax 2.26k, TRL 1.23k, 1.83x | 1.69x | 1.77x    bf16: 3.27k vs 1.58k, 2.18x | 2.09x | 2.16x
+  tiny  fp32: p3o_jax 15.0k, TRL 4.50k, 3.30x | 3.21x | 2.90x    bf16: 19.9k vs 4.33k, 4.72x | 4.35x | 4.28x
+  small fp32: p3o_jax 2.44k, TRL 1.18k, 2.07x | 1.80x | 2.05x    bf16: 3.70k vs 1.34k, 2.56x | 2.47x | 2.29x
 (one trainer device: the sampler on one device per core, the old pass skipped, each prompt once
 per pass, the defaults). README, Benchmarks, has the phases and their shares of the measured
 matmul ceiling.

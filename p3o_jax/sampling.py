@@ -209,9 +209,10 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     # knowledge of the cache layout); logits of the last (always real) position only.
     cache = decoder.init_cache(model.cfg, B, P + N)
     prefill_mask = jnp.pad(decoder.causal_mask(prompt_valid), ((0, 0), (0, 0), (0, N)))
+    last = jnp.full((B, 1), P - 1, jnp.int32)  # the last layer runs on that position alone
     hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
-                          cache, 0)
-    first_logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
+                          cache, 0, outputs_at=last)
+    first_logits = model.logits(hidden)[:, 0]  # [B, V]
     model.stack_projections()  # the loop's weights as it reads them best, laid out once
     step_logits = model.repeated_logits()
 

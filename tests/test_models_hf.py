@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import hf_fixtures as fx  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
+from p3o_jax.rl import sequences  # noqa: E402
 
 ATOL = 1e-5  # fp32 logits and rewards against transformers
 LENGTHS = (8, 6, 4)  # ragged, left padded to T
@@ -137,6 +138,44 @@ def test_kv_cache_decoding_matches_full_forward(causal, scan):
   cached = jnp.concatenate(chunks, axis=1)
   assert _max_err(cached, causal.logits, causal.mask) < ATOL
   assert _max_err(cached, causal.ref, causal.mask) < ATOL
+
+
+@pytest.mark.parametrize("variant", ["unrolled", "remat", "scan_layers"])
+def test_outputs_at_some_positions_match_transformers_and_the_full_gradient(causal, variant):
+  """Hidden states asked for at a few positions only (the last block runs its queries and MLP
+  there alone) give transformers' logits at those positions, with and without a KV cache, and
+  the same gradient as the full forward read at those positions."""
+  cfg, params = causal.cfg, causal.params
+  if variant == "remat":
+    cfg = cfg.replace(remat=True)
+  if variant == "scan_layers":
+    cfg, params = cfg.replace(scan_layers=True), decoder.stack_layers(params)
+  graph = decoder.abstract(cfg)[0]
+  tokens, mask = jnp.asarray(causal.tokens), jnp.asarray(causal.mask)
+  rows = np.array([[T - 1, T - 3], [T - 2, T - 1], [T - 1, T - 4]], np.int32)  # real positions, any order
+  assert np.take_along_axis(causal.mask, rows, 1).all()
+  want = np.take_along_axis(causal.ref, rows[..., None], 1)
+
+  def picked(params, outputs_at):
+    model, hidden = decoder.forward(graph, params, tokens, mask, outputs_at=outputs_at)
+    return model.logits(hidden)
+
+  def cached(params, outputs_at):  # the same pass written into a KV cache (a prefill)
+    model = decoder.merge(graph, params)
+    hidden, _ = model(tokens, decoder.positions_from_mask(mask), decoder.causal_mask(mask),
+                      decoder.init_cache(cfg, len(rows), T), 0, outputs_at=outputs_at)
+    return model.logits(hidden)
+
+  for run in (picked, cached):
+    got = jax.jit(run)(params, jnp.asarray(rows))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  weights = np.random.default_rng(0).standard_normal(want.shape).astype(np.float32)
+  loss_at = lambda p: (picked(p, jnp.asarray(rows)) * weights).sum()
+  loss_full = lambda p: (decoder.take_rows(picked(p, None), jnp.asarray(rows)) * weights).sum()
+  grad_at, grad_full = (jax.jit(jax.grad(f))(params) for f in (loss_at, loss_full))
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grad_full))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0), grad_at, grad_full)
 
 
 def test_export_loads_unchanged_in_transformers(causal, tmp_path):
@@ -264,6 +303,9 @@ def test_reward_matches_sequence_classification(reward, left):
   ours = reward.scores(reward.params, tokens, mask)
   assert not reward.cfg.lm_head and reward.cfg.scalar_head and not reward.cfg.scalar_head_bias
   np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+  # As the RL loop scores: the last layer run on each row's last real token alone.
+  last_only = jax.jit(lambda p, t, m: sequences.sequence_scores(reward.graph, p, t, m))(reward.params, tokens, mask)
+  np.testing.assert_allclose(last_only, ref, atol=ATOL, rtol=0)
   assert np.ptp(ref) > 0.1  # scores differ between rows, so a wrong read position would show
 
 

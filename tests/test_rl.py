@@ -299,6 +299,21 @@ def test_prompt_once_scores_and_groups(reward_model):
     algorithms.base.group(exp)
 
 
+def test_prompt_once_scores_of_empty_responses_are_the_prompts():
+  """With each prompt computed once, the reward model reads each response's last real token
+  with its last layer run there alone; a response with no real token scores the prompt's last."""
+  graph, params = tiny(REWARD.replace(num_layers=2), 5)
+  once, repeated = prompt_groups(seed=10)
+  response_mask = once[3].copy()
+  response_mask[[1, 6]] = 0  # two empty responses, in different groups
+  once, repeated = (*once[:3], response_mask), (*repeated[:3], response_mask)
+  got = np.asarray(jitted(sequences.response_scores, graph)(params, *once))
+  np.testing.assert_allclose(got, unpadded_scores(graph, params, *repeated), atol=1e-5, rtol=0)
+  prompt_only = unpadded_scores(graph, params, *repeated[:3], np.zeros_like(response_mask))
+  np.testing.assert_allclose(got[[1, 6]], prompt_only[[1, 6]], atol=1e-5, rtol=0)
+  assert np.abs(got[[0, 2, 3, 4, 5, 7]][:, None] - prompt_only[[1, 6]][None]).min() > 1e-4
+
+
 def test_reference_sees_padding_mistakes():
   """The reference above has the power to fail: without position ids (learned positions; rotary
   is shift-invariant, so it cannot show this one) or with attention to the padding, log-probs

@@ -248,6 +248,12 @@ def apply_rotary(x, cos, sin, rot_dim: int, interleaved: bool = False):
   return jnp.concatenate([x_rot, x_pass], axis=-1)
 
 
+def take_rows(x, rows):
+  """x [B, T, ...] at the chunk positions rows [B, T'] -> [B, T', ...]."""
+  index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
 def _attend_all(q, k, v, mask):
   """Softmax attention of every query over every key: q [B, T, G, R, K], k, v [B, G, S, K],
   mask [B, T, S] -> [B, T, G, R, K]. Scores and softmax in float32."""
@@ -309,15 +315,18 @@ class Attention(nnx.Module):
         jnp.stack([getattr(self, f"{name}_{suffix}")[...] for name in names], axis=axis))
     self._stacked = nnx.data((stack("kernel", 1), stack("bias", 0) if self.cfg.qkv_bias else None))
 
-  def _project(self, x):
-    """q [B, T, H, K], k and v [B, T, G, K]; from the stacked weight once there is one."""
+  def _project(self, x, rows=None):
+    """q [B, T, H, K] (at `rows` only, [B, T', H, K], when given), k and v [B, T, G, K]; from
+    the stacked weight once there is one."""
     cfg = self.cfg
     with_bias = lambda out, bias: out if bias is None else out + bias.astype(x.dtype)
 
-    def one(name):
+    def one(name, x=x):
       bias = getattr(self, f"{name}_bias")[...] if cfg.qkv_bias else None
       return with_bias(weight_matmul(cfg, "btd,dnk->btnk", x, getattr(self, f"{name}_kernel")[...]), bias)
     stacked = getattr(self, "_stacked", None)
+    if rows is not None:
+      return one("q", take_rows(x, rows)), one("k"), one("v")
     if stacked is None:
       return one("q"), one("k"), one("v")
     kernel, bias = stacked
@@ -325,16 +334,21 @@ class Attention(nnx.Module):
     parts = tuple(out[:, :, i] for i in range(out.shape[2]))
     return parts if len(parts) == 3 else (one("q"), *parts)
 
-  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, layer=None):
-    """layer: None, or this layer's index into a stacked [B, L, G, S, K] cache (scan_layers)."""
+  def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, layer=None, rows=None):
+    """layer: None, or this layer's index into a stacked [B, L, G, S, K] cache (scan_layers).
+    rows: None, or [B, T'] indices into this chunk: keys and values are made at every position,
+    queries (and so the output, [B, T', D]) only at these."""
     cfg = self.cfg
     dtype = x.dtype
-    q, k, v = self._project(x)
+    q, k, v = self._project(x, rows)
+    q_positions = positions
+    if rows is not None:
+      q_positions, mask = take_rows(positions, rows), take_rows(mask, rows)
     if cfg.position == "rotary":
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
-      cos, sin = rotary_tables(positions, rot_dim, cfg.rope_theta, cfg.rotary_interleaved)
-      rotate = lambda x: apply_rotary(x, cos, sin, rot_dim, cfg.rotary_interleaved)
-      q, k = rotate(q), rotate(k)
+      rotate = lambda x, at: apply_rotary(x, *rotary_tables(at, rot_dim, cfg.rope_theta, cfg.rotary_interleaved),
+                                          rot_dim, cfg.rotary_interleaved)
+      q, k = rotate(q, q_positions), rotate(k, positions)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     if cache is not None and layer is None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.
@@ -396,9 +410,13 @@ class Block(nnx.Module):
       self.mlp_norm = Norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, cache, cache_index, layer=None):
+  def __call__(self, x, positions, mask, cache, cache_index, layer=None, rows=None):
+    """rows: None, or [B, T'] indices into this chunk: the block's output only at those
+    positions ([B, T', D]; see `Decoder.__call__`)."""
     normed = self.attn_norm(x)
-    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index, layer)
+    attn_out, cache = self.attn(normed, positions, mask, cache, cache_index, layer, rows)
+    if rows is not None:
+      x, normed = take_rows(x, rows), take_rows(normed, rows)
     if self.parallel:
       mlp_in = normed if self.shared_norm else self.mlp_norm(x)
       return x + attn_out + self.mlp(mlp_in), cache
@@ -406,12 +424,12 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _uncached_block(layer: Block, x, positions, mask):
-  return layer(x, positions, mask, None, 0)[0]
+def _uncached_block(layer: Block, x, positions, mask, rows=None):
+  return layer(x, positions, mask, None, 0, rows=rows)[0]
 
 
-def _cached_block(layer: Block, x, positions, mask, cache, cache_index, index=None):
-  return layer(x, positions, mask, cache, cache_index, index)
+def _cached_block(layer: Block, x, positions, mask, cache, cache_index, index=None, rows=None):
+  return layer(x, positions, mask, cache, cache_index, index, rows)
 
 
 def _stacked_blocks(cfg: DecoderConfig, rngs: nnx.Rngs) -> Block:
@@ -446,13 +464,20 @@ class Decoder(nnx.Module):
         self.scalar_bias = _param(rngs, cfg, (1,), (None,), "zeros")
 
   def __call__(self, tokens, positions, mask, cache: list[LayerCache] | LayerCache | None = None,
-               cache_index=0):
+               cache_index=0, outputs_at=None):
     """tokens, positions: [B, T] int; mask: [B, T, S] bool, True where query t may see key s.
 
     Without a cache S == T. With a cache (`init_cache`: one LayerCache per layer, each
     [B, G, S, K], or one stacked LayerCache with scan_layers) this chunk is written at slots
     [cache_index, cache_index + T) and attends over all S slots.
     Returns hidden states [B, T, D] and the updated cache (None without one).
+
+    outputs_at: None, or [B, T'] int indices into the chunk: hidden states [B, T', D] at those
+    positions only (a reward model's last token, a prefill's last position). The last block then
+    runs its queries, attention output and MLP on those rows alone, and its keys and values on
+    all (the cache needs them): the same numbers, and most of a layer's work saved on the others,
+    which XLA cannot leave out by itself once the rows are picked at run time. With scan_layers
+    every layer runs whole and the rows are picked after.
     """
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
@@ -461,16 +486,19 @@ class Decoder(nnx.Module):
       x = x + self.pos_embed[...].astype(dtype)[positions]
     if cfg.scan_layers:
       x, cache = self._scan(x, positions, mask, cache, cache_index)
+      x = x if outputs_at is None else take_rows(x, outputs_at)
       return self.final_norm(x), cache
+    last = len(self.layers) - 1
+    rows = lambda i: outputs_at if i == last else None
     if cache is None:
       block = nnx.remat(_uncached_block) if cfg.remat else _uncached_block
-      for layer in self.layers:
-        x = block(layer, x, positions, mask)
+      for i, layer in enumerate(self.layers):
+        x = block(layer, x, positions, mask, rows(i))
       return self.final_norm(x), None
     new_cache = []
     block = nnx.remat(_cached_block) if cfg.remat else _cached_block  # differentiated: `prefixed_forward`
     for i, layer in enumerate(self.layers):
-      x, layer_cache = block(layer, x, positions, mask, cache[i], cache_index)
+      x, layer_cache = block(layer, x, positions, mask, cache[i], cache_index, None, rows(i))
       new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
 
@@ -639,10 +667,11 @@ def unstack_layers(params: dict) -> dict:
   return {**params, "layers": {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers)}}
 
 
-def forward(graph: Graph, params: dict, tokens, padding_mask):
-  """Teacher-forced pass on a (left- or right-) padded batch -> hidden [B, T, D]."""
+def forward(graph: Graph, params: dict, tokens, padding_mask, outputs_at=None):
+  """Teacher-forced pass on a (left- or right-) padded batch -> hidden [B, T, D] ([B, T', D]
+  at `outputs_at` [B, T'] only; see `Decoder.__call__`)."""
   model = merge(graph, params)
-  hidden, _ = model(tokens, positions_from_mask(padding_mask), causal_mask(padding_mask))
+  hidden, _ = model(tokens, positions_from_mask(padding_mask), causal_mask(padding_mask), outputs_at=outputs_at)
   return model, hidden
 
 
@@ -655,21 +684,23 @@ def suffixes_per_prefix(prefix, suffix) -> int:
   return N // B
 
 
-def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, suffix_mask):
+def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, suffix_mask,
+                     prefix_outputs_at=None, suffix_outputs_at=None):
   """Teacher-forced pass on rows that share prefixes: row b * K + k is prefix b (left-padded,
   [B, P]) followed by suffix b * K + k (right-padded, [B * K, R]). Each prefix runs once, its
   keys and values are repeated K times and every suffix attends over them, so the hidden states
   are `forward`'s on the concatenated rows (same positions, masks and key order) while the
   prefix costs 1/K of the work: a prompt and its K responses in RL.
 
-  Returns the model, the prefixes' hidden states [B, P, D] and the suffixes' [B * K, R, D].
-  Differentiable (remat per block with cfg.remat, like `forward`)."""
+  Returns the model, the prefixes' hidden states [B, P, D] and the suffixes' [B * K, R, D]
+  (at `prefix_outputs_at` [B, P'] and `suffix_outputs_at` [B * K, R'] only, when given; see
+  `Decoder.__call__`). Differentiable (remat per block with cfg.remat, like `forward`)."""
   model = merge(graph, params)
   (B, P), (N, R) = prefix.shape, suffix.shape
   K = suffixes_per_prefix(prefix, suffix)
   prefix_valid, suffix_valid = prefix_mask.astype(bool), suffix_mask.astype(bool)
   prefix_hidden, cache = model(prefix, positions_from_mask(prefix_valid), causal_mask(prefix_valid),
-                               init_cache(model.cfg, B, P), 0)
+                               init_cache(model.cfg, B, P), 0, prefix_outputs_at)
   # Slots are the second-to-last axis of both cache layouts; R empty slots for the suffixes.
   widen = lambda c: jnp.pad(jnp.repeat(c, K, axis=0), [(0, 0)] * (c.ndim - 2) + [(0, R), (0, 0)])
   cache = jax.tree.map(widen, cache)
@@ -680,7 +711,7 @@ def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, su
   # from one [N, P + R] validity row (a 3-D concatenate takes XLA:CPU's LLVM over a second to compile).
   sees = jnp.arange(P + R)[None, :] <= P + jnp.arange(R)[:, None]  # [R, P + R]
   keys = sees[None] & jnp.concatenate([prefix_valid, suffix_valid], -1)[:, None, :]
-  suffix_hidden, _ = model(suffix, positions, keys, cache, P)
+  suffix_hidden, _ = model(suffix, positions, keys, cache, P, suffix_outputs_at)
   return model, prefix_hidden, suffix_hidden
 
 

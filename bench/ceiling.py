@@ -53,10 +53,13 @@ def forward_flops(shape: dict, rows: int, tokens: int, lm_head: bool = True) -> 
 
 
 def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) -> float:
-  """Prefill each prompt once (its logits give token 0), then one forward per further token of
-  each row, the token fed at step t attending to prompt + t keys."""
-  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
-  prefill = forward_flops(shape, prompts, prompt)
+  """Prefill each prompt once, its last block's queries, MLP and head at the last position
+  alone (its logits give token 0; the other positions give keys and values), then one forward
+  per further token of each row, the token fed at step t attending to prompt + t keys."""
+  d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+  block = 4 * d * d + 2 * d * f
+  prefill = prompts * (2 * (block * ((layers - 1) * prompt + 1) + 2 * d * d * prompt + d * shape["vocab_size"])
+                       + 4 * d * ((layers - 1) * prompt * (prompt + 1) / 2 + prompt))
   context = sum(prompt + t for t in range(1, new))
   return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
 
@@ -69,13 +72,16 @@ def prompt_once_flops(shape: dict, *, prompts: int, rows: int, prompt: int, new:
   `new` tokens that predict a response token (the prompt's last and the response's first new - 1),
   each attending to the prompt and the response before it, and the LM head on them.
   head='scalar' (reward models): the whole prompt through every block, the `new` response tokens
-  after it, and the scalar head at every position."""
+  after it; in the last block only keys and values, but for the prompt's last token and each
+  row's last (`Decoder.__call__`'s outputs_at), which alone go on to the scalar head."""
   d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
   block = 4 * d * d + 2 * d * f
   if head == "scalar":
-    tokens = prompts * prompt + rows * new
-    pairs = layers * (prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1)))
-    return 2 * (block * layers * tokens + tokens * d) + 4 * d * pairs
+    tokens, read = prompts * prompt + rows * new, prompts + rows
+    weights = block * ((layers - 1) * tokens + read) + 2 * d * d * tokens + d * read
+    pairs = ((layers - 1) * (prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1)))
+             + prompts * prompt + rows * (prompt + new))
+    return 2 * weights + 4 * d * pairs
   prefix = prompts * (prompt - 1)
   weights = block * ((layers - 1) * prefix + layers * rows * new) + 2 * d * d * prefix + rows * new * d * shape["vocab_size"]
   pairs = (layers - 1) * prompts * (prompt - 1) * prompt / 2 + layers * rows * sum(prompt - 1 + t for t in range(1, new + 1))

@@ -67,22 +67,28 @@ def test_model_flops_count_every_linear_weight_once_per_token():
   tokens = 5
   pairs = tokens * (tokens + 1) // 2  # causal (query, key) pairs
   assert ceiling.forward_flops(shape, rows=2, tokens=tokens) == 2 * (2 * linear * tokens + 4 * 32 * 3 * pairs)
-  # Decoding: the prefill's forward gives token 0; token 1 is one forward of the row's token 0
+  head = 32 * 96
+  block = (linear - head) // 3
+  # Decoding: the prefill gives token 0: the prompt's 4 tokens through 2 blocks (10 causal pairs
+  # each), the third block's keys and values for all 4 and the rest of it for the last token
+  # alone (4 keys), the LM head there only; token 1 is one forward of the row's token 0
   # attending to the 4 prompt keys and itself.
   decode = ceiling.decode_flops(shape, prompts=1, rows=2, prompt=4, new=2)
-  assert decode == ceiling.forward_flops(shape, 1, 4) + 2 * (2 * linear + 4 * 32 * 3 * 5)
+  prefill = 2 * (block * (2 * 4 + 1) + 2 * 32 * 32 * 4 + head) + 4 * 32 * (2 * 10 + 4)
+  assert decode == prefill + 2 * (2 * linear + 4 * 32 * 3 * 5)
   # A prompt of 4 run once for its 2 responses of 3, for log-probs: the prompt's first 3 tokens
   # through 2 blocks (6 causal pairs each) and the third block's keys and values only; per row
   # the prompt's last token and 2 response tokens through all 3 blocks, attending to 3 + 1, 3 + 2
   # and 3 + 3 keys; the LM head at 2 x 3 positions.
-  head = 32 * 96
-  block = (linear - head) // 3
   once = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3)
   assert once == 2 * (block * (2 * 3 + 3 * 2 * 3) + 2 * 32 * 32 * 3 + head * 2 * 3) + 4 * 32 * (2 * 6 + 3 * 2 * 15)
   # For a reward model: the whole prompt (10 causal pairs) and each response's 3 tokens after it
-  # (5 + 6 + 7 keys) through all 3 blocks, the scalar head at all 4 + 2 x 3 positions.
+  # (5 + 6 + 7 keys) through 2 blocks; the third block's keys and values at all 4 + 2 x 3
+  # positions, the rest of it and the scalar head at the prompt's last token (4 keys) and each
+  # response's last (7 keys) alone.
   scores = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3, head="scalar")
-  assert scores == 2 * (block * 3 * (4 + 2 * 3) + (4 + 2 * 3) * 32) + 4 * 32 * 3 * (10 + 2 * 18)
+  assert scores == (2 * (block * (2 * 10 + 3) + 2 * 32 * 32 * 10 + 3 * 32)
+                    + 4 * 32 * (2 * (10 + 2 * 18) + 4 + 2 * 7))
 
 
 def test_prompt_once_flops_are_what_xla_compiles():

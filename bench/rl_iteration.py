@@ -222,7 +222,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   sample_s = []
   for it in range(steps + 1):
     start = time.perf_counter()
-    params = state.params if sample_mesh is mesh else jax.device_put(state.params, sharding.replicated(sample_mesh))
+    params = state.params if sample_mesh is mesh else sharding.replicate_onto(state.params, sample_mesh)
     out = sampling.generate(roller.sampler_graph, params, placed["q"], placed["m"], jax.random.key(it),
                             max_new_tokens=NEW, num_samples=K, min_new_tokens=NEW, eos_id=EOS_ID, pad_id=PAD_ID,
                             mesh=sample_mesh)

@@ -135,6 +135,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate_onto(tree, mesh: Mesh):
+  """`tree`'s arrays replicated onto every device of `mesh` (one process): each array's buffer on
+  a device of the mesh is kept, and the other devices get device-to-device copies of it.
+  `jax.device_put` to a sharding over other devices takes a path through host memory instead
+  (the trainer's one device to the per-core sampler's two: 3.7 against 2.0 ms for the small
+  bench policy's 68 arrays)."""
+  target, devices = replicated(mesh), list(mesh.devices.flat)
+  leaves, treedef = jax.tree.flatten(tree)
+  if not all(isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == 1
+             for x in leaves):
+    return jax.device_put(tree, target)
+  sources = [x.addressable_data(0) for x in leaves]
+  copies = {d: [x if x.devices() == {d} else None for x in sources] for d in devices}
+  for device, held in copies.items():
+    missing = [i for i, x in enumerate(held) if x is None]
+    for i, copy in zip(missing, jax.device_put([sources[i] for i in missing], device)):
+      held[i] = copy
+  out = [jax.make_array_from_single_device_arrays(x.shape, target, [copies[d][i] for d in devices])
+         for i, x in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
 def like_params(tree, params, param_shardings, mesh: Mesh):
   """Shardings for a tree that holds params-shaped subtrees (optax state, gradients).
 

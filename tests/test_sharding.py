@@ -48,6 +48,28 @@ def test_param_shardings_follow_the_rules(mesh, caplog):
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
 
 
+def test_replicate_onto_keeps_the_held_buffer_and_copies_to_the_others():
+  """One device's arrays replicated over a per-core mesh: the same values on every device, the
+  source device's buffer reused, not copied; arrays split over several devices go through
+  jax.device_put."""
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  three = sharding.make_mesh(-1, 1, 1, devices=jax.devices()[:3])
+  tree = {"w": jnp.arange(12.0).reshape(3, 4), "b": {"x": jnp.ones((5,), jnp.int32)}}
+  tree = jax.device_put(tree, sharding.replicated(one))
+  out = sharding.replicate_onto(tree, three)
+  for before, after in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+    assert after.sharding == sharding.replicated(three)
+    assert [s.device for s in after.addressable_shards] == list(three.devices.flat)
+    for shard in after.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(before))
+    assert after.addressable_shards[0].data.unsafe_buffer_pointer() == before.unsafe_buffer_pointer()
+    assert after.addressable_shards[1].data.unsafe_buffer_pointer() != before.unsafe_buffer_pointer()
+  split = jax.device_put(jnp.arange(4.0), sharding.batch_sharding(sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])))
+  again = sharding.replicate_onto(split, three)
+  assert again.sharding == sharding.replicated(three)
+  np.testing.assert_array_equal(np.asarray(again), np.arange(4.0))
+
+
 def test_batch_axis_drops_to_what_divides(mesh):
   # batch 2 is divisible by data (2) but not by data x fsdp (4).
   assert sharding.logical_to_spec(("batch", "length"), mesh, shape=(2, 5)) == P("data", None)

@@ -240,7 +240,7 @@ class Roller:
     sample_params = params if self._sampler_weights is None else self._sampler_weights(params)
     apart = self.sample_mesh is not self.mesh
     if apart:  # device to device copies, no host round trip
-      sample_params = jax.device_put(sample_params, sharding.replicated(self.sample_mesh))
+      sample_params = sharding.replicate_onto(sample_params, self.sample_mesh)
       sample_prompts = sharding.RowSplit(split.n, self.sample_mesh).to_global(host_prompts)
     else:
       sample_prompts = prompts

@@ -1,9 +1,16 @@
-"""This machine's matmul ceiling, and the model FLOPs of each RL phase, so a benchmark can say how
-far a phase is from the hardware limit and not only from the peer.
+"""This machine's matmul ceiling and memory read bandwidth, and the model FLOPs (and a decode
+step's bytes) of each RL phase, so a benchmark can say how far a phase is from the hardware limit
+and not only from the peer.
 
     ceiling = matmul_ceiling("float32")          # FLOP/s of XLA's best square matmul here
     flops = phase_flops(shape, rows=32, prompts=16, prompt=32, new=32)
     share = flops["update"] / seconds / ceiling
+    bandwidth = read_bandwidth()                 # bytes/s XLA reads from memory (not cache) here
+    share = decode_bytes(shape, 4, rows=16, prompt=32, new=64) / seconds / bandwidth
+
+Decoding a large model is bound by reading its weights from memory once per step, not by its
+matmuls: its ceiling is the read bandwidth. That is measured the same way, as the rate of a
+jitted sum over an array far larger than the caches (256 MB; all cores, one device).
 
 The ceiling is measured, not read off a datasheet: XLA:CPU's jitted square matmul (all cores,
 one device) at the size that runs fastest, best of several runs; bf16 inputs are summed in fp32,
@@ -40,6 +47,20 @@ def matmul_ceiling(dtype: str = "float32", sizes=(256, 512, 1024, 2048), seconds
   return best
 
 
+def read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+  """Best bytes/s of a jitted float32 sum over a `megabytes` array on the default device: how
+  fast XLA streams memory that no cache holds (256 MB is several times any CPU's last level)."""
+  x = jnp.ones((megabytes << 18,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return x.nbytes / best
+
+
 def weights_per_token(shape: dict, lm_head: bool = True) -> int:
   """Weights one token multiplies through (HF NeoX-style shape keys): attention, MLP, head."""
   d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
@@ -62,6 +83,17 @@ def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) ->
                        + 4 * d * ((layers - 1) * prompt * (prompt + 1) / 2 + prompt))
   context = sum(prompt + t for t in range(1, new))
   return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
+
+
+def decode_bytes(shape: dict, weight_bytes: int, *, rows: int, prompt: int, new: int,
+                 cache_bytes: int = 4) -> float:
+  """Bytes the decode steps after the prefill must read: every weight a token multiplies through
+  (`weights_per_token`, in `weight_bytes` each) once per step, and the keys and values of the
+  context so far (prompt + t slots at step t, d each per layer, in `cache_bytes` each) for each
+  of the `rows`."""
+  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
+  context = sum(prompt + t for t in range(1, new))
+  return weight_bytes * weights_per_token(shape) * (new - 1) + cache_bytes * 2 * layers * d * rows * context
 
 
 def prompt_once_flops(shape: dict, *, prompts: int, rows: int, prompt: int, new: int, head: str = "lm") -> float:

@@ -19,6 +19,12 @@ model's matmuls already use every core on one device. "(default)" marks the one 
 with the default sampler.cpu_devices='auto' (p3o_jax/host_devices.py: per core up to 20M
 parameters, so tiny samples per core and the Pythia-70M shape on one device).
 
+Against the hardware (bench/ceiling.py): model FLOP/s as a share of the measured matmul ceiling,
+and the bytes the decode loop must read (every weight once per step and device, the keys and
+values so far) per second as a share of the measured memory read bandwidth. The Pythia-70M
+shape's step multiplies through 179 MB of fp32 weights, which no cache holds, so reading them
+bounds it; tiny's 1.8 MB stay in cache, and only the matmul ceiling binds it.
+
 Shapes: tiny (2 layers, d=128, 4 heads, vocab 512) and pythia70m (6 layers, d=512, 8 heads,
 MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32, 64 new tokens.
 """
@@ -141,21 +147,31 @@ def main():
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   ceilings = {"fp32": ceiling.matmul_ceiling("float32"), "bf16": ceiling.matmul_ceiling("bfloat16")}
+  bandwidth = ceiling.read_bandwidth()
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, default matmul precision), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; matmul ceiling here "
-        f"(XLA, one device): fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 inputs {ceilings['bf16'] / 1e9:.0f} GFLOP/s")
+        f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; ceilings here "
+        f"(XLA, one device): matmul fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 inputs {ceilings['bf16'] / 1e9:.0f} "
+        f"GFLOP/s; memory read {bandwidth / 1e9:.1f} GB/s")
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
     r = bench(shape, args.repeats, precision)
     print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
           f"first call of ours {r['compile_s']:.1f} s", flush=True)
     flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
+    # Bytes per new token of the decode loop (the prefill's share is left out: it reads the
+    # weights once for all 64 steps), read by each device that decodes.
+    bytes_per_token = ceiling.decode_bytes(SHAPES[shape], 2 if precision == "bf16" else 4, rows=BATCH,
+                                           prompt=PROMPT, new=NEW) / (BATCH * (NEW - 1))
     for name, (rate, best) in r["ours"].items():
       tag = " (default)" if name == r["default"] else ""
+      devices = 1 if name == "one device" else int(name.split()[0])
+      read = rate * bytes_per_token + (devices - 1) * rate * ceiling.weights_per_token(SHAPES[shape]) * (
+          2 if precision == "bf16" else 4) / BATCH  # each more device reads the weights again for its rows
       print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
             f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
-            f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling", flush=True)
+            f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling | weights and cache read at "
+            f"{read / 1e9:.1f} GB/s = {read / bandwidth:.0%} of memory's", flush=True)
 
 
 if __name__ == "__main__":

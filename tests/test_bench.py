@@ -80,6 +80,9 @@ def test_model_flops_count_every_linear_weight_once_per_token():
   # through 2 blocks (6 causal pairs each) and the third block's keys and values only; per row
   # the prompt's last token and 2 response tokens through all 3 blocks, attending to 3 + 1, 3 + 2
   # and 3 + 3 keys; the LM head at 2 x 3 positions.
+  # Its bytes: 2 steps after the prefill, each reading every weight (bf16: 2 bytes) and the
+  # fp32 keys and values of 2 rows at 5 and then 6 slots of 32 in 3 layers.
+  assert ceiling.decode_bytes(shape, 2, rows=2, prompt=4, new=3) == 2 * linear * 2 + 4 * 2 * 3 * 32 * 2 * (5 + 6)
   once = ceiling.prompt_once_flops(shape, prompts=1, rows=2, prompt=4, new=3)
   assert once == 2 * (block * (2 * 3 + 3 * 2 * 3) + 2 * 32 * 32 * 3 + head * 2 * 3) + 4 * 32 * (2 * 6 + 3 * 2 * 15)
   # For a reward model: the whole prompt (10 causal pairs) and each response's 3 tokens after it

@@ -82,8 +82,8 @@ Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.1
 5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
 median of 5 runs, one trainer device (the default) | --devices 2 | one device against TRL with
 the same malloc setting:
-  tiny  fp32: p3o_jax 15.0k, TRL 4.50k, 3.30x | 3.21x | 2.90x    bf16: 19.9k vs 4.33k, 4.72x | 4.35x | 4.28x
-  small fp32: p3o_jax 2.44k, TRL 1.18k, 2.07x | 1.80x | 2.05x    bf16: 3.70k vs 1.34k, 2.56x | 2.47x | 2.29x
+  tiny  fp32: p3o_jax 14.8k, TRL 4.70k, 3.14x | 3.39x | 2.77x    bf16: 21.5k vs 4.37k, 4.64x | 4.58x | 4.28x
+  small fp32: p3o_jax 2.50k, TRL 1.22k, 2.06x | 1.78x | 2.02x    bf16: 3.66k vs 1.37k, 2.62x | 2.27x | 2.54x
 (one trainer device: the sampler on one device per core, the old pass skipped, each prompt once
 per pass, the defaults). README, Benchmarks, has the phases and their shares of the measured
 matmul ceiling.

@@ -341,14 +341,15 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = x.dtype
     q, k, v = self._project(x, rows)
-    q_positions = positions
     if rows is not None:
-      q_positions, mask = take_rows(positions, rows), take_rows(mask, rows)
+      mask = take_rows(mask, rows)
     if cfg.position == "rotary":
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
-      rotate = lambda x, at: apply_rotary(x, *rotary_tables(at, rot_dim, cfg.rope_theta, cfg.rotary_interleaved),
-                                          rot_dim, cfg.rotary_interleaved)
-      q, k = rotate(q, q_positions), rotate(k, positions)
+      tables = lambda at: rotary_tables(at, rot_dim, cfg.rope_theta, cfg.rotary_interleaved)
+      k_tables = tables(positions)
+      q_tables = k_tables if rows is None else tables(take_rows(positions, rows))
+      q = apply_rotary(q, *q_tables, rot_dim, cfg.rotary_interleaved)
+      k = apply_rotary(k, *k_tables, rot_dim, cfg.rotary_interleaved)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     if cache is not None and layer is None:
       # Write this chunk's keys/values at [cache_index, cache_index + T) and attend over the cache.

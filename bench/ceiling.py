@@ -77,12 +77,22 @@ def decode_flops(shape: dict, prompts: int, rows: int, prompt: int, new: int) ->
   """Prefill each prompt once, its last block's queries, MLP and head at the last position
   alone (its logits give token 0; the other positions give keys and values), then one forward
   per further token of each row, the token fed at step t attending to prompt + t keys."""
-  d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-  block = 4 * d * d + 2 * d * f
-  prefill = prompts * (2 * (block * ((layers - 1) * prompt + 1) + 2 * d * d * prompt + d * shape["vocab_size"])
-                       + 4 * d * ((layers - 1) * prompt * (prompt + 1) / 2 + prompt))
+  d, layers = shape["hidden_size"], shape["num_hidden_layers"]
+  prefill = _read_at_flops(shape, tokens=prompts * prompt, read=prompts, pairs=prompts * prompt * (prompt + 1) / 2,
+                           read_pairs=prompts * prompt, head=shape["vocab_size"])
   context = sum(prompt + t for t in range(1, new))
   return prefill + rows * (2 * weights_per_token(shape) * (new - 1) + 4 * d * layers * context)
+
+
+def _read_at_flops(shape: dict, *, tokens: int, read: int, pairs: float, read_pairs: float, head: int) -> float:
+  """A pass of `tokens` tokens whose output is read at `read` of them (`Decoder.__call__`'s
+  outputs_at): every block but the last on all tokens (`pairs` causal (query, key) pairs each),
+  the last block's keys and values on all and the rest of it on the read ones (`read_pairs`
+  pairs), and a head of `head` outputs there."""
+  d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+  block = 4 * d * d + 2 * d * f
+  weights = block * ((layers - 1) * tokens + read) + 2 * d * d * tokens + d * head * read
+  return 2 * weights + 4 * d * ((layers - 1) * pairs + read_pairs)
 
 
 def decode_bytes(shape: dict, weight_bytes: int, *, rows: int, prompt: int, new: int,
@@ -106,14 +116,12 @@ def prompt_once_flops(shape: dict, *, prompts: int, rows: int, prompt: int, new:
   head='scalar' (reward models): the whole prompt through every block, the `new` response tokens
   after it; in the last block only keys and values, but for the prompt's last token and each
   row's last (`Decoder.__call__`'s outputs_at), which alone go on to the scalar head."""
+  if head == "scalar":
+    return _read_at_flops(shape, tokens=prompts * prompt + rows * new, read=prompts + rows,
+                          pairs=prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1)),
+                          read_pairs=prompts * prompt + rows * (prompt + new), head=1)
   d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
   block = 4 * d * d + 2 * d * f
-  if head == "scalar":
-    tokens, read = prompts * prompt + rows * new, prompts + rows
-    weights = block * ((layers - 1) * tokens + read) + 2 * d * d * tokens + d * read
-    pairs = ((layers - 1) * (prompts * prompt * (prompt + 1) / 2 + rows * sum(prompt + t for t in range(1, new + 1)))
-             + prompts * prompt + rows * (prompt + new))
-    return 2 * weights + 4 * d * pairs
   prefix = prompts * (prompt - 1)
   weights = block * ((layers - 1) * prefix + layers * rows * new) + 2 * d * d * prefix + rows * new * d * shape["vocab_size"]
   pairs = (layers - 1) * prompts * (prompt - 1) * prompt / 2 + layers * rows * sum(prompt - 1 + t for t in range(1, new + 1))

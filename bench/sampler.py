@@ -125,7 +125,7 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   runs = {}
   for name, on_mesh in (("one device", False), (f"{len(mesh.devices.flat)} devices", True)):
     time.sleep(1.0)
-    runs[name] = [timed(lambda: ours(on_mesh)) for _ in range(repeats)]
+    runs[name] = (len(mesh.devices.flat) if on_mesh else 1, [timed(lambda: ours(on_mesh)) for _ in range(repeats)])
   tokens = BATCH * NEW
   rate = lambda seconds: tokens / statistics.median(seconds)
   best = lambda seconds: tokens / min(seconds)
@@ -134,7 +134,7 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   picked = host_devices.sampler_devices(base_config(), None, params)
   default = "one device" if picked is None else f"{len(picked)} devices"
   return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s), transformers_best=best(theirs_s),
-              ours={name: (rate(s), best(s)) for name, s in runs.items()}, default=default)
+              ours={name: (rate(s), best(s), devices) for name, (devices, s) in runs.items()}, default=default)
 
 
 def main():
@@ -159,15 +159,13 @@ def main():
     print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
           f"first call of ours {r['compile_s']:.1f} s", flush=True)
     flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
-    # Bytes per new token of the decode loop (the prefill's share is left out: it reads the
-    # weights once for all 64 steps), read by each device that decodes.
-    bytes_per_token = ceiling.decode_bytes(SHAPES[shape], 2 if precision == "bf16" else 4, rows=BATCH,
-                                           prompt=PROMPT, new=NEW) / (BATCH * (NEW - 1))
-    for name, (rate, best) in r["ours"].items():
+    for name, (rate, best, devices) in r["ours"].items():
       tag = " (default)" if name == r["default"] else ""
-      devices = 1 if name == "one device" else int(name.split()[0])
-      read = rate * bytes_per_token + (devices - 1) * rate * ceiling.weights_per_token(SHAPES[shape]) * (
-          2 if precision == "bf16" else 4) / BATCH  # each more device reads the weights again for its rows
+      # Bytes per new token of the decode loop (the prefill's share is left out: it reads the
+      # weights once for all 64 steps): each device reads every weight and its own rows' cache.
+      read_per_token = devices * ceiling.decode_bytes(SHAPES[shape], 2 if precision == "bf16" else 4,
+                                                      rows=BATCH // devices, prompt=PROMPT, new=NEW) / (BATCH * (NEW - 1))
+      read = rate * read_per_token
       print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
             f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
             f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling | weights and cache read at "

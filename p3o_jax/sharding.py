@@ -143,16 +143,14 @@ def replicate_onto(tree, mesh: Mesh):
   bench policy's 68 arrays)."""
   target, devices = replicated(mesh), list(mesh.devices.flat)
   leaves, treedef = jax.tree.flatten(tree)
-  if not all(isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == 1
-             for x in leaves):
+  if not all(isinstance(x, jax.Array) and len(x.devices()) == 1 for x in leaves):
     return jax.device_put(tree, target)
-  sources = [x.addressable_data(0) for x in leaves]
-  copies = {d: [x if x.devices() == {d} else None for x in sources] for d in devices}
-  for device, held in copies.items():
-    missing = [i for i, x in enumerate(held) if x is None]
-    for i, copy in zip(missing, jax.device_put([sources[i] for i in missing], device)):
-      held[i] = copy
-  out = [jax.make_array_from_single_device_arrays(x.shape, target, [copies[d][i] for d in devices])
+  per_device = []
+  for device in devices:  # one batched copy per device of the arrays not already on it
+    moved = [i for i, x in enumerate(leaves) if x.devices() != {device}]
+    copied = dict(zip(moved, jax.device_put([leaves[i] for i in moved], device)))
+    per_device.append([copied.get(i, x) for i, x in enumerate(leaves)])
+  out = [jax.make_array_from_single_device_arrays(x.shape, target, [held[i] for held in per_device])
          for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, out)
 

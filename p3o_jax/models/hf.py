@@ -20,7 +20,9 @@ Heads (`head=`):
   None     the causal LM head (`lm_head.weight` / `embed_out.weight`, or tied embeddings).
   'score'  a reward model: `score.weight` [1, D] of *ForSequenceClassification becomes the scalar
            head (no bias) and there is no LM head. Read the reward with
-           `decoder.last_token_scalar`, which picks the same token as HF on left or right padding.
+           `rl.sequences.sequence_scores` (its last layer run at the read token alone) or
+           `decoder.last_token_scalar` on every position's scalar; both pick the same token as HF
+           on left or right padding.
   'value'  a critic: no LM head, scalar head with a bias. The kernel is taken from `score.weight`
            when the checkpoint has one (a critic started from a reward model), the bias starts at 0.
   A scalar head absent from the checkpoint starts as N(0, init_std) with seed `seed`.

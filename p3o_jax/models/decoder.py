@@ -476,8 +476,9 @@ class Decoder(nnx.Module):
     outputs_at: None, or [B, T'] int indices into the chunk: hidden states [B, T', D] at those
     positions only (a reward model's last token, a prefill's last position). The last block then
     runs its queries, attention output and MLP on those rows alone, and its keys and values on
-    all (the cache needs them): the same numbers, and most of a layer's work saved on the others,
-    which XLA cannot leave out by itself once the rows are picked at run time. With scan_layers
+    all (the cache needs them): the same numbers up to float32 rounding, and most of a layer's
+    work saved on the others, which XLA cannot leave out by itself once the rows are picked at
+    run time. With scan_layers
     every layer runs whole and the rows are picked after.
     """
     cfg = self.cfg

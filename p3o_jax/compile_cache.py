@@ -4,7 +4,9 @@ A resumed run, the next stage, or a second `make demo` loads the executables an 
 compiled instead of compiling them again. The cache lives under the user's cache folder
 (`$XDG_CACHE_HOME/p3o_jax/jax`, else `~/.cache/p3o_jax/jax`); `--compile_cache=DIR` or the
 environment variable P3O_JAX_COMPILE_CACHE moves it, and `off` turns it off. Entries are keyed by
-the program, the devices and the compiler flags, so a stale entry is never used.
+the program, the devices and the compiler flags, so a stale entry is never used. In a job of
+several processes every one reads the cache and process 0 writes it (JAX's rule); a pod whose
+hosts should share entries points `--compile_cache` at a common folder or bucket.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 
 import jax
+from etils import epath
 from jax import monitoring
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,8 @@ def enable(directory: str | None = None) -> str | None:
   _listen()
   if directory == "off":
     return None
-  try:
-    os.makedirs(directory, exist_ok=True)
+  try:  # epath: a cache a pod's hosts share may live in a bucket (gs://...)
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
   except OSError as e:  # a read-only home: run without the cache rather than fail
     log.warning("compilation cache off: cannot create %s (%s)", directory, e)
     return None

@@ -179,10 +179,9 @@ def main(argv):
   elif any(v is not None for v in explicit):
     raise app.UsageError("--coordinator_address, --num_processes, --process_id and --local_device_ids "
                          "need --distributed")
-  # One process only: the processes of a job must run the very same executables, and a cache
-  # that one of them reads while another misses would compile them apart.
-  if jax.process_count() == 1:
-    compile_cache.enable(_COMPILE_CACHE.value)
+  # Every process reads the cache; JAX writes it from process 0 only. A process that misses an
+  # entry another one loaded compiles the same program itself, so the job's executables agree.
+  compile_cache.enable(_COMPILE_CACHE.value)
   run(_CONFIG.value, _WORKDIR.value, "; ".join(note for note in (devices_note, memory_note) if note))
 
 

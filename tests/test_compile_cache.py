@@ -14,3 +14,20 @@ def test_second_run_loads_every_program_from_the_cache(tmp_path):
   compiled, loaded = counts(first)
   assert compiled >= 3 and loaded == 0, (compiled, loaded)
   assert counts(second) == (0, compiled)
+
+
+def test_every_process_of_a_job_uses_the_cache_and_counts_its_programs(tmp_path):
+  """Two processes x 1 device, twice with one cache folder. Process 0 writes the entries (JAX's
+  rule) and loads every program the second time. On CPU, JAX keys an entry by the process's own
+  devices, so process 1 compiles its programs again; its count still adds up to process 0's.
+  Both runs log the same metrics."""
+  args = ["--config.stage=sft", "--config.sft.steps=2", f"--compile_cache={tmp_path / 'cache'}"]
+  first = mp.run_main(str(tmp_path / "a"), processes=2, devices=1, args=args, timeout=300)
+  second = mp.run_main(str(tmp_path / "b"), processes=2, devices=1, args=args, timeout=300)
+  counts = lambda out: tuple(int(x) for x in re.search(r"sft: (\d+) programs compiled, (\d+) loaded", out).groups())
+  compiled, loaded = counts(first[0])
+  assert compiled >= 3 and loaded == 0, (compiled, loaded)
+  assert counts(second[0]) == (0, compiled)
+  assert sum(counts(first[1])) == sum(counts(second[1])) == compiled, (counts(first[1]), counts(second[1]))
+  assert mp.assert_metrics_close(str(tmp_path / "a" / "sft" / "metrics.jsonl"),
+                                 str(tmp_path / "b" / "sft" / "metrics.jsonl"), tol=0) == 2

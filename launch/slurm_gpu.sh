@@ -6,6 +6,8 @@
 # (one GPU) when it runs one task per GPU; with one task per node we pass every local GPU
 # explicitly, so each process drives its 8 GPUs and NCCL keeps intra-node traffic on NVLink.
 # Needs a venv made once with `make setup && .venv/bin/pip install 'jax[cuda12]'` on shared storage.
+# Export P3O_JAX_COMPILE_CACHE=<a folder on shared storage> so that every node of a restarted job
+# loads the programs process 0 compiled and wrote there.
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 set -euo pipefail

@@ -44,7 +44,7 @@ def enable(directory: str | None = None) -> str | None:
     return None
   try:  # epath: a cache a pod's hosts share may live in a bucket (gs://...)
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
-  except OSError as e:  # a read-only home: run without the cache rather than fail
+  except (OSError, ImportError) as e:  # a read-only home, a bucket without gcsfs: run without the cache
     log.warning("compilation cache off: cannot create %s (%s)", directory, e)
     return None
   jax.config.update("jax_compilation_cache_dir", directory)

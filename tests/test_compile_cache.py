@@ -31,3 +31,21 @@ def test_every_process_of_a_job_uses_the_cache_and_counts_its_programs(tmp_path)
   assert sum(counts(first[1])) == sum(counts(second[1])) == compiled, (counts(first[1]), counts(second[1]))
   assert mp.assert_metrics_close(str(tmp_path / "a" / "sft" / "metrics.jsonl"),
                                  str(tmp_path / "b" / "sft" / "metrics.jsonl"), tol=0) == 2
+
+
+def test_a_folder_that_cannot_be_made_leaves_the_cache_off_with_a_warning(tmp_path, caplog):
+  import importlib.util
+
+  import jax
+
+  from p3o_jax import compile_cache
+  before = jax.config.jax_compilation_cache_dir
+  (tmp_path / "file").write_text("")
+  bad = [str(tmp_path / "file" / "cache")]  # under a file: mkdir fails
+  if importlib.util.find_spec("gcsfs") is None:
+    bad.append("gs://some-bucket/jax_cache")  # a bucket needs gcsfs
+  for folder in bad:
+    with caplog.at_level("WARNING", logger="p3o_jax.compile_cache"):
+      assert compile_cache.enable(folder) is None
+    assert f"compilation cache off: cannot create {folder}" in caplog.text
+    assert jax.config.jax_compilation_cache_dir == before

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import re
 import sys
 from typing import Any, Callable, Iterator
 
 from p3o_jax import host_devices
+from p3o_jax.rl import algorithms
+from p3o_jax.value_checks import (Check, boolean, integer, is_int, names_from, non_negative, number, one_of,
+                                  positive, probability, string)
 
 log = logging.getLogger(__name__)
 
@@ -44,56 +46,11 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checks
-# A check takes the value and returns None when fine, else what is wrong ("must be > 0, got -1").
-
-Check = Callable[[Any], "str | None"]
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def number(*, gt=None, ge=None, lt=None, le=None, integer=False) -> Check:
-  """A real (or, with integer=True, an int) within the given bounds."""
-  def check(v):
-    if integer and not _is_int(v):
-      return f"must be an int, got {type(v).__name__} {v!r}"
-    if not integer and not _is_number(v):
-      return f"must be a number, got {type(v).__name__} {v!r}"
-    if not math.isfinite(v):
-      return f"must be finite, got {v}"
-    for bound, ok, sign in ((gt, lambda: v > gt, ">"), (ge, lambda: v >= ge, ">="),
-                            (lt, lambda: v < lt, "<"), (le, lambda: v <= le, "<=")):
-      if bound is not None and not ok():
-        return f"must be {sign} {bound}, got {v}"
-    return None
-  return check
-
-
-def integer(**bounds) -> Check:
-  return number(integer=True, **bounds)
-
-
-def one_of(*options) -> Check:
-  def check(v):
-    return None if v in options else f"must be one of {', '.join(map(repr, options))}; got {v!r}"
-  return check
-
-
-def boolean(v):
-  return None if isinstance(v, bool) else f"must be True or False, got {type(v).__name__} {v!r}"
-
-
-def string(v):
-  return None if isinstance(v, str) else f"must be a string, got {type(v).__name__} {v!r}"
-
+# The value checks (number, one_of, ...) live in value_checks; the ones below need this project's
+# own parsers.
 
 def mesh_size(v):
-  if _is_int(v) and (v == -1 or v >= 1):
+  if is_int(v) and (v == -1 or v >= 1):
     return None
   return f"must be a positive int or -1 (use the remaining devices), got {v!r}"
 
@@ -110,19 +67,6 @@ def sampler_cpu_devices(v):
   return None if host_devices.is_auto(v) else cpu_devices(v)
 
 
-def names_from(*options) -> Check:
-  """A tuple / list of names, each one of `options` (e.g. pipeline.algos)."""
-  def check(v):
-    if isinstance(v, str) or not isinstance(v, (tuple, list)) or not v:
-      return f"must be a non-empty tuple of names from {options}, got {v!r}"
-    bad = [x for x in v if x not in options]
-    return f"has unknown names {bad}; known: {', '.join(options)}" if bad else None
-  return check
-
-
-positive = number(gt=0)
-non_negative = number(ge=0)
-probability = number(ge=0, le=1)
 positive_int = integer(ge=1)
 non_negative_int = integer(ge=0)
 
@@ -260,7 +204,6 @@ def _micro_batches(prompts, num_minibatches, micro):
 
 
 def _k_fits_algo(algo, k):
-  from p3o_jax.rl import algorithms  # late: algorithm modules use this module's checks
   return algorithms.get(algo).k_problem(k) if algo in algorithms.REGISTRY else None
 
 
@@ -328,7 +271,6 @@ def all_paths(config, prefix: str = "") -> list[str]:
 def schema() -> dict[str, Check]:
   """SCHEMA plus what the algorithm registry declares: the names `rl.algo` and `pipeline.algos`
   take, and each algorithm's own options."""
-  from p3o_jax.rl import algorithms  # late: algorithm modules use this module's checks
   names = algorithms.names()
   out = {**SCHEMA, "rl.algo": one_of(*names), "pipeline.algos": names_from(*names)}
   out.update({f"rl.{name}": check for name, (_, check) in algorithms.options().items() if check is not None})

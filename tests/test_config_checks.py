@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from p3o_jax import config_checks
+from p3o_jax import config_checks, value_checks
 from p3o_jax.config_checks import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_algorithm_choices_and_options_come_from_the_registry():
     toy_option: float
 
   toy = type("Toy", (algorithms.Algorithm,), {"name": "toy_algo", "Hyper": Hyper,
-                                              "options": {"toy_option": (1.5, config_checks.positive)}})
+                                              "options": {"toy_option": (1.5, value_checks.positive)}})
   algorithms.register(toy)
   try:
     c = config_base.base_config()

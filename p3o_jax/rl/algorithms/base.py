@@ -121,7 +121,7 @@ class Algorithm:
 
   name: ClassVar[str]
   Hyper: ClassVar[type]                        # frozen dataclass of the config.rl fields it reads
-  # config.rl fields this algorithm adds: name -> (default, check(value) -> problem or None)
+  # config.rl fields this algorithm adds: name -> (default, check(value) -> problem or None; p3o_jax/value_checks.py)
   options: ClassVar[dict[str, tuple[Any, Callable]]] = {}
   weight_level: ClassVar[str | None] = "token"  # rollout IS weights per 'token', 'sequence', or None
   uses_critic: ClassVar[bool] = False

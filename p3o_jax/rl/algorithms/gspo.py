@@ -10,7 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import config_checks as checks
+from p3o_jax import value_checks as checks
 from p3o_jax import losses
 from p3o_jax.rl.algorithms.base import Algorithm, register
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 from p3o_jax import host_devices
 from p3o_jax.rl import algorithms
-from p3o_jax.value_checks import (Check, boolean, integer, is_int, names_from, non_negative, number, one_of,
-                                  positive, probability, string)
+from p3o_jax.value_checks import (Check, boolean, integer, is_int, names_from, non_negative, non_negative_int, number,
+                                  one_of, positive, positive_int, probability, string)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checks
-# The value checks (number, one_of, ...) live in value_checks; the ones below need this project's
-# own parsers.
+# The generic value checks (number, one_of, positive_int, ...) live in value_checks; these few
+# know this project's fields (mesh sizes, CPU device counts).
 
 def mesh_size(v):
   if is_int(v) and (v == -1 or v >= 1):
@@ -67,8 +67,6 @@ def sampler_cpu_devices(v):
   return None if host_devices.is_auto(v) else cpu_devices(v)
 
 
-positive_int = integer(ge=1)
-non_negative_int = integer(ge=0)
 
 
 # ----------------------------------------------------------------------------- the schema

@@ -67,3 +67,5 @@ def names_from(*options) -> Check:
 positive = number(gt=0)
 non_negative = number(ge=0)
 probability = number(ge=0, le=1)
+positive_int = integer(ge=1)
+non_negative_int = integer(ge=0)

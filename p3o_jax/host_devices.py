@@ -30,9 +30,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Policies up to this size decode on one CPU device per core under sampler.cpu_devices='auto':
-# measured on 2 cores (README, Benchmarks), a 0.5M-parameter policy samples 1.4-1.6x faster on 2
-# devices, a 3M one 1.2x, and a Pythia-70M-shaped one (70M) 1.6x slower: each device then reads
-# all the weights at every step.
+# measured on 2 cores (README, Benchmarks; docs/speed.md), a 0.5M-parameter policy samples
+# 1.4-1.6x faster on 2 devices, a 3M one 1.2x, and a Pythia-70M-shaped one (70M) 1.6x slower:
+# each device then reads all the weights at every step.
 SAMPLE_PER_CORE_MAX_PARAMS = 20_000_000
 
 

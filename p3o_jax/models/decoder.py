@@ -308,7 +308,7 @@ class Attention(nnx.Module):
     has as many heads, so a step runs one projection dot instead of three. A decode step's dots
     have few rows and are bound by reading their weights, and each dot is a task of its own for
     XLA:CPU's threads; on a 2-core Zen 4 one stacked dot made the Pythia-70M shape's decode step
-    4-8% faster (README, bench/sampler.py). The new axis is unsharded, so any head sharding
+    4-8% faster (docs/speed.md, bench/sampler.py). The new axis is unsharded, so any head sharding
     carries over."""
     names = ("q", "k", "v") if self.cfg.num_heads == self.cfg.kv_heads else ("k", "v")
     stack = lambda suffix, axis: jax.lax.optimization_barrier(  # laid out once, before the loop

@@ -27,8 +27,9 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-  out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  out = dict(os.environ)
+  kept = [f for f in out.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  out.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *kept]), JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
              OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return out

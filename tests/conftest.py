@@ -1,4 +1,5 @@
-"""Test-wide settings: CPU only, no network, fp32 matmuls, 8 simulated devices for mesh tests, fast compiles."""
+"""Test-wide settings: CPU only, no network, fp32 matmuls, fast compiles, 8 simulated devices for
+mesh tests."""
 import os
 
 # The tests' models are tiny, so compiling is most of their time: XLA is told to compile fast rather

@@ -67,8 +67,6 @@ def sampler_cpu_devices(v):
   return None if host_devices.is_auto(v) else cpu_devices(v)
 
 
-
-
 # ----------------------------------------------------------------------------- the schema
 
 SCHEMA: dict[str, Check] = {

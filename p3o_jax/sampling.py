@@ -137,39 +137,50 @@ def _block_size(size: int) -> int:
   return min(divisors, key=lambda d: abs(d - target)) if divisors else target
 
 
-def inverse_cdf(weights, u, block: int | None = None):
+def inverse_cdf(weights, u, block: int | None = None, axis: int = -1):
   """Sample index i of each row with probability weights[i] / sum(weights), given u ~ U[0, 1).
 
-  weights: [R, C] >= 0 with a positive entry per row; u: [R]. Returns [R] int32: the first
-  index whose running sum exceeds u * total. Two levels (block sums, then one block) keep the
-  scans short, and one uniform per row replaces the C Gumbel draws of `categorical`, which
-  dominate a decode step's cost on CPU at LM vocabulary sizes. An index of zero weight is never
-  returned: the target is kept strictly below each total, and the chosen index is where the
-  running sum strictly increases.
+  weights: [R, C] >= 0 with a positive entry per row (or [C, R] with axis=0, the layout a
+  vocabulary-first head gives); u: [R]. Returns [R] int32: the first index whose running sum
+  exceeds u * total. Two levels (block sums, then one block) keep the scans short, and one
+  uniform per row replaces the C Gumbel draws of `categorical`, which dominate a decode step's
+  cost on CPU at LM vocabulary sizes. An index of zero weight is never returned: the target is
+  kept strictly below each total, and the chosen index is where the running sum strictly
+  increases.
   """
-  R, C = weights.shape
+  vocab_first = axis % weights.ndim == 0
+  C = weights.shape[0 if vocab_first else 1]
   block = min(block or _block_size(C), C)
   num_blocks = -(-C // block)
-  w = jnp.pad(weights, ((0, 0), (0, num_blocks * block - C))).reshape(R, num_blocks, block)
-  block_mass = w.sum(-1)                                      # [R, num_blocks]
+  pad = num_blocks * block - C
+  if vocab_first:  # the sums over C on the [C, R] array; the scans on the small [R, ...] results
+    w = jnp.pad(weights, ((0, pad), (0, 0))).reshape(num_blocks, block, -1)
+    block_mass = w.sum(1).T                                   # [R, num_blocks]
+    pick = lambda b: jnp.take_along_axis(w, b[None, None, :], axis=0)[0].T
+  else:
+    w = jnp.pad(weights, ((0, 0), (0, pad))).reshape(-1, num_blocks, block)
+    block_mass = w.sum(-1)                                    # [R, num_blocks]
+    pick = lambda b: jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]
   cum = jnp.cumsum(block_mass, axis=-1)
   target = jnp.minimum(u * cum[:, -1], _below(cum[:, -1]))
   b = jnp.sum(cum <= target[:, None], axis=-1)               # first block whose running sum > target
   before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
-  in_block = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [R, block]
-  cum_in = jnp.cumsum(in_block, axis=-1)
+  cum_in = jnp.cumsum(pick(b), axis=-1)                      # [R, block]
   rest = jnp.minimum(target - before, _below(cum_in[:, -1]))
   j = jnp.sum(cum_in <= rest[:, None], axis=-1)
   return (b * block + j).astype(jnp.int32)
 
 
-def _choose(logits, probs, u, *, greedy: bool, top_k: int, use_top_p: bool, top_p):
-  """Pick one token per row. logits: [R, V] float32, temperature-scaled, -inf where forbidden;
-  probs: [R, V] the matching unnormalised exp(logits - max); u: [R] uniform draws."""
+def _choose(logits, probs, u, *, vocab_axis: int, greedy: bool, top_k: int, use_top_p: bool, top_p):
+  """Pick one token per row. logits: [R, V] (vocab_axis=1) or [V, R] (vocab_axis=0) float32,
+  temperature-scaled, -inf where forbidden; probs: the matching unnormalised exp(logits - max);
+  u: [R] uniform draws."""
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=vocab_axis).astype(jnp.int32)
   if top_k == 0 and not use_top_p:
-    return inverse_cdf(probs, u)
+    return inverse_cdf(probs, u, axis=vocab_axis)
+  if vocab_axis == 0:  # top_k works along the last axis
+    logits, probs = logits.T, probs.T
   # Work on the candidates in descending order: the top-k (cheap partial sort) or the whole
   # vocabulary (top-p only), then map the chosen rank back to its token id.
   k = top_k or logits.shape[-1]
@@ -214,7 +225,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
                           cache, 0, outputs_at=last)
     first_logits = model.logits(hidden)[:, 0]  # [B, V]
     model.stack_projections()  # the loop's weights as it reads them best, laid out once
-    step_logits = model.repeated_logits()
+    step_logits, vocab_first = model.decoding_logits()  # [R, V], or [V, R] where that is faster
 
     # 2. Broadcast to K samples per prompt: row b*K + k.
     rep = lambda x: jnp.repeat(x, K, axis=0)
@@ -225,18 +236,20 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     key_valid_prompt = jnp.pad(prompt_valid, ((0, 0), (0, N)))  # [R, S]; generated slots added per step
     is_eos = jnp.arange(first_logits.shape[-1]) == eos_id
 
-    def emit(state: _Loop, logits) -> _Loop:
-      """Sample token `state.step` from [R, V] logits and write it (pad once a row is done)."""
+    def emit(state: _Loop, logits, vocab_axis: int = 1) -> _Loop:
+      """Sample token `state.step` from [R, V] logits (or [V, R] with vocab_axis=0) and write it
+      (pad once a row is done)."""
       step = state.step
       scaled = logits.astype(jnp.float32) / temperature
-      peak = jnp.max(scaled, axis=-1, keepdims=True)
+      peak = jnp.max(scaled, axis=vocab_axis, keepdims=True)
       probs = jnp.exp(scaled - peak)  # one exp over V serves both log Z and the sampler
-      log_z = jnp.log(probs.sum(-1)) + peak[:, 0]
-      forbid = is_eos & (step < min_new_tokens)
+      log_z = jnp.log(probs.sum(vocab_axis)) + jnp.squeeze(peak, vocab_axis)
+      forbid = jnp.expand_dims(is_eos, 1 - vocab_axis) & (step < min_new_tokens)
       token = _choose(jnp.where(forbid, NEG_INF, scaled), jnp.where(forbid, 0.0, probs),
-                      uniforms[step], greedy=greedy, top_k=top_k,
+                      uniforms[step], vocab_axis=vocab_axis, greedy=greedy, top_k=top_k,
                       use_top_p=use_top_p, top_p=top_p)
-      logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
+      logprob = jnp.squeeze(jnp.take_along_axis(scaled, jnp.expand_dims(token, vocab_axis), vocab_axis),
+                            vocab_axis) - log_z
       live = ~state.done
       out_token = jnp.where(live, token, pad_id)
       return _Loop(
@@ -258,7 +271,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
       key_valid = key_valid_prompt | ((slots >= P) & (slots <= P + prev))[None, :]
       hidden, cache = model(state.token[:, None], (prompt_len + prev)[:, None],
                             key_valid[:, None, :], state.cache, P + prev)
-      return emit(state._replace(cache=cache), step_logits(hidden)[:, 0])
+      return emit(state._replace(cache=cache), step_logits(hidden), vocab_axis=0 if vocab_first else 1)
 
     # 3. Token 0 from the prefill, then one forward per further token.
     state = _Loop(step=jnp.int32(0), token=jnp.zeros((R,), jnp.int32),

@@ -139,23 +139,43 @@ def test_scan_layers_samples_the_same_tokens(neox, prompts):
   assert len(set(np.asarray(want.tokens).ravel().tolist())) > 5  # sampled, not one repeated token
 
 
-def test_head_laid_out_for_decoding_samples_the_same_tokens(neox, prompts, monkeypatch):
-  """A CPU fp32 decode loop may read a wide untied head as [V, D] (`Decoder.repeated_logits`: on
-  a CPU with AMX); the tiny model is narrower than that rule's threshold (and this CPU may have no
-  AMX), so setting the threshold to 0 takes the other layout."""
-  _, graph, params = neox
+# The CPU-dependent choice of how a decode loop reads the LM head (Decoder.decoding_logits), each
+# forced through its constants: (REPEATED_HEAD_ROWS_MIN_WIDTH, VOCAB_FIRST_MIN_WIDTH, VOCAB_FIRST_MIN_VOCAB).
+HEAD_LAYOUTS = {"stored": (None, None, 1), "rows": (0, None, 1), "vocab_first": (None, 0, 1)}
+
+
+def use_head_layout(monkeypatch, layout):
+  for name, value in zip(("REPEATED_HEAD_ROWS_MIN_WIDTH", "VOCAB_FIRST_MIN_WIDTH", "VOCAB_FIRST_MIN_VOCAB"),
+                         HEAD_LAYOUTS[layout]):
+    monkeypatch.setattr(decoder, name, value)
+  jax.clear_caches()  # generate's compiled loop does not depend on the constants: trace it anew
+
+
+@pytest.mark.parametrize("kind,layout", [("gpt_neox", "rows"), ("gptj", "vocab_first"), ("gpt2", "vocab_first")])
+def test_head_layouts_for_decoding_sample_the_same_tokens(kind, layout, prompts, tmp_path, monkeypatch):
+  """A CPU fp32 decode loop may read a wide head as [V, D] giving [R, V] logits (a CPU with AMX)
+  or as the left operand giving [V, R] logits, which the token choice then reads in that layout
+  (other CPUs). Forced on tiny models (an untied head; one with a bias; a tied one), each draws
+  the tokens of the stored layout, with and without top-k / top-p (which reads [R, V])."""
+  fx.build(kind, tmp_path)
+  _, graph, params = hf.load(str(tmp_path))
   model = decoder.merge(graph, params)
-  assert model.repeated_logits() == model.logits  # d=64: the head as stored
-  jax.clear_caches()  # generate's compiled loop does not depend on the constant: trace it anew
-  want = sample(graph, params, *prompts, seed=5)
-  monkeypatch.setattr(decoder, "REPEATED_HEAD_ROWS_MIN_WIDTH", 0)
-  assert model.repeated_logits() != model.logits
+  hidden = jax.random.normal(jax.random.key(0), (5, 1, model.cfg.hidden_size))
+  settings = ({}, dict(top_k=6, top_p=0.8))
+  use_head_layout(monkeypatch, "stored")
+  want = [sample(graph, params, *prompts, seed=5, **kw) for kw in settings]
+  use_head_layout(monkeypatch, layout)
+  logits_fn, vocab_first = model.decoding_logits()
+  assert vocab_first == (layout == "vocab_first")
+  logits = np.asarray(logits_fn(hidden))
+  np.testing.assert_allclose(logits.T if vocab_first else logits, np.asarray(model.logits(hidden))[:, 0],
+                             rtol=1e-5, atol=1e-5)
+  got = [sample(graph, params, *prompts, seed=5, **kw) for kw in settings]
   jax.clear_caches()
-  got = sample(graph, params, *prompts, seed=5)
-  jax.clear_caches()
-  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
-  assert len(set(np.asarray(want.tokens).ravel().tolist())) > 5
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g.tokens), np.asarray(w.tokens))
+    np.testing.assert_allclose(np.asarray(g.logprobs), np.asarray(w.logprobs), atol=1e-5)
+    assert len(set(np.asarray(w.tokens).ravel().tolist())) > 5  # sampled, not one repeated token
 
 
 # ----------------------------------------------------------------------------- top-k / top-p
@@ -239,8 +259,9 @@ def test_inverse_cdf_against_searchsorted():
   cdf = np.cumsum(weights.astype(np.float64), -1)
   cdf /= cdf[:, -1:]
   ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
-  for block in (None, 64, 300):  # one block; blocks of 64 (a divisor); 300 forces padding
-    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=2)(weights, u, block))
+  for block, axis in ((None, -1), (64, -1), (300, -1), (64, 0), (300, 0)):  # 300 pads; axis 0: [C, R]
+    given = weights.T if axis == 0 else weights
+    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=(2, 3))(given, u, block, axis))
     assert (weights[np.arange(R), idx] > 0).all()
     gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
     assert ((idx == ref) | (gap < 1e-5)).all() and (idx == ref).mean() > 0.99

@@ -175,11 +175,18 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-# The narrowest head that decoding on a CPU reads as [V, D] (see `Decoder.repeated_logits`);
-# None: never. Measured per CPU: an Intel Xeon with AMX multiplies 16 rows by a [V, D] head of
-# width 512-1024 1.2-2x faster than by the stored [D, V]; an AMD EPYC (Zen 4) 1.13x slower
-# (Pythia-70M shape decode step 20.0 ms with the stored head, 22.7 ms with [V, D]).
-REPEATED_HEAD_ROWS_MIN_WIDTH = 512 if "amx_tile" in _cpu_flags() else None
+_HAS_AMX = "amx_tile" in _cpu_flags()
+# How a float32 decode loop on a CPU reads the LM head (`Decoder.decoding_logits`), measured per
+# CPU with 16 rows. An Intel Xeon with AMX multiplies them by a [V, D] head of width 512-1024
+# 1.2-2x faster than by the stored [D, V]: the narrowest head read that way (None: never).
+REPEATED_HEAD_ROWS_MIN_WIDTH = 512 if _HAS_AMX else None
+# An AMD EPYC (Zen 4) reads the stored [D, V] head as the dot's right operand at about a third of
+# its memory's rate; with the head laid out [V, D] as the LEFT operand the logits come out as
+# [V, B], and the sampler reads them in that layout (docs/speed.md: Pythia-70M 9.2 -> 6.6 ms a
+# step). It pays from D = 512 and a head beyond the caches (V*D >= 4M, 16 MB): at D = 256 or
+# V = 4096 the stored layout is as fast or faster, as it is in bf16.
+VOCAB_FIRST_MIN_WIDTH = None if _HAS_AMX else 512
+VOCAB_FIRST_MIN_VOCAB = 8192
 
 
 class LayerCache(NamedTuple):
@@ -546,20 +553,35 @@ class Decoder(nnx.Module):
     for layer in self.layers:
       layer.attn.stack_projections()
 
-  def repeated_logits(self):
-    """`logits` for a loop that calls it many times with the same weights (decoding). With
-    float32 matmuls on a CPU with AMX an untied head of width D >= 512 is laid out once as
-    [V, D]: XLA:CPU there multiplies 16 rows by it 1.2-2x faster than by the stored [D, V] at
-    D = 512-1024, V = 32000-50304, while at D <= 256 the stored layout is 1.2-2x faster (measured;
-    its bf16 kernels prefer [D, V] throughout), and an AMD EPYC prefers [D, V] at every width
-    (REPEATED_HEAD_ROWS_MIN_WIDTH). Elsewhere the head is used as stored."""
-    fp32 = (self.cfg.matmul_dtype or self.cfg.dtype) == "float32"
-    min_width = REPEATED_HEAD_ROWS_MIN_WIDTH
-    if (self.cfg.tie_embeddings or not self.cfg.lm_head or not fp32 or jax.default_backend() != "cpu"
-        or min_width is None or self.cfg.hidden_size < min_width):
-      return self.logits
-    head = jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))  # one [V, D] copy
-    return lambda hidden: self._vocab_logits(hidden, head, "btd,vd->btv")
+  def decoding_logits(self):
+    """`logits` for a decode loop, which calls it at every step with the same weights: returns
+    (fn, vocab_first), fn mapping the step's hidden [B, 1, D] to float32 logits [B, V], or [V, B]
+    when vocab_first. On a CPU with float32 matmuls the head is laid out once for the way this
+    CPU multiplies 16 rows by it fastest (REPEATED_HEAD_ROWS_MIN_WIDTH, VOCAB_FIRST_MIN_WIDTH);
+    elsewhere it is used as stored."""
+    cfg = self.cfg
+    as_stored = (lambda hidden: self.logits(hidden)[:, 0]), False
+    if (cfg.matmul_dtype or cfg.dtype) != "float32" or jax.default_backend() != "cpu" or not cfg.lm_head:
+      return as_stored
+    width, vocab = cfg.hidden_size, cfg.vocab_size
+    if VOCAB_FIRST_MIN_WIDTH is not None and width >= VOCAB_FIRST_MIN_WIDTH and vocab >= VOCAB_FIRST_MIN_VOCAB:
+      head = self.embed[...] if cfg.tie_embeddings else self._head_rows()
+      def vocab_first(hidden):
+        logits = weight_matmul(cfg, "bd,vd->vb", hidden[:, 0], head, out_dtype=jnp.float32)
+        if cfg.lm_head_bias:
+          logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)[:, None]
+        return logits
+      return vocab_first, True
+    if (REPEATED_HEAD_ROWS_MIN_WIDTH is not None and width >= REPEATED_HEAD_ROWS_MIN_WIDTH
+        and not cfg.tie_embeddings):
+      head = self._head_rows()
+      return (lambda hidden: self._vocab_logits(hidden, head, "btd,vd->btv")[:, 0]), False
+    return as_stored
+
+  def _head_rows(self):
+    """The untied head as one [V, D] copy, made once (the barrier keeps XLA from folding the
+    transpose back into each use)."""
+    return jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))
 
   def scalar(self, hidden):
     """[B, T, D] -> [B, T] float32 value / reward at every position."""

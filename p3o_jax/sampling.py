@@ -137,50 +137,79 @@ def _block_size(size: int) -> int:
   return min(divisors, key=lambda d: abs(d - target)) if divisors else target
 
 
-def inverse_cdf(weights, u, block: int | None = None, axis: int = -1):
+def inverse_cdf(weights, u, block: int | None = None):
   """Sample index i of each row with probability weights[i] / sum(weights), given u ~ U[0, 1).
 
-  weights: [R, C] >= 0 with a positive entry per row (or [C, R] with axis=0, the layout a
-  vocabulary-first head gives); u: [R]. Returns [R] int32: the first index whose running sum
-  exceeds u * total. Two levels (block sums, then one block) keep the scans short, and one
-  uniform per row replaces the C Gumbel draws of `categorical`, which dominate a decode step's
-  cost on CPU at LM vocabulary sizes. An index of zero weight is never returned: the target is
-  kept strictly below each total, and the chosen index is where the running sum strictly
-  increases.
+  weights: [R, C] >= 0 with a positive entry per row; u: [R]. Returns [R] int32: the first
+  index whose running sum exceeds u * total. Two levels (block sums, then one block) keep the
+  scans short, and one uniform per row replaces the C Gumbel draws of `categorical`, which
+  dominate a decode step's cost on CPU at LM vocabulary sizes. An index of zero weight is never
+  returned: the target is kept strictly below each total, and the chosen index is where the
+  running sum strictly increases.
   """
-  vocab_first = axis % weights.ndim == 0
-  C = weights.shape[0 if vocab_first else 1]
+  R, C = weights.shape
   block = min(block or _block_size(C), C)
   num_blocks = -(-C // block)
-  pad = num_blocks * block - C
-  if vocab_first:  # the sums over C on the [C, R] array; the scans on the small [R, ...] results
-    w = jnp.pad(weights, ((0, pad), (0, 0))).reshape(num_blocks, block, -1)
-    block_mass = w.sum(1).T                                   # [R, num_blocks]
-    pick = lambda b: jnp.take_along_axis(w, b[None, None, :], axis=0)[0].T
-  else:
-    w = jnp.pad(weights, ((0, 0), (0, pad))).reshape(-1, num_blocks, block)
-    block_mass = w.sum(-1)                                    # [R, num_blocks]
-    pick = lambda b: jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]
+  w = jnp.pad(weights, ((0, 0), (0, num_blocks * block - C))).reshape(R, num_blocks, block)
+  pick = lambda b: jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]
+  return _two_level_search(w.sum(-1), pick, u, block)
+
+
+def _two_level_search(block_mass, pick, u, block: int):
+  """`inverse_cdf`'s search: block_mass [R, num_blocks] >= 0; pick(b) -> [R, block] the weights
+  of block b[r] of each row."""
   cum = jnp.cumsum(block_mass, axis=-1)
   target = jnp.minimum(u * cum[:, -1], _below(cum[:, -1]))
   b = jnp.sum(cum <= target[:, None], axis=-1)               # first block whose running sum > target
   before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
-  cum_in = jnp.cumsum(pick(b), axis=-1)                      # [R, block]
+  cum_in = jnp.cumsum(pick(b), axis=-1)
   rest = jnp.minimum(target - before, _below(cum_in[:, -1]))
   j = jnp.sum(cum_in <= rest[:, None], axis=-1)
   return (b * block + j).astype(jnp.int32)
 
 
-def _choose(logits, probs, u, *, vocab_axis: int, greedy: bool, top_k: int, use_top_p: bool, top_p):
-  """Pick one token per row. logits: [R, V] (vocab_axis=1) or [V, R] (vocab_axis=0) float32,
-  temperature-scaled, -inf where forbidden; probs: the matching unnormalised exp(logits - max);
-  u: [R] uniform draws."""
+def sample_vocab_first(logits, u, temperature, eos_id: int, eos_forbidden):
+  """Sample one token per row from [V, R] logits (a vocabulary-first head's output), at
+  temperature T, with EOS excluded while eos_forbidden: the distribution `inverse_cdf` draws from
+  in the [R, V] layout, at the same uniform u [R].
+
+  Returns (token [R] int32, log softmax(logits / T) at the token [R], EOS's mass included). Two
+  passes read all V x R logits, the peak and each block's mass; the chosen block's weights, EOS's
+  block without EOS and the token's logit are gathered afterwards and recomputed. (The [R, V]
+  layout's own steps, run on [V, R], write three V x R intermediates, and a mask inside the block
+  sums keeps XLA from fusing them: either cost as much as the layout saves.)
+  """
+  V, R = logits.shape
+  block = _block_size(V)
+  num_blocks = -(-V // block)
+  logits = logits.astype(jnp.float32)
+  peak = jnp.max(logits, axis=0) / temperature  # max(logits / T): dividing by T > 0 keeps the order
+  padded = jnp.pad(logits, ((0, num_blocks * block - V), (0, 0)), constant_values=NEG_INF)
+  padded = padded.reshape(num_blocks, block, R)
+  block_mass = jnp.exp(padded / temperature - peak).sum(1).T                     # [R, num_blocks]
+  log_z = jnp.log(block_mass.sum(-1)) + peak
+
+  def weights(x, x_peak, ids):  # exp(x / T - peak), EOS's weight 0 while forbidden
+    return jnp.where((ids == eos_id) & eos_forbidden, 0.0, jnp.exp(x / temperature - x_peak))
+  eos_block = eos_id // block
+  without_eos = weights(padded[eos_block], peak, eos_block * block + jnp.arange(block)[:, None]).sum(0)
+  draw_mass = block_mass.at[:, eos_block].set(without_eos)
+
+  def pick(b):  # [R, block]: the weights of block b[r] of row r
+    in_block = jnp.take_along_axis(padded, b[None, None, :], axis=0)[0].T
+    return weights(in_block, peak[:, None], b[:, None] * block + jnp.arange(block))
+  token = _two_level_search(draw_mass, pick, u, block)
+  logprob = jnp.take_along_axis(logits, token[None, :], axis=0)[0] / temperature - log_z
+  return token, logprob
+
+
+def _choose(logits, probs, u, *, greedy: bool, top_k: int, use_top_p: bool, top_p):
+  """Pick one token per row. logits: [R, V] float32, temperature-scaled, -inf where forbidden;
+  probs: [R, V] the matching unnormalised exp(logits - max); u: [R] uniform draws."""
   if greedy:
-    return jnp.argmax(logits, axis=vocab_axis).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if top_k == 0 and not use_top_p:
-    return inverse_cdf(probs, u, axis=vocab_axis)
-  if vocab_axis == 0:  # top_k works along the last axis
-    logits, probs = logits.T, probs.T
+    return inverse_cdf(probs, u)
   # Work on the candidates in descending order: the top-k (cheap partial sort) or the whole
   # vocabulary (top-p only), then map the chosen rank back to its token id.
   k = top_k or logits.shape[-1]
@@ -225,7 +254,9 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
                           cache, 0, outputs_at=last)
     first_logits = model.logits(hidden)[:, 0]  # [B, V]
     model.stack_projections()  # the loop's weights as it reads them best, laid out once
-    step_logits, vocab_first = model.decoding_logits()  # [R, V], or [V, R] where that is faster
+    # [R, V] logits, or [V, R] where that is faster and the token choice can read them so
+    step_logits, vocab_first = model.decoding_logits(
+        allow_vocab_first=not (greedy or top_k or use_top_p))
 
     # 2. Broadcast to K samples per prompt: row b*K + k.
     rep = lambda x: jnp.repeat(x, K, axis=0)
@@ -236,20 +267,27 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     key_valid_prompt = jnp.pad(prompt_valid, ((0, 0), (0, N)))  # [R, S]; generated slots added per step
     is_eos = jnp.arange(first_logits.shape[-1]) == eos_id
 
-    def emit(state: _Loop, logits, vocab_axis: int = 1) -> _Loop:
-      """Sample token `state.step` from [R, V] logits (or [V, R] with vocab_axis=0) and write it
-      (pad once a row is done)."""
+    def emit(state: _Loop, logits, vocab_first: bool = False) -> _Loop:
+      """Sample token `state.step` from [R, V] logits (or [V, R] if vocab_first: plain sampling
+      only) and write it (pad once a row is done)."""
       step = state.step
+      if vocab_first:
+        token, logprob = sample_vocab_first(logits, uniforms[step], temperature, eos_id,
+                                            step < min_new_tokens)
+        return write(state, token, logprob)
       scaled = logits.astype(jnp.float32) / temperature
-      peak = jnp.max(scaled, axis=vocab_axis, keepdims=True)
+      peak = jnp.max(scaled, axis=-1, keepdims=True)
       probs = jnp.exp(scaled - peak)  # one exp over V serves both log Z and the sampler
-      log_z = jnp.log(probs.sum(vocab_axis)) + jnp.squeeze(peak, vocab_axis)
-      forbid = jnp.expand_dims(is_eos, 1 - vocab_axis) & (step < min_new_tokens)
+      log_z = jnp.log(probs.sum(-1)) + peak[:, 0]
+      forbid = is_eos & (step < min_new_tokens)
       token = _choose(jnp.where(forbid, NEG_INF, scaled), jnp.where(forbid, 0.0, probs),
-                      uniforms[step], vocab_axis=vocab_axis, greedy=greedy, top_k=top_k,
+                      uniforms[step], greedy=greedy, top_k=top_k,
                       use_top_p=use_top_p, top_p=top_p)
-      logprob = jnp.squeeze(jnp.take_along_axis(scaled, jnp.expand_dims(token, vocab_axis), vocab_axis),
-                            vocab_axis) - log_z
+      logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - log_z
+      return write(state, token, logprob)
+
+    def write(state: _Loop, token, logprob) -> _Loop:
+      step = state.step
       live = ~state.done
       out_token = jnp.where(live, token, pad_id)
       return _Loop(
@@ -271,7 +309,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
       key_valid = key_valid_prompt | ((slots >= P) & (slots <= P + prev))[None, :]
       hidden, cache = model(state.token[:, None], (prompt_len + prev)[:, None],
                             key_valid[:, None, :], state.cache, P + prev)
-      return emit(state._replace(cache=cache), step_logits(hidden), vocab_axis=0 if vocab_first else 1)
+      return emit(state._replace(cache=cache), step_logits(hidden), vocab_first)
 
     # 3. Token 0 from the prefill, then one forward per further token.
     state = _Loop(step=jnp.int32(0), token=jnp.zeros((R,), jnp.int32),

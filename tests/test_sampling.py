@@ -154,9 +154,10 @@ def use_head_layout(monkeypatch, layout):
 @pytest.mark.parametrize("kind,layout", [("gpt_neox", "rows"), ("gptj", "vocab_first"), ("gpt2", "vocab_first")])
 def test_head_layouts_for_decoding_sample_the_same_tokens(kind, layout, prompts, tmp_path, monkeypatch):
   """A CPU fp32 decode loop may read a wide head as [V, D] giving [R, V] logits (a CPU with AMX)
-  or as the left operand giving [V, R] logits, which the token choice then reads in that layout
-  (other CPUs). Forced on tiny models (an untied head; one with a bias; a tied one), each draws
-  the tokens of the stored layout, with and without top-k / top-p (which reads [R, V])."""
+  or as the left operand giving [V, R] logits, which plain sampling then reads in that layout
+  (`sampling.sample_vocab_first`; other CPUs). Forced on tiny models (an untied head; one with a
+  bias; a tied one), each draws the tokens of the stored layout, with and without top-k / top-p
+  (which read [R, V] logits)."""
   fx.build(kind, tmp_path)
   _, graph, params = hf.load(str(tmp_path))
   model = decoder.merge(graph, params)
@@ -165,8 +166,9 @@ def test_head_layouts_for_decoding_sample_the_same_tokens(kind, layout, prompts,
   use_head_layout(monkeypatch, "stored")
   want = [sample(graph, params, *prompts, seed=5, **kw) for kw in settings]
   use_head_layout(monkeypatch, layout)
-  logits_fn, vocab_first = model.decoding_logits()
+  logits_fn, vocab_first = model.decoding_logits(allow_vocab_first=True)
   assert vocab_first == (layout == "vocab_first")
+  assert not model.decoding_logits()[1]  # not where the caller cannot read it (top-k, top-p, greedy)
   logits = np.asarray(logits_fn(hidden))
   np.testing.assert_allclose(logits.T if vocab_first else logits, np.asarray(model.logits(hidden))[:, 0],
                              rtol=1e-5, atol=1e-5)
@@ -259,12 +261,39 @@ def test_inverse_cdf_against_searchsorted():
   cdf = np.cumsum(weights.astype(np.float64), -1)
   cdf /= cdf[:, -1:]
   ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
-  for block, axis in ((None, -1), (64, -1), (300, -1), (64, 0), (300, 0)):  # 300 pads; axis 0: [C, R]
-    given = weights.T if axis == 0 else weights
-    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=(2, 3))(given, u, block, axis))
+  for block in (None, 64, 300):  # one block; blocks of 64 (a divisor); 300 forces padding
+    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=2)(weights, u, block))
     assert (weights[np.arange(R), idx] > 0).all()
     gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
     assert ((idx == ref) | (gap < 1e-5)).all() and (idx == ref).mean() > 0.99
+
+
+@pytest.mark.parametrize("eos_forbidden", [False, True])
+def test_sample_vocab_first_against_numpy(eos_forbidden):
+  """[V, R] logits: the token is the inverse CDF of softmax(logits / T) (EOS left out while
+  forbidden) at u, and its log-prob the full log-softmax's, EOS included (NumPy, float64)."""
+  rng = np.random.default_rng(1)
+  V, R, T, eos = 1009, 300, 0.7, 3  # V prime: the last block is padded
+  logits = (rng.standard_normal((V, R)) * 3).astype(np.float32)
+  logits[eos] += 4.0  # EOS likely: leaving it out matters
+  u = rng.random(R).astype(np.float32)
+  u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+  fn = jax.jit(sampling.sample_vocab_first, static_argnums=3)
+  token, logprob = map(np.asarray, fn(logits, u, jnp.float32(T), eos, jnp.bool_(eos_forbidden)))
+  scaled = logits.astype(np.float64).T / T                              # [R, V]
+  log_softmax = scaled - scaled.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  weights = np.exp(log_softmax)
+  if eos_forbidden:
+    weights[:, eos] = 0
+  cdf = np.cumsum(weights, -1)
+  cdf /= cdf[:, -1:]
+  ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
+  assert (weights[np.arange(R), token] > 0).all()
+  gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
+  assert ((token == ref) | (gap < 1e-5)).all() and (token == ref).mean() > 0.99
+  np.testing.assert_allclose(logprob, log_softmax[np.arange(R), token], rtol=1e-5, atol=1e-5)
+  assert (token == eos).any() != eos_forbidden
 
 
 # ----------------------------------------------------------------------------- EOS, early stop

@@ -180,11 +180,12 @@ _HAS_AMX = "amx_tile" in _cpu_flags()
 # CPU with 16 rows. An Intel Xeon with AMX multiplies them by a [V, D] head of width 512-1024
 # 1.2-2x faster than by the stored [D, V]: the narrowest head read that way (None: never).
 REPEATED_HEAD_ROWS_MIN_WIDTH = 512 if _HAS_AMX else None
-# An AMD EPYC (Zen 4) reads the stored [D, V] head as the dot's right operand at about a third of
-# its memory's rate; with the head laid out [V, D] as the LEFT operand the logits come out as
-# [V, B], and the sampler reads them in that layout (docs/speed.md: Pythia-70M 9.2 -> 6.6 ms a
-# step). It pays from D = 512 and a head beyond the caches (V*D >= 4M, 16 MB): at D = 256 or
-# V = 4096 the stored layout is as fast or faster, as it is in bf16.
+# An AMD EPYC (Zen 4) multiplies 16 rows by the stored [D, V] head, the dot's right operand, at a
+# third of its memory's read rate. Laid out [V, D] as the LEFT operand, the logits come out [V, B]
+# and plain sampling reads them in that layout (`sampling.sample_vocab_first`): head and sampling
+# 1.15-1.7x faster alone at D = 512-2048, V = 16K-152K, the Pythia-70M decode loop 2-6% (its head
+# is a third of a step; docs/speed.md). At D = 256, V = 4096 or in bf16 the stored layout is as
+# fast or faster.
 VOCAB_FIRST_MIN_WIDTH = None if _HAS_AMX else 512
 VOCAB_FIRST_MIN_VOCAB = 8192
 
@@ -553,18 +554,19 @@ class Decoder(nnx.Module):
     for layer in self.layers:
       layer.attn.stack_projections()
 
-  def decoding_logits(self):
+  def decoding_logits(self, allow_vocab_first: bool = False):
     """`logits` for a decode loop, which calls it at every step with the same weights: returns
     (fn, vocab_first), fn mapping the step's hidden [B, 1, D] to float32 logits [B, V], or [V, B]
-    when vocab_first. On a CPU with float32 matmuls the head is laid out once for the way this
-    CPU multiplies 16 rows by it fastest (REPEATED_HEAD_ROWS_MIN_WIDTH, VOCAB_FIRST_MIN_WIDTH);
-    elsewhere it is used as stored."""
+    when vocab_first (only where allowed: the caller reads that layout). On a CPU with float32
+    matmuls the head is laid out once for the way this CPU multiplies 16 rows by it fastest
+    (REPEATED_HEAD_ROWS_MIN_WIDTH, VOCAB_FIRST_MIN_WIDTH); elsewhere it is used as stored."""
     cfg = self.cfg
     as_stored = (lambda hidden: self.logits(hidden)[:, 0]), False
     if (cfg.matmul_dtype or cfg.dtype) != "float32" or jax.default_backend() != "cpu" or not cfg.lm_head:
       return as_stored
     width, vocab = cfg.hidden_size, cfg.vocab_size
-    if VOCAB_FIRST_MIN_WIDTH is not None and width >= VOCAB_FIRST_MIN_WIDTH and vocab >= VOCAB_FIRST_MIN_VOCAB:
+    if (allow_vocab_first and VOCAB_FIRST_MIN_WIDTH is not None and width >= VOCAB_FIRST_MIN_WIDTH
+        and vocab >= VOCAB_FIRST_MIN_VOCAB):
       head = self.embed[...] if cfg.tie_embeddings else self._head_rows()
       def vocab_first(hidden):
         logits = weight_matmul(cfg, "bd,vd->vb", hidden[:, 0], head, out_dtype=jnp.float32)

@@ -9,7 +9,9 @@ max_new_tokens so EOS never ends a row early, KV cache on. Each is warmed up (JA
 there), then timed `--repeats` times in a row; the median is reported, and the best run, which
 is less sensitive to other load on the machine (torch's threads suffer most from it: measure on
 an idle machine). JAX runs with its default matmul precision (the tests force 'highest'); torch
-uses as many threads as there are cores.
+uses as many threads as there are cores. Ours runs under the malloc setting `python -m p3o_jax.main`
+makes on a CPU (p3o_jax/host_memory.py), as an RL run's sampler does; transformers runs in processes
+of its own, as its users run it (the ratio) and with that setting too ("the same setting").
 
 Ours runs twice: on one device, and data-parallel over `--devices` host devices (default: one
 per core, made with --xla_force_host_platform_device_count) with `generate(..., mesh=...)`, each
@@ -32,6 +34,7 @@ MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32,
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -50,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from p3o_jax import host_devices, sampling, sharding  # noqa: E402
+from p3o_jax import host_devices, host_memory, sampling, sharding  # noqa: E402
 from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
@@ -83,20 +86,54 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
+def prompt_batch(vocab_size: int) -> np.ndarray:
+  return np.random.default_rng(0).integers(2, vocab_size, (BATCH, PROMPT)).astype(np.int32)
+
+
+def time_transformers(directory: str, precision: str, repeats: int, malloc: str) -> list[float]:
+  """transformers' `generate` on the model saved in `directory`: seconds of `repeats` timed calls
+  after one warm-up, in this process with glibc's malloc as given ('reuse': p3o_jax's setting)."""
+  if malloc == "reuse":
+    host_memory.reuse_freed_memory()
+  torch.set_num_threads(os.cpu_count())
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  model = transformers.GPTNeoXForCausalLM.from_pretrained(directory).eval()
+  if precision == "bf16":
+    model = model.to(torch.bfloat16)
+  ids = torch.as_tensor(prompt_batch(model.config.vocab_size), dtype=torch.long)
+
+  def theirs():
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                           top_k=0, top_p=1.0, min_new_tokens=NEW, max_new_tokens=NEW, use_cache=True,
+                           pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    assert out.shape == (BATCH, PROMPT + NEW)
+  timed(theirs)
+  return [timed(theirs) for _ in range(repeats)]
+
+
+def time_transformers_apart(*args) -> list[float]:
+  """`time_transformers` in a fresh process of its own: glibc's malloc cannot be set back, and
+  torch's worker threads must not spin beside ours."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(time_transformers, args)
+
+
 def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   """precision 'bf16': transformers' model in torch.bfloat16; ours reads bf16 weights into bf16-input,
   fp32-summed matmuls (sampler.param_dtype and sampler.matmul_dtype = bfloat16)."""
   with tempfile.TemporaryDirectory() as directory:
-    model = build_hf(shape, directory)
+    build_hf(shape, directory)
     cfg, graph, params = hf.load(directory)
+    # transformers as its users run it (glibc's default malloc), and with p3o_jax's setting
+    theirs_s = {malloc: time_transformers_apart(directory, precision, repeats, malloc)
+                for malloc in ("default", "reuse")}
   if precision == "bf16":
-    model = model.to(torch.bfloat16)
     graph = decoder.with_matmul_dtype(graph, "bfloat16")
     params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
-  rng = np.random.default_rng(0)
-  prompts = rng.integers(2, cfg.vocab_size, (BATCH, PROMPT)).astype(np.int32)
+  prompts = prompt_batch(cfg.vocab_size)
   mask = np.ones_like(prompts)
-  ids, attention = torch.as_tensor(prompts, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
   keys = iter(jax.random.split(jax.random.key(0), 4 * repeats + 4))
   mesh = sharding.make_mesh(data=-1)
   mesh_params = jax.device_put(params, sharding.replicated(mesh))
@@ -108,23 +145,11 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
     jax.block_until_ready(out)
     assert int(out.lengths.min()) == NEW
 
-  def theirs():
-    with torch.inference_mode():
-      out = model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=1.0,
-                           top_k=0, top_p=1.0, min_new_tokens=NEW, max_new_tokens=NEW, use_cache=True,
-                           pad_token_id=PAD_ID, eos_token_id=EOS_ID)
-    assert out.shape == (BATCH, PROMPT + NEW)
-
   compile_s = timed(lambda: ours(False))
   timed(lambda: ours(True))
-  timed(theirs)
-  # One runtime at a time, with a pause between: interleaving, or starting right after the
-  # other, lets one's still-spinning worker threads (OpenMP, Eigen) slow the other down.
-  time.sleep(1.0)
-  theirs_s = [timed(theirs) for _ in range(repeats)]
   runs = {}
   for name, on_mesh in (("one device", False), (f"{len(mesh.devices.flat)} devices", True)):
-    time.sleep(1.0)
+    time.sleep(1.0)  # one runtime at a time: still-spinning worker threads slow the next one down
     runs[name] = (len(mesh.devices.flat) if on_mesh else 1, [timed(lambda: ours(on_mesh)) for _ in range(repeats)])
   tokens = BATCH * NEW
   rate = lambda seconds: tokens / statistics.median(seconds)
@@ -133,7 +158,8 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   # policy beside a one-device trainer (sampler.cpu_devices='auto'); None: the trainer's one.
   picked = host_devices.sampler_devices(base_config(), None, params)
   default = "one device" if picked is None else f"{len(picked)} devices"
-  return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s), transformers_best=best(theirs_s),
+  return dict(shape=shape, compile_s=compile_s, transformers=rate(theirs_s["default"]),
+              transformers_best=best(theirs_s["default"]), transformers_reuse=rate(theirs_s["reuse"]),
               ours={name: (rate(s), best(s), devices) for name, (devices, s) in runs.items()}, default=default)
 
 
@@ -145,19 +171,23 @@ def main():
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="host devices for the data-parallel run (default: one per core)")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
+  # What `python -m p3o_jax.main` does on a CPU (mesh.cpu_reuse_memory), before JAX allocates: it
+  # keeps freed blocks (e.g. the [V, D] head copy a sampler call makes) instead of page-faulting
+  # them in anew. transformers runs in processes of its own, with and without it.
+  memory_note = host_memory.apply()
   ceilings = {"fp32": ceiling.matmul_ceiling("float32"), "bf16": ceiling.matmul_ceiling("bfloat16")}
   bandwidth = ceiling.read_bandwidth()
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, default matmul precision), torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
         f"batch {BATCH}, prompt {PROMPT}, new tokens {NEW}, median of {args.repeats}; ceilings here "
         f"(XLA, one device): matmul fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 inputs {ceilings['bf16'] / 1e9:.0f} "
-        f"GFLOP/s; memory read {bandwidth / 1e9:.1f} GB/s")
+        f"GFLOP/s; memory read {bandwidth / 1e9:.1f} GB/s; ours: {memory_note}")
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
     r = bench(shape, args.repeats, precision)
-    print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}); "
-          f"first call of ours {r['compile_s']:.1f} s", flush=True)
+    print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}; "
+          f"with p3o_jax's host-memory setting {r['transformers_reuse']:.1f}); first call of ours {r['compile_s']:.1f} s",
+          flush=True)
     flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
     for name, (rate, best, devices) in r["ours"].items():
       tag = " (default)" if name == r["default"] else ""
@@ -169,7 +199,8 @@ def main():
       print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
             f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
             f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling | weights and cache read at "
-            f"{read / 1e9:.1f} GB/s = {read / bandwidth:.0%} of memory's", flush=True)
+            f"{read / 1e9:.1f} GB/s = {read / bandwidth:.0%} of memory's | against transformers with the same "
+            f"setting {rate / r['transformers_reuse']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -540,9 +540,11 @@ class Decoder(nnx.Module):
     return self._vocab_logits(hidden, self.lm_head[...], "btd,dv->btv")
 
   def _vocab_logits(self, hidden, head, subscripts: str):
+    """weight_matmul by the head, plus the head's bias along the output's vocabulary axis v."""
     logits = weight_matmul(self.cfg, subscripts, hidden, head, out_dtype=jnp.float32)
     if self.cfg.lm_head_bias:
-      logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)
+      bias = self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)
+      logits = logits + bias.reshape([-1 if axis == "v" else 1 for axis in subscripts.split("->")[1]])
     return logits
 
   def stack_projections(self):
@@ -568,12 +570,7 @@ class Decoder(nnx.Module):
     if (allow_vocab_first and VOCAB_FIRST_MIN_WIDTH is not None and width >= VOCAB_FIRST_MIN_WIDTH
         and vocab >= VOCAB_FIRST_MIN_VOCAB):
       head = self.embed[...] if cfg.tie_embeddings else self._head_rows()
-      def vocab_first(hidden):
-        logits = weight_matmul(cfg, "bd,vd->vb", hidden[:, 0], head, out_dtype=jnp.float32)
-        if cfg.lm_head_bias:
-          logits = logits + self.lm_head_bias[...].astype(hidden.dtype).astype(jnp.float32)[:, None]
-        return logits
-      return vocab_first, True
+      return (lambda hidden: self._vocab_logits(hidden[:, 0], head, "bd,vd->vb")), True
     if (REPEATED_HEAD_ROWS_MIN_WIDTH is not None and width >= REPEATED_HEAD_ROWS_MIN_WIDTH
         and not cfg.tie_embeddings):
       head = self._head_rows()

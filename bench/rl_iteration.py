@@ -92,13 +92,11 @@ matmul ceiling.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -125,6 +123,7 @@ from p3o_jax.rl.rollout import ModelReward, RunningMoments, make_roller, process
 from p3o_jax.rl.update import make_update  # noqa: E402
 
 import ceiling  # noqa: E402
+import peer_process  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -238,28 +237,6 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
 
 # ----------------------------------------------------------------------------- TRL
 
-def quiet_torch() -> None:
-  """Torch on every core; transformers' and TRL's logs, progress bars and deprecations off."""
-  torch.set_num_threads(os.cpu_count())
-  transformers.logging.set_verbosity_error()
-  transformers.utils.logging.disable_progress_bar()
-  warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / TRL
-
-
-def _trl_child(malloc: str, *args) -> dict:
-  if malloc == "reuse":
-    host_memory.reuse_freed_memory()
-  quiet_torch()
-  return bench_trl(*args)
-
-
-def bench_trl_apart(malloc: str, *args) -> dict:
-  """`bench_trl` in a fresh process of its own, with glibc's malloc as TRL runs it ('default') or
-  with the setting p3o_jax makes on a CPU ('reuse', p3o_jax/host_memory.py)."""
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_trl_child, (malloc, *args))
-
-
 def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
               workdir: str, precision: str = "fp32") -> dict:
   import trl  # noqa: PLC0415  (optional: only this function needs it)
@@ -326,8 +303,9 @@ def bench(shape: str, num_prompts: int, steps: int, warmup: int, device_counts, 
   prompts = rng.integers(1, SHAPES[shape]["vocab_size"], (num_prompts, PROMPT)).astype(np.int32)
   with tempfile.TemporaryDirectory() as directory:
     policy_dir, rm_dir, tokenizer = build_models(shape, directory)
-    theirs, theirs_reuse = (bench_trl_apart(malloc, policy_dir, rm_dir, tokenizer, prompts, steps, warmup,
-                                            directory, precision) for malloc in ("default", "reuse"))
+    # TRL in a process of its own, as its users run it (glibc's malloc) and with p3o_jax's setting
+    theirs, theirs_reuse = (peer_process.run_apart(bench_trl, malloc, policy_dir, rm_dir, tokenizer, prompts, steps,
+                                                   warmup, directory, precision) for malloc in ("default", "reuse"))
     ours = []
     for devices in device_counts:
       # One runtime at a time, with a pause between: one's still-spinning worker threads slow the other.
@@ -350,7 +328,7 @@ def phase_report(shape: str, r: dict, ceilings: dict) -> str:
 
 def main():
   # What `python -m p3o_jax.main` does on a CPU (mesh.cpu_reuse_memory); TRL runs in processes of
-  # its own, with and without it (bench_trl_apart).
+  # its own, with and without it (peer_process.run_apart).
   memory_note = host_memory.apply()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
@@ -365,7 +343,7 @@ def main():
                       help="comma list: fp32 (both sides fp32, TRL's bf16 off) and/or bf16 (TRL bf16=True, "
                            "autocast; ours model.matmul_dtype=bfloat16)")
   args = parser.parse_args()
-  quiet_torch()
+  peer_process.quiet_torch()
   import trl  # noqa: PLC0415
   device_counts = sorted({1, min(args.devices, jax.device_count())})
   ceilings = {dtype: ceiling.matmul_ceiling(dtype) for dtype in ("float32", "bfloat16")}

@@ -34,7 +34,6 @@ MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32,
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
@@ -58,6 +57,7 @@ from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 
 import ceiling  # noqa: E402
+import peer_process  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -90,14 +90,9 @@ def prompt_batch(vocab_size: int) -> np.ndarray:
   return np.random.default_rng(0).integers(2, vocab_size, (BATCH, PROMPT)).astype(np.int32)
 
 
-def time_transformers(directory: str, precision: str, repeats: int, malloc: str) -> list[float]:
+def time_transformers(directory: str, precision: str, repeats: int) -> list[float]:
   """transformers' `generate` on the model saved in `directory`: seconds of `repeats` timed calls
-  after one warm-up, in this process with glibc's malloc as given ('reuse': p3o_jax's setting)."""
-  if malloc == "reuse":
-    host_memory.reuse_freed_memory()
-  torch.set_num_threads(os.cpu_count())
-  transformers.logging.set_verbosity_error()
-  transformers.utils.logging.disable_progress_bar()
+  after one warm-up (in a process of its own: `peer_process.run_apart`)."""
   model = transformers.GPTNeoXForCausalLM.from_pretrained(directory).eval()
   if precision == "bf16":
     model = model.to(torch.bfloat16)
@@ -113,13 +108,6 @@ def time_transformers(directory: str, precision: str, repeats: int, malloc: str)
   return [timed(theirs) for _ in range(repeats)]
 
 
-def time_transformers_apart(*args) -> list[float]:
-  """`time_transformers` in a fresh process of its own: glibc's malloc cannot be set back, and
-  torch's worker threads must not spin beside ours."""
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(time_transformers, args)
-
-
 def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
   """precision 'bf16': transformers' model in torch.bfloat16; ours reads bf16 weights into bf16-input,
   fp32-summed matmuls (sampler.param_dtype and sampler.matmul_dtype = bfloat16)."""
@@ -127,7 +115,7 @@ def bench(shape: str, repeats: int, precision: str = "fp32") -> dict:
     build_hf(shape, directory)
     cfg, graph, params = hf.load(directory)
     # transformers as its users run it (glibc's default malloc), and with p3o_jax's setting
-    theirs_s = {malloc: time_transformers_apart(directory, precision, repeats, malloc)
+    theirs_s = {malloc: peer_process.run_apart(time_transformers, malloc, directory, precision, repeats)
                 for malloc in ("default", "reuse")}
   if precision == "bf16":
     graph = decoder.with_matmul_dtype(graph, "bfloat16")

@@ -25,6 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from p3o_jax import host_devices  # noqa: E402
 from p3o_jax.eval import frontier  # noqa: E402
 
 BASE_SEED = 0  # the shared SFT, reward model and task prompts
@@ -59,8 +60,7 @@ def child_env(compile_cache: str | None = None) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   # One CPU device per run (runs go --jobs at a time, one core each), whatever the caller simulates.
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  env["XLA_FLAGS"] = host_devices.xla_flags_with_device_count(env.get("XLA_FLAGS", ""), 1)
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
   if compile_cache:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # 1.4-1.6x faster on 2 devices, a 3M one 1.2x, and a Pythia-70M-shaped one (70M) 1.6x slower:
 # each device then reads all the weights at every step.
 SAMPLE_PER_CORE_MAX_PARAMS = 20_000_000
+DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"  # XLA:CPU's, read when its backend starts
 
 
 def cores() -> int:
@@ -82,7 +83,14 @@ def sampler_count(config) -> int:
 
 
 def _set_by_xla_flags() -> bool:
-  return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+  return DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+def xla_flags_with_device_count(flags: str, devices: int) -> str:
+  """XLA_FLAGS `flags` with the CPU device count set to `devices` (any count already there
+  dropped): for the environment of a child process that must make exactly that many."""
+  kept = [f for f in flags.split() if DEVICE_COUNT_FLAG not in f]
+  return " ".join([f"--{DEVICE_COUNT_FLAG}={devices}", *kept])
 
 
 def training_devices(mesh_cfg) -> list:

@@ -16,6 +16,8 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
+from p3o_jax import host_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -28,8 +30,7 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
   out = dict(os.environ)
-  kept = [f for f in out.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  out.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *kept]), JAX_PLATFORMS="cpu",
+  out.update(XLA_FLAGS=host_devices.xla_flags_with_device_count(out.get("XLA_FLAGS", ""), devices), JAX_PLATFORMS="cpu",
              HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
              OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return out

@@ -54,6 +54,18 @@ def test_configure_makes_the_devices_in_a_fresh_process():
   assert out.stdout.split()[-1] == "3" and "mesh.cpu_devices=3" in out.stdout
 
 
+def test_a_child_process_gets_exactly_the_device_count_asked_for():
+  flags = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"
+  assert host_devices.xla_flags_with_device_count(flags, 2) == (
+      "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=false")
+  assert host_devices.xla_flags_with_device_count("", 1) == "--xla_force_host_platform_device_count=1"
+  code = "import jax; print(jax.device_count())"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=host_devices.xla_flags_with_device_count(flags, 3))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split()[-1] == "3"
+
+
 def test_sampler_devices_follow_the_setting_and_the_model_size(monkeypatch):
   """sampler.cpu_devices='auto' samples on one device per core when the trainer holds one device
   and the policy is small; a bigger policy, a bigger training mesh or a setting of 1 keep the

@@ -55,8 +55,9 @@ def test_reuse_stops_the_page_faults_of_every_call():
 # An XLA program whose 96 MB scratch (sin(x), materialised for the dot) is more than a worker
 # thread's malloc arena holds: the fewest page faults of a warm call, in a fresh process with
 # p3o_jax.main's CPU setting made first (argv[1] == 'reuse') or not. The fewest, not the median:
-# a kernel that pages out idle memory (Linux's DAMON reclaim, on in some VMs) may take kept pages
-# back between two calls of a loaded machine, while without the setting every call faults.
+# with both cores busy (another process's matmuls) some warm calls still fault the whole block
+# (four in a row, then none, in one of three runs measured so), while without the setting every
+# call faults.
 _XLA_FAULTS = textwrap.dedent("""
     import resource, sys
     from p3o_jax import host_memory

@@ -56,8 +56,9 @@ def test_reuse_stops_the_page_faults_of_every_call():
 # thread's malloc arena holds: the fewest page faults of a warm call, in a fresh process with
 # p3o_jax.main's CPU setting made first (argv[1] == 'reuse') or not. The fewest, not the median:
 # with both cores busy (another process's matmuls) some warm calls still fault the whole block
-# (four in a row, then none, in one of three runs measured so), while without the setting every
-# call faults.
+# (four in a row, then none, in one of three runs measured so; strace shows the heap growing by
+# one block at each, as if the previous call's block were not yet freed), until the kept heap
+# holds enough blocks; without the setting every call faults.
 _XLA_FAULTS = textwrap.dedent("""
     import resource, sys
     from p3o_jax import host_memory

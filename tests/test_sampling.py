@@ -251,6 +251,18 @@ def test_first_token_frequencies_match_the_policy(neox, logits_fn, top_k, top_p)
   np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n) + 1e-3)
 
 
+def assert_inverse_cdf(weights, u, idx):
+  """idx [R] is, row by row, the first index whose running sum of weights [R, C] (normalised, in
+  float64) exceeds u [R] (NumPy's searchsorted), and never an index of zero weight."""
+  R = len(u)
+  cdf = np.cumsum(weights.astype(np.float64), -1)
+  cdf /= cdf[:, -1:]
+  ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
+  assert (weights[np.arange(R), idx] > 0).all()
+  gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
+  assert ((idx == ref) | (gap < 1e-5)).all() and (idx == ref).mean() > 0.99
+
+
 def test_inverse_cdf_against_searchsorted():
   rng = np.random.default_rng(0)
   R = 400
@@ -258,14 +270,8 @@ def test_inverse_cdf_against_searchsorted():
   weights[:, -3:] = 0  # trailing zeros: the largest u must not run past the last positive weight
   u = rng.random(R).astype(np.float32)
   u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
-  cdf = np.cumsum(weights.astype(np.float64), -1)
-  cdf /= cdf[:, -1:]
-  ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
   for block in (None, 64, 300):  # one block; blocks of 64 (a divisor); 300 forces padding
-    idx = np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=2)(weights, u, block))
-    assert (weights[np.arange(R), idx] > 0).all()
-    gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
-    assert ((idx == ref) | (gap < 1e-5)).all() and (idx == ref).mean() > 0.99
+    assert_inverse_cdf(weights, u, np.asarray(jax.jit(sampling.inverse_cdf, static_argnums=2)(weights, u, block)))
 
 
 @pytest.mark.parametrize("eos_forbidden", [False, True])
@@ -286,12 +292,7 @@ def test_sample_vocab_first_against_numpy(eos_forbidden):
   weights = np.exp(log_softmax)
   if eos_forbidden:
     weights[:, eos] = 0
-  cdf = np.cumsum(weights, -1)
-  cdf /= cdf[:, -1:]
-  ref = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(R)])
-  assert (weights[np.arange(R), token] > 0).all()
-  gap = np.abs(cdf[np.arange(R), np.maximum(ref - 1, 0)] - u)  # fp ties at a boundary may differ
-  assert ((token == ref) | (gap < 1e-5)).all() and (token == ref).mean() > 0.99
+  assert_inverse_cdf(weights, u, token)
   np.testing.assert_allclose(logprob, log_softmax[np.arange(R), token], rtol=1e-5, atol=1e-5)
   assert (token == eos).any() != eos_forbidden
 

@@ -1,7 +1,7 @@
 """Response tokens per second of whole RL iterations: p3o_jax P3O (K=2) against TRL's RLOOTrainer.
 
     pip install --no-deps -r requirements-bench.txt   # TRL + accelerate; --no-deps keeps the pinned torch
-    python bench/rl_iteration.py --shape all [--prompts 16] [--steps 4] [--warmup 2] [--old-pass]
+    python bench/rl_iteration.py --shape all [--prompts 16] [--steps 4] [--warmup 2] [--old-pass] [--runs 5]
 
 Not part of `make bench` (TRL is not in requirements-dev.txt) and never run by the tests or CI.
 
@@ -75,6 +75,9 @@ What is matched and what is not:
   * Random draws differ (different RNGs), so the two policies sample different tokens; with
     min_new_tokens = max_new_tokens the shapes, and so the work, are the same.
 
+`--runs N` repeats the whole comparison N times (TRL's processes and ours each time) and then
+prints the median of the runs' ratios, as the targets are stated (bench/runs.py).
+
 Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
 MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
 
@@ -124,6 +127,7 @@ from p3o_jax.rl.update import make_update  # noqa: E402
 
 import ceiling  # noqa: E402
 import peer_process  # noqa: E402
+import runs  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -339,6 +343,9 @@ def main():
                       help="host devices of ours' data-parallel run (one per core by default); ours also runs on one")
   parser.add_argument("--old-pass", action="store_true",
                       help="ours also runs the sampling policy's teacher-forced pass (as TRL's RLOO does)")
+  parser.add_argument("--runs", type=int, default=1,
+                      help="whole runs per shape and precision (TRL and ours each time), then the median of the "
+                           "runs' ratios: the targets read --runs 5")
   parser.add_argument("--precision", default="fp32,bf16",
                       help="comma list: fp32 (both sides fp32, TRL's bf16 off) and/or bf16 (TRL bf16=True, "
                            "autocast; ours model.matmul_dtype=bfloat16)")
@@ -357,20 +364,27 @@ def main():
         flush=True)
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
-    r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision, args.old_pass)
-    theirs, reuse = r["theirs"], r["theirs_reuse"]
-    print(f"{shape:>6} {precision}: TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | rollout share "
-          f"{theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s | with p3o_jax's host-memory "
-          f"setting {reuse['tok_s']:.1f} (best {reuse['best']:.1f})", flush=True)
-    for ours in r["ours"]:
-      print(f"        p3o_jax P3O, {ours['devices']} device(s), old pass {'run' if ours['old_pass'] else 'skipped'}: "
-            f"{ours['tok_s']:8.1f} response tok/s | ratio "
-            f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
-            f"{ours['best'] / theirs['best']:.2f}x) | against TRL with the same setting "
-            f"{ours['tok_s'] / reuse['tok_s']:.2f}x | rollout share {ours['rollout_share']:.0%} | first iteration "
-            f"{ours['first_s']:.1f} s", flush=True)
-      print(f"          phases: {phase_report(shape, ours, ceilings)}", flush=True)
-
+    ratios: dict[int, list[float]] = {}
+    for run in range(args.runs):
+      r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision, args.old_pass)
+      theirs, reuse = r["theirs"], r["theirs_reuse"]
+      tag = f"run {run + 1}/{args.runs} " if args.runs > 1 else ""
+      print(f"{shape:>6} {precision}: {tag}TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | "
+            f"rollout share {theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s | with p3o_jax's "
+            f"host-memory setting {reuse['tok_s']:.1f} (best {reuse['best']:.1f})", flush=True)
+      for ours in r["ours"]:
+        ratios.setdefault(ours["devices"], []).append(ours["tok_s"] / theirs["tok_s"])
+        print(f"        p3o_jax P3O, {ours['devices']} device(s), old pass {'run' if ours['old_pass'] else 'skipped'}: "
+              f"{ours['tok_s']:8.1f} response tok/s | ratio "
+              f"{ours['tok_s'] / theirs['tok_s']:5.2f}x (best iterations: {ours['best']:.1f} vs {theirs['best']:.1f}, "
+              f"{ours['best'] / theirs['best']:.2f}x) | against TRL with the same setting "
+              f"{ours['tok_s'] / reuse['tok_s']:.2f}x | rollout share {ours['rollout_share']:.0%}"
+              + (f" | first iteration {ours['first_s']:.1f} s" if run == 0 else ""), flush=True)
+        print(f"          phases: {phase_report(shape, ours, ceilings)}", flush=True)
+    if args.runs > 1:
+      for devices, each in ratios.items():
+        print(f"{shape:>6} {precision}: p3o_jax, {devices} device(s), against TRL RLOO: {runs.ratio_summary(each)}",
+              flush=True)
 
 if __name__ == "__main__":
   main()

@@ -1,6 +1,6 @@
 """New tokens per second: p3o_jax.sampling.generate against transformers `generate` (torch, CPU).
 
-    python bench/sampler.py --shape all [--repeats 5] [--devices N]
+    python bench/sampler.py --shape all [--repeats 5] [--devices N] [--runs 5]
 
 Both samplers run the SAME random GPT-NeoX weights (a transformers GPTNeoXForCausalLM saved to a
 temp dir and read back with `hf.load`), the same batch of prompts, and generate exactly the same
@@ -26,6 +26,9 @@ and the bytes the decode loop must read (every weight once per step and device, 
 values so far) per second as a share of the measured memory read bandwidth. The Pythia-70M
 shape's step multiplies through 179 MB of fp32 weights, which no cache holds, so reading them
 bounds it; tiny's 1.8 MB stay in cache, and only the matmul ceiling binds it.
+
+`--runs N` repeats the whole comparison N times (transformers' processes and ours each time) and
+then prints the median of the runs' ratios, as the targets are stated (bench/runs.py).
 
 Shapes: tiny (2 layers, d=128, 4 heads, vocab 512) and pythia70m (6 layers, d=512, 8 heads,
 MLP 2048, vocab 50304, rotary_pct 0.25, parallel residual); batch 16, prompt 32, 64 new tokens.
@@ -58,6 +61,7 @@ from p3o_jax.models import decoder, hf  # noqa: E402
 
 import ceiling  # noqa: E402
 import peer_process  # noqa: E402
+import runs  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -156,6 +160,9 @@ def main():
   parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (both samplers)")
+  parser.add_argument("--runs", type=int, default=1,
+                      help="whole runs per shape and precision (transformers and ours each time), then the median "
+                           "of the runs' ratios: the targets read --runs 5")
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="host devices for the data-parallel run (default: one per core)")
   args = parser.parse_args()
@@ -172,23 +179,30 @@ def main():
         f"GFLOP/s; memory read {bandwidth / 1e9:.1f} GB/s; ours: {memory_note}")
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
-    r = bench(shape, args.repeats, precision)
-    print(f"{r['shape']:>10} {precision}: transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}; "
-          f"with p3o_jax's host-memory setting {r['transformers_reuse']:.1f}); first call of ours {r['compile_s']:.1f} s",
-          flush=True)
-    flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
-    for name, (rate, best, devices) in r["ours"].items():
-      tag = " (default)" if name == r["default"] else ""
-      # Bytes per new token of the decode loop (the prefill's share is left out: it reads the
-      # weights once for all 64 steps): each device reads every weight and its own rows' cache.
-      read_per_token = devices * ceiling.decode_bytes(SHAPES[shape], 2 if precision == "bf16" else 4,
-                                                      rows=BATCH // devices, prompt=PROMPT, new=NEW) / (BATCH * (NEW - 1))
-      read = rate * read_per_token
-      print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
-            f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
-            f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling | weights and cache read at "
-            f"{read / 1e9:.1f} GB/s = {read / bandwidth:.0%} of memory's | against transformers with the same "
-            f"setting {rate / r['transformers_reuse']:.2f}x", flush=True)
+    ratios: dict[str, list[float]] = {}
+    for run in range(args.runs):
+      r = bench(shape, args.repeats, precision)
+      tag = f"run {run + 1}/{args.runs} " if args.runs > 1 else ""
+      print(f"{r['shape']:>10} {precision}: {tag}transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}; "
+            f"with p3o_jax's host-memory setting {r['transformers_reuse']:.1f})"
+            + (f"; first call of ours {r['compile_s']:.1f} s" if run == 0 else "; ours compiled in run 1"), flush=True)
+      flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
+      for name, (rate, best, devices) in r["ours"].items():
+        tag = " (default)" if name == r["default"] else ""
+        ratios.setdefault(name + tag, []).append(rate / r["transformers"])
+        # Bytes per new token of the decode loop (the prefill's share is left out: it reads the
+        # weights once for all 64 steps): each device reads every weight and its own rows' cache.
+        read_per_token = devices * ceiling.decode_bytes(SHAPES[shape], 2 if precision == "bf16" else 4,
+                                                        rows=BATCH // devices, prompt=PROMPT, new=NEW) / (BATCH * (NEW - 1))
+        read = rate * read_per_token
+        print(f"{'':>10}  p3o_jax, {name + tag:>20}: {rate:9.1f} new tok/s | ratio {rate / r['transformers']:5.2f}x "
+              f"(best runs: {best / r['transformers_best']:.2f}x) | {rate * flops_per_token / 1e9:.1f} model GFLOP/s = "
+              f"{rate * flops_per_token / ceilings[precision]:.0%} of the {precision} ceiling | weights and cache read at "
+              f"{read / 1e9:.1f} GB/s = {read / bandwidth:.0%} of memory's | against transformers with the same "
+              f"setting {rate / r['transformers_reuse']:.2f}x", flush=True)
+    if args.runs > 1:
+      for name, each in ratios.items():
+        print(f"{shape:>10} {precision}: p3o_jax, {name}, against transformers: {runs.ratio_summary(each)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""bench/accelerator.py --tiny and bench/memory.py run end to end, and their numbers add up."""
+"""bench/accelerator.py --tiny and bench/memory.py run end to end, and their numbers add up; bench/runs.py's
+summary of several runs."""
 
 import math
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -118,3 +121,16 @@ def test_prompt_once_flops_are_what_xla_compiles():
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
     counted = ceiling.prompt_once_flops(shape, prompts=G, rows=G * K, prompt=P, new=R, head=head)
     assert 1.0 <= xla / counted <= 1.25, (head, xla, counted)
+
+
+def test_ratio_summary_reads_the_median_of_the_runs_ratios():
+  """bench/runs.py: the median, best and worst of each run's own ratio, listed in run order."""
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import runs  # noqa: PLC0415
+
+  text = runs.ratio_summary([3.12, 3.50, 3.49, 3.14, 2.70])
+  assert text.startswith("median 3.14x of 5 runs (3.12 / 3.50 / 3.49 / 3.14 / 2.70;")
+  assert text.endswith("best 3.50x, worst 2.70x)")
+  assert runs.ratio_summary([2.0, 4.0]).startswith("median 3.00x of 2 runs")
+  with pytest.raises(ValueError, match="no runs"):
+    runs.ratio_summary([])

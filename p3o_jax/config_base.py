@@ -97,9 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True, wandb=False, wandb_project="p3o_jax",
                                          level="warning"))
   # cpu_devices: the trainer's CPU devices, N or 'cores' (p3o_jax/host_devices.py; measured in
-  # docs/speed.md: 1 is fastest here but at the tiny benchmark shape; the sampler's are sampler.cpu_devices). cpu_reuse_memory: on a CPU run, keep
-  # freed host memory for XLA's next call instead of page-faulting it in again, and run one-device
-  # calls on the calling thread so that their scratch comes from it (p3o_jax/host_memory.py)
+  # docs/speed.md: 1 is fastest here but at the tiny benchmark shape; the sampler's are
+  # sampler.cpu_devices). cpu_reuse_memory: on a CPU run, keep freed host memory for XLA's next
+  # call instead of page-faulting it in again, and run one-device calls on the calling thread so
+  # that their scratch comes from it (p3o_jax/host_memory.py)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices="1", cpu_reuse_memory=True))
   return c
 

@@ -1,6 +1,7 @@
 """bench/accelerator.py --tiny and bench/memory.py run end to end, and their numbers add up; bench/runs.py's
 summary of several runs."""
 
+import importlib
 import math
 import os
 import re
@@ -11,6 +12,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+BENCH = os.path.join(ROOT, "bench")
+
+
+def bench_module(name: str):
+  """A script module of bench/ (a folder of scripts, not a package), imported by name."""
+  if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+  return importlib.import_module(name)
 
 
 def run(*args: str, timeout: int) -> str:
@@ -61,8 +70,7 @@ def test_model_flops_count_every_linear_weight_once_per_token():
   excluded), counted by transformers; a forward is 2 FLOPs per weight per token plus attention."""
   import torch
   import transformers
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
-  import ceiling
+  ceiling = bench_module("ceiling")
   shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80)
   model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape, tie_word_embeddings=False))
   linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -104,8 +112,7 @@ def test_prompt_once_flops_are_what_xla_compiles():
   counted: the band also shows that XLA leaves that block out of the log-prob pass."""
   import jax
   import jax.numpy as jnp
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
-  import ceiling
+  ceiling = bench_module("ceiling")
   from p3o_jax.models import decoder
   from p3o_jax.rl import sequences
   shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80)
@@ -125,8 +132,7 @@ def test_prompt_once_flops_are_what_xla_compiles():
 
 def test_ratio_summary_reads_the_median_of_the_runs_ratios():
   """bench/runs.py: the median, best and worst of each run's own ratio, listed in run order."""
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
-  import runs  # noqa: PLC0415
+  runs = bench_module("runs")
 
   text = runs.ratio_summary([3.12, 3.50, 3.49, 3.14, 2.70])
   assert text.startswith("median 3.14x of 5 runs (3.12 / 3.50 / 3.49 / 3.14 / 2.70;")

@@ -368,8 +368,8 @@ def main():
     for run in range(args.runs):
       r = bench(shape, args.prompts, args.steps, args.warmup, device_counts, precision, args.old_pass)
       theirs, reuse = r["theirs"], r["theirs_reuse"]
-      tag = f"run {run + 1}/{args.runs} " if args.runs > 1 else ""
-      print(f"{shape:>6} {precision}: {tag}TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | "
+      run_tag = f"run {run + 1}/{args.runs} " if args.runs > 1 else ""
+      print(f"{shape:>6} {precision}: {run_tag}TRL RLOO {theirs['tok_s']:8.1f} response tok/s (best {theirs['best']:.1f}) | "
             f"rollout share {theirs['rollout_share']:.0%} | first iteration {theirs['first_s']:.1f} s | with p3o_jax's "
             f"host-memory setting {reuse['tok_s']:.1f} (best {reuse['best']:.1f})", flush=True)
       for ours in r["ours"]:

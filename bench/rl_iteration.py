@@ -81,15 +81,9 @@ prints the median of the runs' ratios, as the targets are stated (bench/runs.py)
 Shapes: tiny (2 layers, d=128, 4 heads, MLP 512, vocab 512) and small (4 layers, d=256, 4 heads,
 MLP 1024, vocab 512); the reward model has the policy's shape with a 1-output score head.
 
-Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; jax 0.10.2, torch 2.13.0, transformers
-5.25.0, trl 1.16.0), defaults (16 prompts x 2 responses; medians of 5 iterations), response tok/s,
-median of 5 runs, one trainer device (the default) | --devices 2 | one device against TRL with
-the same malloc setting:
-  tiny  fp32: p3o_jax 14.8k, TRL 4.70k, 3.14x | 3.39x | 2.77x    bf16: 21.5k vs 4.37k, 4.64x | 4.58x | 4.28x
-  small fp32: p3o_jax 2.50k, TRL 1.22k, 2.06x | 1.78x | 2.02x    bf16: 3.66k vs 1.37k, 2.62x | 2.27x | 2.54x
-(one trainer device: the sampler on one device per core, the old pass skipped, each prompt once
-per pass, the defaults). README, Benchmarks, has the phases and their shares of the measured
-matmul ceiling.
+README's Benchmarks section has the table this prints, measured with `--runs 5` on a 2-core AMD
+EPYC (Zen 4), and the medians over every day's runs; docs/speed.md has what moves each phase.
+The first line printed names the library versions and the machine's load and matmul ceiling.
 """
 
 from __future__ import annotations

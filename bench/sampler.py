@@ -180,13 +180,13 @@ def main():
   for shape, precision in ((s, p) for s in (SHAPES if args.shape == "all" else [args.shape])
                             for p in args.precision.split(",")):
     ratios: dict[str, list[float]] = {}
+    flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
     for run in range(args.runs):
       r = bench(shape, args.repeats, precision)
       run_tag = f"run {run + 1}/{args.runs} " if args.runs > 1 else ""
       print(f"{r['shape']:>10} {precision}: {run_tag}transformers {r['transformers']:9.1f} new tok/s (best {r['transformers_best']:.1f}; "
             f"with p3o_jax's host-memory setting {r['transformers_reuse']:.1f})"
             + (f"; first call of ours {r['compile_s']:.1f} s" if run == 0 else "; ours compiled in run 1"), flush=True)
-      flops_per_token = ceiling.decode_flops(SHAPES[shape], BATCH, BATCH, PROMPT, NEW) / (BATCH * NEW)
       for name, (rate, best, devices) in r["ours"].items():
         tag = " (default)" if name == r["default"] else ""
         ratios.setdefault(name + tag, []).append(rate / r["transformers"])

@@ -4,11 +4,11 @@ backends.
 XLA:CPU makes one device; `mesh.cpu_devices=N` gives the trainer N, and with `mesh.data=-1` the
 batch is then split over them, every pass (sampling, scoring, the update) running each device's
 rows. Measured on a 2-core CPU (bench/rl_iteration.py --devices 2, medians of 5 runs; README,
-Benchmarks): with minibatches of 32 rows of 64 tokens a d=128 policy's whole RL iteration runs
-about as fast on 2 devices as on one (1.02x fp32, 0.90x bf16), a d=256 policy's slower (0.92x,
-0.96x), now that one device no longer page-faults its update's scratch (host_memory.py); and the
-demo (d=64, minibatches of 16 short rows, 32 update steps per iteration) runs its RL stages 12%
-slower on 2 devices (each step's all-reduce and dispatch outweigh its small matmuls). A sweep of
+Benchmarks; docs/speed.md): with minibatches of 32 rows of 64 tokens a d=128 policy's whole RL
+iteration runs about as fast on 2 devices as on one, a d=256 policy's 12-23% slower, now that one
+device no longer page-faults its update's scratch (host_memory.py); and the demo (d=64,
+minibatches of 16 short rows, 32 update steps per iteration) runs its RL stages 12% slower on 2
+devices (each step's all-reduce and dispatch outweigh its small matmuls). A sweep of
 d = 64-256 and 4-64 prompts of 8-32 tokens found none whose update 2 devices ran more than a few
 percent faster, and several they ran 1.5x slower. So the default is 1. The setting only touches
 the CPU backend: on a GPU or TPU host the mesh is made of the accelerators whatever it says.

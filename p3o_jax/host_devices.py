@@ -5,7 +5,7 @@ XLA:CPU makes one device; `mesh.cpu_devices=N` gives the trainer N, and with `me
 batch is then split over them, every pass (sampling, scoring, the update) running each device's
 rows. Measured on a 2-core CPU (bench/rl_iteration.py --devices 2, medians of 5 runs; README,
 Benchmarks; docs/speed.md): with minibatches of 32 rows of 64 tokens a d=128 policy's whole RL
-iteration runs about as fast on 2 devices as on one, a d=256 policy's 12-23% slower, now that one
+iteration runs about as fast on 2 devices as on one, a d=256 policy's 11-23% slower, now that one
 device no longer page-faults its update's scratch (host_memory.py); and the demo (d=64,
 minibatches of 16 short rows, 32 update steps per iteration) runs its RL stages 12% slower on 2
 devices (each step's all-reduce and dispatch outweigh its small matmuls). A sweep of

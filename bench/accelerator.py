@@ -188,7 +188,7 @@ def decode(tiny: bool, repeats: int, bandwidth: float) -> dict:
   full, one = median_time(lambda: run(new), repeats), median_time(lambda: run(1), repeats)
   rate = batch * (new - 1) / max(full - one, 1e-9)
   weights = memory.param_bytes(cfg, "bfloat16", 1) - memory.nbytes((cfg.vocab_size, cfg.hidden_size), "bfloat16")
-  cache = memory.kv_cache_bytes(cfg, batch, prompt + new)
+  cache = memory.kv_cache_bytes(cfg, batch, 1, prompt, new)
   return dict(batch=batch, prompt=prompt, new=new, first_s=first, seconds=full, rate=rate,
               weights=weights, cache=cache, roofline=batch * bandwidth / weights,
               roofline_kv=batch * bandwidth / (weights + cache))

@@ -193,9 +193,12 @@ def query_block(cfg: decoder.DecoderConfig, T: int) -> int:
   return min(getattr(cfg, "attention_block", 0) or T, T)
 
 
-def kv_cache_bytes(cfg: decoder.DecoderConfig, rows: int, length: int) -> int:
-  """decoder.init_cache: K and V, [rows, G, S, K] per layer, in the activation dtype."""
-  return 2 * cfg.num_layers * nbytes((rows, cfg.kv_heads, length, cfg.dim_per_head), cfg.dtype)
+def kv_cache_bytes(cfg: decoder.DecoderConfig, prompts: int, k: int, prompt: int, new: int) -> int:
+  """The sampler's KV cache: K and V of every slot, [G, K] per slot and layer, in the activation
+  dtype; P + N slots per row with one sample per prompt, else each prompt's P slots once and N
+  per row (decoder.continue_prefix)."""
+  slots = prompts * (prompt + new) if k == 1 else prompts * (prompt + k * new)
+  return 2 * cfg.num_layers * nbytes((slots, cfg.kv_heads, cfg.dim_per_head), cfg.dtype)
 
 
 # ----------------------------------------------------------------------------- XLA's temp bytes
@@ -282,7 +285,8 @@ class Activations:
   def decode(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":  # the sampler's temp bytes hold its KV cache: counted in its own row
-      return self._xla("decode", s.policy, rows, minus=kv_cache_bytes(s.policy, self.fits["decode"][0], s.prompt + s.new))
+      cache = kv_cache_bytes(s.policy, self.fits["decode"][0] // s.config.rl.k, s.config.rl.k, s.prompt, s.new)
+      return self._xla("decode", s.policy, rows, minus=cache)
     p, b, S, cfg = s.prompt, o.rollout_chunk // o.devices, s.prompt + s.new, s.policy
     a = jnp.dtype(o.dtype).itemsize
     v = 8 * b * cfg.num_heads * query_block(cfg, p) * S + 2 * a * b * p * cfg.mlp_width + 12 * rows * cfg.vocab_size
@@ -357,7 +361,7 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
   params = param_bytes(s.policy, o.param_dtype, n)
   grads = params
   chunk_rows = o.rollout_chunk * s.config.rl.k
-  cache = kv_cache_bytes(s.policy, chunk_rows // n, s.prompt + s.new)
+  cache = kv_cache_bytes(s.policy, o.rollout_chunk // n, s.config.rl.k, s.prompt, s.new)
   shape = "eval_shape" + (f", FSDP / {n}" if n > 1 else "")
   # The update reads neither frozen model (logp_ref is in the batch); only the update reads the moments.
   frozen = ("rollout", "log-probs", "reward") if o.host_frozen else ("all",)
@@ -374,7 +378,8 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
   if o.sampler_dtype != o.param_dtype:
     out.append(("rollout", f"sampler copy of the policy ({o.sampler_dtype})", param_bytes(s.policy, o.sampler_dtype, n), shape))
   out += [
-      ("rollout", f"KV cache ({chunk_rows // n} rows x {s.prompt + s.new} slots)", cache, "2·L·rows·G·S·K·a"),
+      ("rollout", f"KV cache ({o.rollout_chunk // n} prompts x {s.prompt} + {chunk_rows // n} rows x {s.new} slots)",
+       cache, "2·L·slots·G·K·a"),
       ("rollout", "decode activations (prefill, logits)", *act.decode(o)),
       ("log-probs", f"old + ref log-probs pass ({chunk_rows // n} rows)", *act.logprobs(o)),
       ("reward", f"reward model pass ({chunk_rows // n} rows)", *act.reward(o)),

@@ -9,9 +9,11 @@ N max new tokens, S = P + N cache length, V vocab.
     out.tokens, out.logprobs, out.mask   # [R, N], row b*K + k is sample k of prompt b
 
 How it runs (one jitted function per static setting and shape):
-  1. Prefill the left-padded prompts [B, P] into a cache of length S; keep the logits of the
-     last position only (left padding puts every prompt's last real token there).
-  2. Repeat the cache and those logits K times on the batch axis.
+  1. Prefill the left-padded prompts [B, P] into the cache; keep the logits of the last
+     position only (left padding puts every prompt's last real token there).
+  2. Repeat those logits K times on the batch axis, and give each of the R rows N cache slots
+     of its own after its prompt's, which the cache keeps once for all K
+     (`decoder.continue_prefix`): a step reads each prompt's keys and values once.
   3. Sample token 0 from the prefill logits, then `lax.while_loop`: feed the previous token at
      cache slot P + step - 1 (position = real prompt length + step - 1), sample the next one.
      The loop ends after N tokens or as soon as every row has emitted EOS.
@@ -228,7 +230,7 @@ class _Loop(NamedTuple):
   logprobs: jax.Array  # [R, N] float32
   lengths: jax.Array   # [R] int32
   done: jax.Array      # [R] bool
-  cache: list          # one decoder.LayerCache per layer, batch R, length S
+  cache: list          # per layer: S = P + N slots for each of R rows (a PrefixedCache when K > 1)
 
 
 # ----------------------------------------------------------------------------- the jitted sampler
@@ -245,22 +247,24 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     prompt_valid = prompt_mask.astype(bool)
     prompt_len = prompt_valid.sum(-1).astype(jnp.int32)
 
-    # 1. Prefill once per prompt into a cache of the full length S (so this code needs no
-    # knowledge of the cache layout); logits of the last (always real) position only.
-    cache = decoder.init_cache(model.cfg, B, P + N)
-    prefill_mask = jnp.pad(decoder.causal_mask(prompt_valid), ((0, 0), (0, 0), (0, N)))
+    # 1. Prefill once per prompt, into the whole cache of S slots with one sample per prompt,
+    # else into P slots its K samples share (step 2); logits of the last (always real) position only.
+    cache_slots = P + N if K == 1 else P
+    prefill_mask = jnp.pad(decoder.causal_mask(prompt_valid), ((0, 0), (0, 0), (0, cache_slots - P)))
     last = jnp.full((B, 1), P - 1, jnp.int32)  # the last layer runs on that position alone
     hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
-                          cache, 0, outputs_at=last)
+                          decoder.init_cache(model.cfg, B, cache_slots), 0, outputs_at=last)
     first_logits = model.logits(hidden)[:, 0]  # [B, V]
     model.stack_projections()  # the loop's weights as it reads them best, laid out once
     # [R, V] logits, or [V, R] where that is faster and the token choice can read them so
     step_logits, vocab_first = model.decoding_logits(
         allow_vocab_first=not (greedy or top_k or use_top_p))
 
-    # 2. Broadcast to K samples per prompt: row b*K + k.
+    # 2. K samples per prompt, row b*K + k: each with N cache slots of its own after its
+    # prompt's, which the cache keeps once for all K.
     rep = lambda x: jnp.repeat(x, K, axis=0)
-    cache = jax.tree.map(rep, cache)
+    if K > 1:
+      cache = decoder.continue_prefix(cache, K, N)
     first_logits, prompt_len, prompt_valid = rep(first_logits), rep(prompt_len), rep(prompt_valid)
     R = B * K
     slots = jnp.arange(P + N)

@@ -226,6 +226,31 @@ def test_blocked_attention_bounds_the_score_memory():
   assert temp[0] > scores and temp[64] < temp[0] / 4, (temp, scores)
 
 
+@pytest.mark.parametrize("block", [0, 2])
+def test_attention_over_a_shared_prefix_against_numpy(block):
+  """Rows b * K + k attending over prefix b's keys kept once (decoder.continue_prefix) and their
+  own: NumPy softmax attention over the prefix repeated for every row and concatenated with the
+  row's own keys, grouped-query heads, masked slots in both parts, queries in blocks or not."""
+  rng = np.random.default_rng(3)
+  B, K, T, G, R, D, P, N = 2, 3, 5, 2, 2, 8, 6, 7
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  q, k, v = normal(B * K, T, G, R, D), normal(B * K, G, N, D), normal(B * K, G, N, D)
+  prefix = decoder.LayerCache(normal(B, G, P, D), normal(B, G, P, D))
+  mask = rng.random((B * K, T, P + N)) < 0.6
+  mask[:, :, 0] = True  # every query sees a key
+  cache = decoder.continue_prefix(prefix, K, N)
+  assert isinstance(cache, decoder.PrefixedCache) and cache.prefix_v.shape == (B, G, P, D)
+  got = decoder.attend(q, k, v, mask, block, (cache.prefix_k, cache.prefix_v))
+
+  keys = np.concatenate([np.repeat(prefix.k, K, 0), k], 2)  # [B * K, G, P + N, D]
+  values = np.concatenate([np.repeat(prefix.v, K, 0), v], 2)
+  scores = np.einsum("btgrd,bgsd->btgrs", q, keys) / np.sqrt(D)
+  scores = np.where(mask[:, :, None, None, :], scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  want = np.einsum("btgrs,bgsd->btgrd", weights / weights.sum(-1, keepdims=True), values)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
+
+
 def test_attention_scores_are_not_kept_for_the_backward():
   """A pass shorter than one attention block (a prompt, the responses after it) keeps no layer's
   [B, H, T, T] scores until the backward pass, which recomputes them from q and k: no residual

@@ -393,6 +393,22 @@ def test_fsdp_sampler_never_holds_the_whole_model(scan_layers):
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
+def test_decoding_holds_each_prompt_once():
+  """K samples of a long prompt share its keys and values (decoder.continue_prefix): the
+  compiled sampler's temporaries are below the K-times repeated cache alone and above the
+  cache it keeps (each prompt once, N slots per row)."""
+  cfg = decoder.DecoderConfig(vocab_size=64, hidden_size=256, num_layers=4, num_heads=2, attention_block=32)
+  graph, params = decoder.create(cfg)
+  B, P, K, new = 1, 256, 8, 8
+  tokens, mask = np.full((B, P), 3, np.int32), np.ones((B, P), np.int32)
+  slot_bytes = 2 * cfg.num_layers * cfg.hidden_size * 4  # keys and values of one slot, all layers
+  settings = dict(max_new_tokens=new, num_samples=K, top_k=0, use_top_p=False, greedy=False, eos_id=1, pad_id=0)
+  args = (tokens, mask, jax.random.key(0), np.arange(B, dtype=np.int32), np.float32(1), np.float32(1), np.int32(0))
+  run = sampling._compiled(graph, None, (), total_prompts=B, **settings)
+  temp = run.lower(params, *args).compile().memory_analysis().temp_size_in_bytes
+  assert (B * P + B * K * new) * slot_bytes < temp < B * K * (P + new) * slot_bytes, temp
+
+
 def test_indivisible_batch_decodes_as_one(neox, prompts, caplog):
   _, graph, params = neox
   mesh = sharding.make_mesh(8, 1, 1)

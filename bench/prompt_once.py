@@ -5,7 +5,7 @@ reward-model training.
 
 Every pass over (prompt, response) rows of an RL iteration (reference, old policy, reward model,
 the update's forward and backward) can run a group's shared prompt once and its K responses
-over the prompt's repeated keys and values (`decoder.prefixed_forward`, used by rl/sequences.py
+over the prompt's keys and values, kept once (`decoder.prefixed_forward`, used by rl/sequences.py
 whenever the query comes once per group), instead of running the whole concatenated row K
 times, as TRL, OpenRLHF and verl's default path do. This times both on the same random
 Pythia-style decoder (fp32, one device), at a TL;DR-like shape by default (prompt 512, response

@@ -38,7 +38,7 @@ What is matched and what is not:
     runs it anyway, for the like-for-like count of forwards.
   * Each prompt's share of a teacher-forced pass: TRL runs every (prompt, response) row whole, so
     each prompt's 32 tokens pass through every model K times in every pass; p3o_jax runs each
-    prompt once per pass and its K responses over its repeated keys and values (the reference,
+    prompt once per pass and its K responses over its keys and values, kept once (the reference,
     reward model and update forward + backward alike; docs/design.md), the same numbers up to
     float32 rounding. Same results, less work: it is part of how each trainer works.
   * TRL also computes the per-token entropy in its loss forward (a logsumexp-sized extra over the

@@ -428,8 +428,10 @@ class Attention(nnx.Module):
       prefix = tuple(x.astype(dtype) for x in prefix)
     B, T, H, K = q.shape
     q = q.reshape(B, T, cfg.kv_heads, H // cfg.kv_heads, K)
-    out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block, prefix).reshape(B, T, H, K)
-    out = weight_matmul(cfg, "btnk,nkd->btd", out, self.o_kernel[...])
+    out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention_block, prefix).reshape(B, T, H * K)
+    # One [H * K, D] matrix: contracting [H, K] as two axes, XLA:CPU may take them in the order
+    # (K, H) and transpose the whole weight first, at every decode step.
+    out = weight_matmul(cfg, "btm,md->btd", out, self.o_kernel[...].reshape(H * K, -1))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dtype)
     return out, cache

@@ -204,14 +204,14 @@ class PrefixedCache(NamedTuple):
   not repeated K times, so a step reads and holds them once (`attend`'s `prefix`). Slots keep
   their meaning: slot s < P is prefix slot s, slot P + j is the row's own slot j, so masks and
   cache indices are the same as for a LayerCache of P + N slots. Made by `continue_prefix`;
-  with scan_layers each field holds every layer, the layer axis second."""
-  k: jax.Array         # [B * K, G, N, K] the rows' own slots
-  v: jax.Array
-  # The prefix's, written once by its pass. Keys transposed, [B, G, K, P]: the K queries of a
-  # prefix's rows make its scores one [K, D] x [D, P] product, which XLA:CPU runs 1.3-2x faster
-  # with the keys laid out so than as [P, D].
-  prefix_k: jax.Array  # [B, G, K, P]
-  prefix_v: jax.Array  # [B, G, P, K]
+  with scan_layers each field holds every layer, the layer axis second. D: dims per head."""
+  k: jax.Array         # [B * K, G, N, D] the rows' own slots
+  v: jax.Array         # [B * K, G, N, D]
+  # The prefix's, written once by its pass. Its keys transposed: a decode step's K queries of a
+  # prefix then make its scores one [K, D] x [D, P] product, which XLA:CPU runs faster than
+  # with the keys as [P, D] (docs/speed.md).
+  prefix_k: jax.Array  # [B, G, D, P]
+  prefix_v: jax.Array  # [B, G, P, D]
 
 
 def _param(rngs: nnx.Rngs, cfg: DecoderConfig, shape, axes, init="normal") -> nnx.Param:
@@ -423,7 +423,8 @@ class Attention(nnx.Module):
       cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v))
       this_layer = lambda buf: jax.lax.dynamic_index_in_dim(buf, layer, axis=1, keepdims=False)
       k, v = this_layer(cache.k), this_layer(cache.v)
-      prefix = prefix and tuple(map(this_layer, prefix))
+      if prefix is not None:
+        prefix = tuple(map(this_layer, prefix))
     if prefix is not None:
       prefix = tuple(x.astype(dtype) for x in prefix)
     B, T, H, K = q.shape

@@ -195,9 +195,9 @@ def query_block(cfg: decoder.DecoderConfig, T: int) -> int:
 
 def kv_cache_bytes(cfg: decoder.DecoderConfig, prompts: int, k: int, prompt: int, new: int) -> int:
   """The sampler's KV cache: K and V of every slot, [G, K] per slot and layer, in the activation
-  dtype; P + N slots per row with one sample per prompt, else each prompt's P slots once and N
-  per row (decoder.continue_prefix)."""
-  slots = prompts * (prompt + new) if k == 1 else prompts * (prompt + k * new)
+  dtype; each prompt's P slots once and N per row (decoder.continue_prefix; with one sample per
+  prompt, P + N per row)."""
+  slots = prompts * (prompt + k * new)
   return 2 * cfg.num_layers * nbytes((slots, cfg.kv_heads, cfg.dim_per_head), cfg.dtype)
 
 

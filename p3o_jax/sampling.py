@@ -247,13 +247,12 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     prompt_valid = prompt_mask.astype(bool)
     prompt_len = prompt_valid.sum(-1).astype(jnp.int32)
 
-    # 1. Prefill once per prompt, into the whole cache of S slots with one sample per prompt,
-    # else into P slots its K samples share (step 2); logits of the last (always real) position only.
-    cache_slots = P + N if K == 1 else P
-    prefill_mask = jnp.pad(decoder.causal_mask(prompt_valid), ((0, 0), (0, 0), (0, cache_slots - P)))
+    # 1. Prefill once per prompt, into P cache slots its K samples share (step 2); logits of the
+    # last (always real) position only.
     last = jnp.full((B, 1), P - 1, jnp.int32)  # the last layer runs on that position alone
-    hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid), prefill_mask,
-                          decoder.init_cache(model.cfg, B, cache_slots), 0, outputs_at=last)
+    hidden, cache = model(prompt_tokens, decoder.positions_from_mask(prompt_valid),
+                          decoder.causal_mask(prompt_valid), decoder.init_cache(model.cfg, B, P), 0,
+                          outputs_at=last)
     first_logits = model.logits(hidden)[:, 0]  # [B, V]
     model.stack_projections()  # the loop's weights as it reads them best, laid out once
     # [R, V] logits, or [V, R] where that is faster and the token choice can read them so
@@ -263,8 +262,7 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
     # 2. K samples per prompt, row b*K + k: each with N cache slots of its own after its
     # prompt's, which the cache keeps once for all K.
     rep = lambda x: jnp.repeat(x, K, axis=0)
-    if K > 1:
-      cache = decoder.continue_prefix(cache, K, N)
+    cache = decoder.continue_prefix(cache, K, N)
     first_logits, prompt_len, prompt_valid = rep(first_logits), rep(prompt_len), rep(prompt_valid)
     R = B * K
     slots = jnp.arange(P + N)

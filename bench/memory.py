@@ -11,11 +11,12 @@ the default):
   log-probs   temp bytes) of the real jitted functions on abstract inputs: the sampler
   reward      (`p3o_jax.sampling`: prefill + while-loop decode; its KV cache is its own row), the
               Roller's teacher-forced pass (old and reference log-probs, `rl/rollout.py`), the
-              reward model's score (`rollout.ModelReward`). A 32-layer model takes minutes to
-              compile on a CPU, so each is compiled at 3 and 4 layers with the real widths,
-              lengths and batch and extrapolated linearly in layers (why not 1 and 2: see
-              per_layer_fit). This is the CPU backend's buffer assignment, which runs bf16 dots in
-              f32 and fuses less than a GPU: read it as an upper estimate.
+              reward model's score (`rollout.ModelReward`). Each is compiled once, at the real
+              depth, widths, lengths and batch (hh-6.9b's three: about 35 s on 2 CPU cores):
+              XLA's buffers do not grow linearly in layers, and a line through 3 and 4 layers
+              missed hh-6.9b's figures by -0.9 to +7.8 GB. This is the CPU backend's buffer
+              assignment, which runs bf16 dots in f32 and fuses less than a GPU: read it as an
+              upper estimate.
   update      what jax's autodiff keeps for the backward pass of the P3O loss
               (`saved_residuals`, on abstract inputs, at the real depth), plus, with
               `model.remat`, one block's residuals recomputed in the backward. Not XLA's CPU temp
@@ -237,18 +238,6 @@ def _reward(cfg, prompts, k, prompt, new):
   return temp_bytes(ModelReward(graph, params)._score, params, q, q, r, r)
 
 
-def per_layer_fit(measure, cfg: decoder.DecoderConfig, *frozen_cfgs) -> tuple[int, int]:
-  """(bytes at 0 layers, bytes per layer), a line through compiles at 3 and 4 layers (same widths).
-  Not fewer: a forward reuses the first layer's buffers for the next ones, so the step from one
-  layer to two is larger than the steps after it, and the log-prob pass leaves out the prompt's
-  last block (rl/sequences.py), half of a 2-layer model's prompt blocks but 1/L of a real one's:
-  through 2 and 3 layers a Pythia-6.9B-wide pass grows 6.5 GB a layer, through 3, 4 and 6 by
-  0.4-0.6 GB."""
-  at = lambda n: measure(cfg.replace(num_layers=n), *(f.replace(num_layers=n) for f in frozen_cfgs))
-  three, four = at(3), at(4)
-  return three - 3 * (four - three), four - three
-
-
 # ----------------------------------------------------------------------------- activations
 
 @dataclasses.dataclass
@@ -256,7 +245,7 @@ class Activations:
   """Phase temporaries per device as functions of the options; `how` says where they come from."""
   s: Setting
   method: str
-  fits: dict = dataclasses.field(default_factory=dict)  # XLA: name -> (rows measured, base, per layer)
+  temps: dict = dataclasses.field(default_factory=dict)  # XLA: name -> (rows measured, temp bytes)
   residuals: dict = dataclasses.field(default_factory=dict)  # (remat, groups, layers) -> bytes
 
   def measure(self, log=print):
@@ -271,22 +260,20 @@ class Activations:
     }
     for name, (rows, fn, *cfgs) in jobs.items():
       start = time.perf_counter()
-      base, per_layer = per_layer_fit(fn, *cfgs)
-      self.fits[name] = (rows, base, per_layer)
-      log(f"  compiled {name:>12} at 3 and 4 layers ({rows} rows): {base / GB:7.3f} GB + {per_layer / GB:.3f} GB "
-          f"per layer ({time.perf_counter() - start:.0f} s)", flush=True)
+      self.temps[name] = (rows, fn(*cfgs))
+      log(f"  compiled {name:>12} at {cfgs[0].num_layers} layers ({rows} rows): "
+          f"{self.temps[name][1] / GB:7.3f} GB ({time.perf_counter() - start:.0f} s)", flush=True)
 
-  def _xla(self, name, cfg, rows, minus=0) -> tuple[float, str]:
-    measured, base, per_layer = self.fits[name]
-    total = base + cfg.num_layers * per_layer - minus
+  def _xla(self, name, rows, minus=0) -> tuple[float, str]:
+    measured, temp = self.temps[name]
     scaled = "" if rows == measured else f", x {rows}/{measured} rows"
-    return total * rows / measured, f"XLA temp bytes (CPU), 2-3 layer fit x {cfg.num_layers} layers{scaled}"
+    return (temp - minus) * rows / measured, f"XLA temp bytes (CPU){scaled}"
 
   def decode(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":  # the sampler's temp bytes hold its KV cache: counted in its own row
-      cache = kv_cache_bytes(s.policy, self.fits["decode"][0] // s.config.rl.k, s.config.rl.k, s.prompt, s.new)
-      return self._xla("decode", s.policy, rows, minus=cache)
+      cache = kv_cache_bytes(s.policy, self.temps["decode"][0] // s.config.rl.k, s.config.rl.k, s.prompt, s.new)
+      return self._xla("decode", rows, minus=cache)
     p, b, S, cfg = s.prompt, o.rollout_chunk // o.devices, s.prompt + s.new, s.policy
     a = jnp.dtype(o.dtype).itemsize
     v = 8 * b * cfg.num_heads * query_block(cfg, p) * S + 2 * a * b * p * cfg.mlp_width + 12 * rows * cfg.vocab_size
@@ -299,14 +286,14 @@ class Activations:
   def logprobs(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":
-      return self._xla("log-probs", s.policy, rows)
+      return self._xla("log-probs", rows)
     return (self._forward(s.policy, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, s.new),
             "analytic: 8·N·H·Q·T (fp32 scores+probs of a query block) + 2·a·N·T·F + 8·N·R·V (fp32 logits, log-softmax)")
 
   def reward(self, o: Options) -> tuple[float, str]:
     s, rows = self.s, o.rollout_chunk * self.s.config.rl.k // o.devices
     if self.method == "xla":
-      return self._xla("reward", s.reward, rows)
+      return self._xla("reward", rows)
     return (self._forward(s.reward, rows, s.prompt + s.new, jnp.dtype(o.dtype).itemsize, 0),
             "analytic: 8·N·H·Q·T (fp32 scores+probs of a query block) + 2·a·N·T·F")
 

@@ -250,18 +250,18 @@ class Activations:
 
   def measure(self, log=print):
     s, c = self.s, self.s.config
-    K, P, N, chunk = c.rl.k, s.prompt, s.new, options_from(s, 1).rollout_chunk
     o = options_from(s, 1)
+    K, P, N, chunk = c.rl.k, s.prompt, s.new, o.rollout_chunk
     frozen, sampler = s.policy.replace(param_dtype=o.frozen_dtype), s.policy.replace(param_dtype=o.sampler_dtype)
-    jobs = {
-        "decode": (chunk * K, lambda cfg: _decode(cfg, chunk, K, P, N), sampler),
-        "log-probs": (chunk * K, lambda cfg, ref: _logprobs(cfg, ref, chunk, K, P, N, c.sampler), s.policy, frozen),
-        "reward": (chunk * K, lambda cfg: _reward(cfg, chunk, K, P, N), s.reward),
+    jobs = {  # name -> (the model whose depth it runs, its temp bytes)
+        "decode": (sampler, lambda: _decode(sampler, chunk, K, P, N)),
+        "log-probs": (s.policy, lambda: _logprobs(s.policy, frozen, chunk, K, P, N, c.sampler)),
+        "reward": (s.reward, lambda: _reward(s.reward, chunk, K, P, N)),
     }
-    for name, (rows, fn, *cfgs) in jobs.items():
+    for name, (cfg, temp) in jobs.items():
       start = time.perf_counter()
-      self.temps[name] = (rows, fn(*cfgs))
-      log(f"  compiled {name:>12} at {cfgs[0].num_layers} layers ({rows} rows): "
+      self.temps[name] = (chunk * K, temp())
+      log(f"  compiled {name:>12} at {cfg.num_layers} layers ({chunk * K} rows): "
           f"{self.temps[name][1] / GB:7.3f} GB ({time.perf_counter() - start:.0f} s)", flush=True)
 
   def _xla(self, name, rows, minus=0) -> tuple[float, str]:

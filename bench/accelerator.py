@@ -255,8 +255,10 @@ def run_iteration(s: memory.Setting, o: memory.Options, scan: bool, device) -> d
   roller = make_roller(config, graph, ref_params, reward, tokenizer, penalise_missing_eos=False)
   algo = algorithms.create(rl, graph, config.sampler.temperature)
   tx = train_state.make_optimizer(config.optim, rl.iterations)
-  update = make_update(algo.loss, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
+  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, rl.iterations, lr),
+                       epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
                        micro_batches=rl.micro_batches, count_fn=algo.count)
+  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update, as rl/loop.py passes them
   state = jax.jit(lambda p: train_state.create(p, tx))(params)
   del params
   rng = np.random.default_rng(0)
@@ -265,8 +267,8 @@ def run_iteration(s: memory.Setting, o: memory.Options, scan: bool, device) -> d
   exp = roller(state.params, prompts, np.ones_like(prompts), jax.random.key(0), rl.k, chunk=o.rollout_chunk)
   rolled = time.perf_counter()
   batch = algo.prepare(exp, process_scores(exp.scores, clip=rl.reward_clip, moments=None), rl.beta)[0]
-  compiled = update.lower(state, batch, jax.random.key(1)).compile()  # run it, and read its memory analysis
-  state, metrics = compiled(state, batch, jax.random.key(1))
+  compiled = update.lower(state, batch, jax.random.key(1), hyper).compile()  # run it, and read its memory analysis
+  state, metrics = compiled(state, batch, jax.random.key(1), hyper)
   loss = float(np.asarray(metrics["loss/total"]).reshape(-1)[0])
   seconds = time.perf_counter() - start
   if not np.isfinite(loss):

@@ -191,7 +191,9 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
                        penalise_missing_eos=False, mesh=mesh)
   algo = algorithms.create(config.rl, graph, config.sampler.temperature)
   state, shardings = train_state.create_on_mesh(params, tx, decoder.logical_axes(graph), mesh)
-  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1, state_shardings=shardings)
+  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, warmup + steps, lr),
+                       epochs=1, num_minibatches=1, state_shardings=shardings)
+  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update, as rl/loop.py passes them
   split = sharding.RowSplit(len(prompts), mesh)
   old_pass = old_pass or not algo.skips_old_pass(config.rl)  # one epoch, one minibatch: skipped, as in rl/loop.py
   mask = np.ones_like(prompts)
@@ -203,7 +205,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
     exp = roller(state.params, prompts, mask, rollout_key, K, split=split, old_pass=old_pass)  # synchronised
     rolled = time.perf_counter()
     rewards = process_scores(exp.scores, clip=config.rl.reward_clip, moments=moments)
-    state, metrics = update(state, split.to_global(algo.prepare(exp, rewards, config.rl.beta)[0]), update_key)
+    state, metrics = update(state, split.to_global(algo.prepare(exp, rewards, config.rl.beta)[0]), update_key, hyper)
     loss = float(np.asarray(jax.device_get(metrics["loss/total"])).reshape(-1)[0])
     end = time.perf_counter()
     if not np.isfinite(loss):

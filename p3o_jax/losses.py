@@ -155,6 +155,13 @@ def _check(cond: bool, msg: str) -> None:
     raise ValueError(msg)
 
 
+def _check_number(value, ok, msg: str) -> None:
+  """A hyperparameter's range where it is a number. Inside the RL update it is traced (an input
+  of the program, `rl.update.make_update`), and config_checks has checked the config's value."""
+  if not isinstance(value, jax.core.Tracer):
+    _check(ok(value), msg)
+
+
 def _choice(name: str, value, options) -> None:
   _check(value in options, f"{name}={value!r}; expected one of {tuple(options)}")
 
@@ -301,8 +308,8 @@ def p3o(
   _choice("variant", variant, ("v1", "v2"))
   _choice("kl_source", kl_source, ("theta", "old"))
   _choice("normalise", normalise, ("pair", "token"))
-  _check(c >= 1.0, f"c={c}; the weight clip [1/c, c] needs c >= 1")
-  _check(eps >= 0.0, f"eps={eps}; needs eps >= 0")
+  _check_number(c, lambda c: c >= 1.0, f"c={c}; the weight clip [1/c, c] needs c >= 1")
+  _check_number(eps, lambda eps: eps >= 0.0, f"eps={eps}; needs eps >= 0")
   _check(rewards.ndim == 2, f"rewards has shape {rewards.shape}; expected [B, K]")
   b, k = rewards.shape
   i, j = pair_indices(k)

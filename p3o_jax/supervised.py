@@ -61,8 +61,12 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
   order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
   run = resume.start(name, params, tx, params_axes, mesh_cfg=mesh_cfg, workdir=workdir, ckpt_cfg=ckpt_cfg,
                      order=order)
-  step_fn = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0,
-                    out_shardings=(run.shardings, sharding.replicated(run.mesh)))
+  # The learning rate is an input of the step, not a constant in it: runs that differ only in
+  # optim.lr share one compiled program (and its entry in the compilation cache).
+  learn = lambda state, batch, lr: train_state.make_step(
+      loss_fn, train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps, lr))(state, batch)
+  step_fn = jax.jit(learn, donate_argnums=0, out_shardings=(run.shardings, sharding.replicated(run.mesh)))
+  lr = float(stage_cfg.optim.lr)
   split = sharding.RowSplit(stage_cfg.batch_size, run.mesh)  # the rows of each batch this process feeds
 
   t0, tokens, rows_read, postfix = time.time(), 0, 0, {}
@@ -89,7 +93,7 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
     rows_read += len(rows)
     batch = split.to_global(make_batch(rows))
     batch_tokens = _count_tokens(batch)
-    run.state, step_metrics = step_fn(run.state, batch)
+    run.state, step_metrics = step_fn(run.state, batch, lr)
     done = step + 1
     # A step is read once the next one is queued, so the host builds the next batch while the
     # device runs this one; a step is read before its checkpoint is written, so no saved step

@@ -15,25 +15,27 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim, total_steps: int, lr=None) -> optax.GradientTransformation:
   """AdamW with warmup + (constant | cosine | linear) decay and global-norm clipping.
 
   `optim` is the config's `optim` block: lr, b1, b2, weight_decay, grad_clip,
   warmup_steps, schedule, mu_dtype (the first moment's dtype: 'bfloat16' halves its memory;
-  the second moment and the weights stay in their own dtype).
+  the second moment and the weights stay in their own dtype). `lr` in place of optim.lr may be
+  a traced scalar (`rl.update.make_update`'s hyper): the state's structure does not depend on it.
   """
+  lr = optim.lr if lr is None else lr
   warmup = min(int(optim.get("warmup_steps", 0)), max(total_steps - 1, 0))
   kind = optim.get("schedule", "constant")
   decay_steps = max(total_steps - warmup, 1)
   if kind == "constant":
-    decay = optax.constant_schedule(optim.lr)
+    decay = optax.constant_schedule(lr)
   elif kind == "cosine":
-    decay = optax.cosine_decay_schedule(optim.lr, decay_steps)
+    decay = optax.cosine_decay_schedule(lr, decay_steps)
   elif kind == "linear":
-    decay = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+    decay = optax.linear_schedule(lr, 0.0, decay_steps)
   else:
     raise ValueError(f"optim.schedule={kind!r}; expected constant, cosine or linear")
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup]) if warmup else decay
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) if warmup else decay
   parts = []
   if optim.get("grad_clip", 0) and optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))

@@ -696,6 +696,31 @@ def test_skipping_the_old_pass_gives_the_same_update(experience, roller, policy,
   assert bf16_sampler(policy[1], *prompts, rollout_key, K, old_pass=False).logp_old is not None  # kept
 
 
+def test_a_sweep_over_numeric_hyperparameters_compiles_the_update_once(experience, policy):
+  """rl.beta, rl.eps, rl.c and optim.lr are inputs of the update (`hyper`), not constants compiled
+  into it: runs that differ only in them share one program, and each value gives bitwise what an
+  update compiled with it as a constant gives. A string (rl.variant) still chooses the program."""
+  optim = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0,
+                                         warmup_steps=1, schedule="cosine"))
+  make_tx = lambda lr: train_state.make_optimizer(optim, 6, lr)
+  batch = make_algo("p3o").prepare(experience, experience.scores, 0.05)[0]
+  swept = make_update(make_algo("p3o", policy[0]).loss, make_tx, epochs=2, num_minibatches=2)
+  results = []
+  for lr, overrides in ((1e-2, {}), (3e-3, dict(beta=0.3, eps=0.05, c=2.0))):
+    algo = make_algo("p3o", policy[0], **overrides)
+    state, metrics = swept(fresh_state(policy[1], make_tx(lr)), batch, jax.random.key(0), {"loss": algo.hp, "lr": lr})
+    constant = make_update(algo.loss, make_tx(lr), epochs=2, num_minibatches=2)
+    expected, expected_metrics = constant(fresh_state(policy[1], make_tx(lr)), batch, jax.random.key(0))
+    chex.assert_trees_all_equal(state.params, expected.params)
+    chex.assert_trees_all_equal(metrics, expected_metrics)
+    results.append(state.params)
+  assert swept._cache_size() == 1
+  assert trees_differ(*results)
+  v1 = make_algo("p3o", policy[0], variant="v1")
+  swept(fresh_state(policy[1], make_tx(1e-2)), batch, jax.random.key(0), {"loss": v1.hp, "lr": 1e-2})
+  assert swept._cache_size() == 2
+
+
 def test_zero_lr_changes_nothing_and_metric_shapes(experience, policy, p3o_update):
   """lr = 0 leaves the params bitwise unchanged over 2 epochs x 2 minibatches; every metric
   comes back [epochs, minibatches], with ratio 1 at every step (the policy never moves)."""

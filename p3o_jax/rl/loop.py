@@ -80,13 +80,16 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   """
   rl = config.rl
   algo = algorithms.create(rl, policy.graph, config.sampler.temperature)
-  tx = train_state.make_optimizer(config.optim, rl.iterations * rl.inner_epochs * rl.num_minibatches)
+  total_steps = rl.iterations * rl.inner_epochs * rl.num_minibatches
+  tx = train_state.make_optimizer(config.optim, total_steps)
   params, axes = algo.init_params(policy, critic)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)
-  update = make_update(algo.loss, tx, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
-                       state_shardings=run.shardings, micro_batches=rl.micro_batches, count_fn=algo.count)
+  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, total_steps, lr),
+                       epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches, state_shardings=run.shardings,
+                       micro_batches=rl.micro_batches, count_fn=algo.count)
+  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update: a sweep compiles it once
   value_fn = algo.value_fn()
   old_pass = not algo.skips_old_pass(rl)  # one epoch of one minibatch: the update's forward is pi_old's
   split = sharding.RowSplit(rl.prompts_per_rollout, run.mesh)      # this process's rows of each rollout
@@ -118,7 +121,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
                  baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass)
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)
-    run.state, step_metrics = update(run.state, split.to_global(batch), update_key)
+    run.state, step_metrics = update(run.state, split.to_global(batch), update_key, hyper)
     step_metrics = jax.device_get(step_metrics)
     metrics.update({name: float(np.mean(v)) for name, v in step_metrics.items()})
     if "val/ratio" in step_metrics:  # docs/pitfalls.md, 1: exactly 1 on the first minibatch of an update

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from p3o_jax import sharding, train_state
@@ -11,17 +13,26 @@ from p3o_jax import sharding, train_state
 
 def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None,
                 micro_batches: int = 1, count_fn=None):
-  """(state, batch of G groups, rng) -> (state, metrics[epochs, num_minibatches]), jitted once.
+  """(state, batch of G groups, rng[, hyper]) -> (state, metrics[epochs, num_minibatches]), jitted once.
 
   Every epoch reshuffles the groups; G must divide evenly into minibatches (config checks it).
   With `state_shardings` the new state keeps the old one's layout on the mesh, so the donated
   buffers are reused and the next call hits the same compiled program. `micro_batches` and
   `count_fn` accumulate each minibatch's gradient exactly (see train_state.make_step).
+
+  `hyper` passes the run's numeric hyperparameters as inputs rather than compiling them in, so
+  runs that differ only in them (a sweep over rl.beta or optim.lr) share one program, in the
+  process and in the persistent compilation cache: hyper["loss"] goes to `loss_fn(..., hp=)`, and
+  hyper["lr"] to `tx` when `tx` is a function lr -> optax transformation (its state must not
+  depend on lr; `train_state.make_optimizer`'s does not).
   """
-  step = train_state.make_step(loss_fn, tx, micro_batches=micro_batches, count_fn=count_fn)
   mesh = None if state_shardings is None else jax.tree.leaves(state_shardings)[0].mesh
 
-  def update(state, batch, rng):
+  def update(state, batch, rng, hyper=None):
+    hyper = hyper or {}
+    loss = functools.partial(loss_fn, hp=hyper["loss"]) if "loss" in hyper else loss_fn
+    optimizer = tx(hyper["lr"]) if "lr" in hyper else tx
+    step = train_state.make_step(loss, optimizer, micro_batches=micro_batches, count_fn=count_fn)
     G = next(iter(batch.values())).shape[0]
     size = G // num_minibatches
     # A minibatch gathered by random indices would otherwise come out replicated, and every

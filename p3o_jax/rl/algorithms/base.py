@@ -5,8 +5,13 @@ prompt), holds its hyperparameters in a frozen dataclass read once from `config.
 supplies
 
     prepare(exp, rewards, kl_coef) -> batch     host side: arrays grouped [G, K, ...], the query [G, P]
-    loss(params, batch, normaliser) -> (loss, metrics)   pure; traced inside the update
+    loss(params, batch, normaliser, hp) -> (loss, metrics)   pure; traced inside the update
     count(batch) -> normaliser                  the minibatch's loss count (exact micro-batching)
+
+`hp` is the algorithm's `Hyper` as the update receives it: its float fields are inputs of the
+update program, not constants compiled into it, so runs that differ only in them (a sweep over
+rl.beta or rl.eps) share one compiled update; its other fields (strings, flags, counts) choose
+the program.
 
 A group is the K responses to one prompt, kept together so that pairs and group baselines
 never straddle minibatches. The loop (`p3o_jax/rl/loop.py`) and the pipeline name no
@@ -99,12 +104,26 @@ def group_rows(batch: dict) -> tuple:
   return batch["query"], batch["query_mask"], flat["response"], flat["response_mask"]
 
 
+def _is_float(field: dataclasses.Field) -> bool:
+  return field.type in ("float", float)
+
+
 def hyperparameters(cls: type, rl) -> Any:
-  """The frozen dataclass `cls` filled from the config.rl fields of the same names."""
+  """The frozen dataclass `cls` filled from the config.rl fields of the same names (floats as
+  floats: `--config.rl.beta=0` and `=0.0` are one program)."""
   missing = [f.name for f in dataclasses.fields(cls) if f.name not in rl]
   if missing:
     raise ValueError(f"config.rl lacks {missing}, which {cls.__qualname__} needs")
-  return cls(**{f.name: rl[f.name] for f in dataclasses.fields(cls)})
+  return cls(**{f.name: float(rl[f.name]) if _is_float(f) else rl[f.name] for f in dataclasses.fields(cls)})
+
+
+def traced_hyperparameters(cls: type) -> type:
+  """Registers the frozen dataclass `cls` as a pytree whose leaves are its float fields: passed
+  to a jitted function they are traced, and its other fields are part of the program's key."""
+  floats = [f.name for f in dataclasses.fields(cls) if _is_float(f)]
+  others = [f.name for f in dataclasses.fields(cls) if not _is_float(f)]
+  jax.tree_util.register_dataclass(cls, data_fields=floats, meta_fields=others)
+  return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +197,8 @@ class Algorithm:
   def make_batch(self, exp: Experience, rewards: np.ndarray, kl_coef: float) -> dict:
     return group(exp, rewards=rewards)
 
-  def loss(self, params, batch: dict, normaliser=None):
+  def loss(self, params, batch: dict, normaliser=None, hp=None):
+    """(loss, metrics) of a minibatch; `hp` as the update passes it (default `self.hp`)."""
     raise NotImplementedError
 
   def count(self, batch: dict):
@@ -201,12 +221,14 @@ class Algorithm:
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-  """Class decorator: adds `cls` to REGISTRY under `cls.name`."""
+  """Class decorator: adds `cls` to REGISTRY under `cls.name`; its `Hyper` becomes a pytree of
+  its floats (`traced_hyperparameters`)."""
   if cls.name in REGISTRY:
     raise ValueError(f"two algorithms are named {cls.name!r}")
   for option, (default, _) in cls.options.items():
     for other in REGISTRY.values():
       if option in other.options and other.options[option][0] != default:
         raise ValueError(f"rl.{option}: {cls.name} and {other.name} declare different defaults")
+  traced_hyperparameters(cls.Hyper)
   REGISTRY[cls.name] = cls
   return cls

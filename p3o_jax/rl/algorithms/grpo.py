@@ -89,9 +89,9 @@ class GRPO(Algorithm):
     eps_low: float
     eps_high: float
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
     logp, _, _ = self.token_logprobs(params, batch)
-    hp = self.hp
+    hp = hp or self.hp
     return grpo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
                      loss_type=hp.loss_type, beta=hp.beta, eps=hp.eps, eps_low=hp.eps_low, eps_high=hp.eps_high,
                      sample_weight=batch.get("sample_weight"), normaliser=normaliser)

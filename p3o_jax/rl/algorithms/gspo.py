@@ -58,9 +58,9 @@ class GSPO(Algorithm):
     seq_eps_low: float
     seq_eps_high: float
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
     logp, _, _ = self.token_logprobs(params, batch)
-    hp = self.hp
+    hp = hp or self.hp
     return gspo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
                      beta=hp.beta, eps_low=hp.seq_eps_low, eps_high=hp.seq_eps_high,
                      sample_weight=batch.get("sample_weight"), normaliser=normaliser)

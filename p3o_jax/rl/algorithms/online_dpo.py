@@ -34,14 +34,15 @@ class OnlineDPO(Algorithm):
     batch["chosen"] = np.argmax(np.asarray(exp.scores).reshape(-1, 2), axis=1).astype(np.int32)
     return batch
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
+    hp = hp or self.hp
     logp, _, _ = self.token_logprobs(params, batch)
     mask = batch["response_mask"]
     logp = (logp * mask).sum(-1)                                 # [M, 2]
     ref = (batch["logp_ref"] * mask).sum(-1)
     pick = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
     c, r = batch["chosen"], 1 - batch["chosen"]
-    return losses.dpo(pick(logp, c), pick(logp, r), pick(ref, c), pick(ref, r), beta=self.hp.dpo_beta,
+    return losses.dpo(pick(logp, c), pick(logp, r), pick(ref, c), pick(ref, r), beta=hp.dpo_beta,
                       normaliser=normaliser)
 
   def count(self, batch):

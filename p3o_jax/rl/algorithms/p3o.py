@@ -29,9 +29,9 @@ class P3O(Algorithm):
     clip_per_token: bool
     normalise: str
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
     logp, _, _ = self.token_logprobs(params, batch)
-    hp = self.hp
+    hp = hp or self.hp
     return losses.p3o(
         logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], token_mask=batch["response_mask"],
         variant=hp.variant, beta=hp.beta, eps=hp.eps, c=hp.c, kl_source=hp.kl_source,

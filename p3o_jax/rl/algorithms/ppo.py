@@ -116,8 +116,9 @@ class PPO(Algorithm):
     return group(exp, **ppo_advantages(exp, rewards, kl_coef=kl_coef, gamma=hp.gamma, lam=hp.lam,
                                        whiten_advantages=hp.whiten_advantages))
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
     """params = {'policy': ..., 'critic': ...}."""
+    hp = hp or self.hp
     logp, model, hidden = self.token_logprobs(params["policy"], batch)
     flat = rows(batch)
     values = (_head_values(params["critic"], hidden) if self.critic_graph is None
@@ -128,8 +129,8 @@ class PPO(Algorithm):
       advantages = advantages * flat["sample_weight"]
     loss, metrics = losses.ppo(
         logp.reshape(flat["response_mask"].shape), flat["logp_old"], advantages, flat["response_mask"],
-        eps=self.hp.eps, values=values, old_values=flat["values"], returns=flat["returns"],
-        eps_value=self.hp.cliprange_value, vf_coef=self.hp.vf_coef, normaliser=normaliser)
+        eps=hp.eps, values=values, old_values=flat["values"], returns=flat["returns"],
+        eps_value=hp.cliprange_value, vf_coef=hp.vf_coef, normaliser=normaliser)
     return loss, {**metrics, "policy/entropy_avg": entropy}
 
   def count(self, batch):

@@ -43,14 +43,15 @@ class ReinforcePP(Algorithm):
     everything = losses.whiten(jnp.asarray(exp.all_rows(returns)), jnp.asarray(exp.all_rows(mask)))
     return group(exp, advantages=exp.own(everything))
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
+    hp = hp or self.hp
     logp, _, _ = self.token_logprobs(params, batch)
     flat = rows(batch)
     advantages = flat["advantages"]
     if "sample_weight" in flat:
       advantages = advantages * flat["sample_weight"]
     return losses.ppo(logp.reshape(flat["response_mask"].shape), flat["logp_old"], advantages,
-                      flat["response_mask"], eps=self.hp.eps, normaliser=normaliser)
+                      flat["response_mask"], eps=hp.eps, normaliser=normaliser)
 
   def count(self, batch):
     """Valid response tokens of the whole minibatch."""

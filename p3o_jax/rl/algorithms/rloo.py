@@ -58,8 +58,9 @@ class RLOO(Algorithm):
     beta: float
     eps: float
 
-  def loss(self, params, batch, normaliser=None):
+  def loss(self, params, batch, normaliser=None, hp=None):
+    hp = hp or self.hp
     logp, _, _ = self.token_logprobs(params, batch)
     return rloo_loss(logp, self.old_logprobs(batch, logp), batch["logp_ref"], batch["rewards"], batch["response_mask"],
-                     beta=self.hp.beta, eps=self.hp.eps, sample_weight=batch.get("sample_weight"),
+                     beta=hp.beta, eps=hp.eps, sample_weight=batch.get("sample_weight"),
                      normaliser=normaliser)

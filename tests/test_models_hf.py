@@ -366,11 +366,16 @@ def _hf_dict(kind: str) -> dict:
   return fx.CONFIGS[kind]().to_dict()
 
 
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rotary_pct", "rotary_emb_base")
+
+
 def test_rope_and_eps_names_in_both_config_formats():
-  new_style = _hf_dict("gpt_neox")  # transformers 5: rope_parameters dict
-  assert "rope_parameters" in new_style
-  legacy = {k: v for k, v in new_style.items() if k != "rope_parameters"}
-  legacy.update(rotary_pct=0.25, rotary_emb_base=500.0, layer_norm_eps=1e-3)
+  """transformers 5 writes the RoPE settings as one rope_parameters dict, 4.x as flat fields
+  (GPT-NeoX's rotary_pct and rotary_emb_base); the hub holds config.json files of both kinds.
+  Both are written here by hand, whichever transformers is installed."""
+  base = {k: v for k, v in _hf_dict("gpt_neox").items() if k not in ROPE_KEYS}
+  new_style = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}}
+  legacy = {**base, "rotary_pct": 0.25, "rotary_emb_base": 500.0, "layer_norm_eps": 1e-3}
   a, b = hf.config_from_hf(new_style), hf.config_from_hf(legacy)
   assert (a.rotary_pct, a.rope_theta, a.parallel_residual) == (0.25, 500.0, True)
   assert (b.rotary_pct, b.rope_theta, b.norm_eps) == (0.25, 500.0, 1e-3)

@@ -699,7 +699,8 @@ def test_skipping_the_old_pass_gives_the_same_update(experience, roller, policy,
 def test_a_sweep_over_numeric_hyperparameters_compiles_the_update_once(experience, policy):
   """rl.beta, rl.eps, rl.c and optim.lr are inputs of the update (`hyper`), not constants compiled
   into it: runs that differ only in them share one program, and each value gives bitwise what an
-  update compiled with it as a constant gives. A string (rl.variant) still chooses the program."""
+  update compiled with it as a constant gives (P3O's here; XLA may fuse another algorithm's
+  program differently, docs/speed.md). A string (rl.variant) still chooses the program."""
   optim = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0,
                                          warmup_steps=1, schedule="cosine"))
   make_tx = lambda lr: train_state.make_optimizer(optim, 6, lr)

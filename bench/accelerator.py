@@ -68,7 +68,7 @@ from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf, policy  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, make_roller, process_scores  # noqa: E402
-from p3o_jax.rl.update import make_update  # noqa: E402
+from p3o_jax.rl.update import for_run, make_update  # noqa: E402
 
 # device_kind substring -> (dense bf16 TFLOP/s, HBM TB/s); the first match wins.
 PEAKS = [
@@ -255,10 +255,8 @@ def run_iteration(s: memory.Setting, o: memory.Options, scan: bool, device) -> d
   roller = make_roller(config, graph, ref_params, reward, tokenizer, penalise_missing_eos=False)
   algo = algorithms.create(rl, graph, config.sampler.temperature)
   tx = train_state.make_optimizer(config.optim, rl.iterations)
-  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, rl.iterations, lr),
-                       epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
-                       micro_batches=rl.micro_batches, count_fn=algo.count)
-  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update, as rl/loop.py passes them
+  update, hyper = for_run(algo, config.optim, rl.iterations, epochs=rl.inner_epochs,
+                          num_minibatches=rl.num_minibatches, micro_batches=rl.micro_batches)
   state = jax.jit(lambda p: train_state.create(p, tx))(params)
   del params
   rng = np.random.default_rng(0)

@@ -117,7 +117,7 @@ from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, RunningMoments, make_roller, process_scores  # noqa: E402
-from p3o_jax.rl.update import make_update  # noqa: E402
+from p3o_jax.rl.update import for_run  # noqa: E402
 
 import ceiling  # noqa: E402
 import peer_process  # noqa: E402
@@ -191,9 +191,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
                        penalise_missing_eos=False, mesh=mesh)
   algo = algorithms.create(config.rl, graph, config.sampler.temperature)
   state, shardings = train_state.create_on_mesh(params, tx, decoder.logical_axes(graph), mesh)
-  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, warmup + steps, lr),
-                       epochs=1, num_minibatches=1, state_shardings=shardings)
-  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update, as rl/loop.py passes them
+  update, hyper = for_run(algo, config.optim, warmup + steps, epochs=1, num_minibatches=1, state_shardings=shardings)
   split = sharding.RowSplit(len(prompts), mesh)
   old_pass = old_pass or not algo.skips_old_pass(config.rl)  # one epoch, one minibatch: skipped, as in rl/loop.py
   mask = np.ones_like(prompts)

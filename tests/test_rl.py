@@ -23,7 +23,7 @@ from p3o_jax import config_base, losses, sampling, train_state
 from p3o_jax.data import synthetic
 from p3o_jax.models import decoder
 from p3o_jax.rl import algorithms, rollout, sequences
-from p3o_jax.rl.update import make_update
+from p3o_jax.rl.update import for_run, make_update
 
 VOCAB = len(synthetic.VOCAB)  # the demo tokenizer's ids, so TextReward can decode samples
 PAD, EOS = 0, 1
@@ -53,10 +53,13 @@ def make_algo(name, graph=None, **overrides) -> algorithms.Algorithm:
   return algorithms.create(rl_config(algo=name, **overrides), graph, TEMPERATURE)
 
 
+def optim_config(lr: float, **overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**dict(lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0,
+                                           warmup_steps=0, schedule="constant"), **overrides})
+
+
 def optimizer(lr: float):
-  optim = ml_collections.ConfigDict(dict(lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0,
-                                         warmup_steps=0, schedule="constant"))
-  return train_state.make_optimizer(optim, total_steps=100)
+  return train_state.make_optimizer(optim_config(lr), total_steps=100)
 
 
 def fresh_state(params, tx):
@@ -701,11 +704,10 @@ def test_a_sweep_over_numeric_hyperparameters_compiles_the_update_once(experienc
   into it: runs that differ only in them share one program, and each value gives bitwise what an
   update compiled with it as a constant gives (P3O's here; XLA may fuse another algorithm's
   program differently, docs/speed.md). A string (rl.variant) still chooses the program."""
-  optim = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0,
-                                         warmup_steps=1, schedule="cosine"))
+  optim = optim_config(1e-2, warmup_steps=1, schedule="cosine")
   make_tx = lambda lr: train_state.make_optimizer(optim, 6, lr)
   batch = make_algo("p3o").prepare(experience, experience.scores, 0.05)[0]
-  swept = make_update(make_algo("p3o", policy[0]).loss, make_tx, epochs=2, num_minibatches=2)
+  swept, _ = for_run(make_algo("p3o", policy[0]), optim, 6, epochs=2, num_minibatches=2)  # as rl/loop.py builds it
   results = []
   for lr, overrides in ((1e-2, {}), (3e-3, dict(beta=0.3, eps=0.05, c=2.0))):
     algo = make_algo("p3o", policy[0], **overrides)

@@ -23,7 +23,7 @@ from p3o_jax.eval import frontier
 from p3o_jax.models.policy import Policy
 from p3o_jax.rl import algorithms
 from p3o_jax.rl.rollout import Experience, Roller, RunningMoments, process_scores
-from p3o_jax.rl.update import make_update
+from p3o_jax.rl.update import for_run
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,9 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)
-  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(config.optim, total_steps, lr),
-                       epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches, state_shardings=run.shardings,
-                       micro_batches=rl.micro_batches, count_fn=algo.count)
-  hyper = {"loss": algo.hp, "lr": float(config.optim.lr)}  # inputs of the update: a sweep compiles it once
+  # The hyperparameters go in as inputs of the update (`hyper`): a sweep over them compiles it once.
+  update, hyper = for_run(algo, config.optim, total_steps, epochs=rl.inner_epochs, num_minibatches=rl.num_minibatches,
+                          state_shardings=run.shardings, micro_batches=rl.micro_batches)
   value_fn = algo.value_fn()
   old_pass = not algo.skips_old_pass(rl)  # one epoch of one minibatch: the update's forward is pi_old's
   split = sharding.RowSplit(rl.prompts_per_rollout, run.mesh)      # this process's rows of each rollout

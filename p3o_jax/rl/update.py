@@ -51,3 +51,12 @@ def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardin
     return jax.jit(update, donate_argnums=0)
   return jax.jit(update, donate_argnums=0,  # metrics replicated: every process reads them
                  out_shardings=(state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+
+
+def for_run(algo, optim, total_steps: int, **options):
+  """(update, hyper) of an RL run of `algo`: its loss and count under `train_state.make_optimizer`
+  (built inside the program around the lr it is given), and the `hyper` to call it with, the
+  algorithm's Hyper and optim.lr. `options` are make_update's."""
+  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(optim, total_steps, lr),
+                       count_fn=algo.count, **options)
+  return update, {"loss": algo.hp, "lr": float(optim.lr)}

@@ -278,13 +278,24 @@ def take_rows(x, rows):
   return jnp.take_along_axis(x, index, axis=1)
 
 
+def _softmax_view(scores, queries: int):
+  """scores [..., S] without their size-1 axes before S, for the softmax over S. XLA:CPU's fused
+  reductions (YNNPACK) ran 5-10x slower on a shape with a size-1 axis, which the scores have
+  wherever R = 1 (no grouped-query heads): about 4 ms of the tiny policy's 40 ms update
+  (docs/speed.md). Only size-1 axes go, so no two axes merge, whatever the mesh shards. A decode
+  step (one query) keeps its axes: the sampler measured no faster with the view."""
+  if queries == 1:
+    return scores
+  return scores.reshape(*(n for n in scores.shape[:-1] if n != 1), scores.shape[-1])
+
+
 def _attend_all(q, k, v, mask):
   """Softmax attention of every query over every key: q [B, T, G, R, K], k, v [B, G, S, K],
   mask [B, T, S] -> [B, T, G, R, K]. Scores and softmax in float32."""
   scores = jnp.einsum("btgrk,bgsk->bgrts", q, k).astype(jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(_softmax_view(scores, q.shape[1]), axis=-1).reshape(scores.shape).astype(v.dtype)
   return jnp.einsum("bgrts,bgsk->btgrk", probs, v)
 
 
@@ -305,14 +316,17 @@ def _attend_prefixed(q, k, v, mask, prefix_k, prefix_v):
   s_own = jnp.einsum("btgrd,bgsd->bgtrs", q, k).astype(jnp.float32) / scale
   s_prefix = jnp.where(mask[..., :P].reshape(B, K, T, P)[:, None, :, :, None, :], s_prefix, low)
   s_own = jnp.where(mask[..., P:][:, None, :, None, :], s_own, low)
-  peak = jnp.maximum(to_rows(s_prefix.max(-1)), s_own.max(-1))  # [B * K, G, T, R]
-  e_prefix = jnp.exp(s_prefix - to_prefixes(peak)[..., None])
-  e_own = jnp.exp(s_own - peak[..., None])
-  total = to_rows(e_prefix.sum(-1)) + e_own.sum(-1)
-  out_prefix = jnp.einsum("bgktrs,bgsd->bgktrd", (e_prefix / to_prefixes(total)[..., None]).astype(v.dtype),
-                          prefix_v, preferred_element_type=jnp.float32)
-  out_own = jnp.einsum("bgtrs,bgsd->bgtrd", (e_own / total[..., None]).astype(v.dtype), v,
-                       preferred_element_type=jnp.float32)
+  sp, so = _softmax_view(s_prefix, T), _softmax_view(s_own, T)
+  back = lambda x, s: x.reshape(s.shape[:-1])  # a per-query result on a view, in s's axes
+  over = lambda x, view: x.reshape(view.shape[:-1])[..., None]  # per-query values against a view's keys
+  peak = jnp.maximum(to_rows(back(sp.max(-1), s_prefix)), back(so.max(-1), s_own))  # [B * K, G, T, R]
+  e_prefix = jnp.exp(sp - over(to_prefixes(peak), sp))
+  e_own = jnp.exp(so - over(peak, so))
+  total = to_rows(back(e_prefix.sum(-1), s_prefix)) + back(e_own.sum(-1), s_own)
+  p_prefix = (e_prefix / over(to_prefixes(total), sp)).reshape(s_prefix.shape)
+  p_own = (e_own / over(total, so)).reshape(s_own.shape)
+  out_prefix = jnp.einsum("bgktrs,bgsd->bgktrd", p_prefix.astype(v.dtype), prefix_v, preferred_element_type=jnp.float32)
+  out_own = jnp.einsum("bgtrs,bgsd->bgtrd", p_own.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = out_prefix.swapaxes(1, 2).reshape(RK, G, T, R, D) + out_own
   return out.transpose(0, 2, 1, 3, 4).astype(v.dtype)
 

@@ -282,8 +282,8 @@ def _softmax_view(scores, queries: int):
   """scores [..., S] without their size-1 axes before S, for the softmax over S. XLA:CPU's fused
   reductions (YNNPACK) ran 5-10x slower on a shape with a size-1 axis, which the scores have
   wherever R = 1 (no grouped-query heads): 3.9 ms of thread time in the tiny policy's 40 ms
-  update (docs/speed.md). Only size-1 axes go, so no two axes merge, whatever the mesh shards. A decode
-  step (one query) keeps its axes: the sampler measured no faster with the view."""
+  update (docs/speed.md). Only size-1 axes go, so no two axes merge, whatever the mesh shards.
+  A decode step (one query) keeps its axes: the sampler measured no faster with the view."""
   if queries == 1:
     return scores
   return scores.reshape(*(n for n in scores.shape[:-1] if n != 1), scores.shape[-1])

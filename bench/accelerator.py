@@ -4,7 +4,7 @@
     python bench/accelerator.py --tiny     # the same code paths on tiny shapes, on CPU, in seconds
     python bench/accelerator.py --peak-tflops 989 --hbm-tbs 4.8   # override the device table
 
-(a) train step. One P3O update step (`rl/update.make_update` over the loss of
+(a) train step. One P3O update step (`rl/update.for_run`, as rl/loop.py builds it, over the loss of
     `algorithms.create(config.rl, ...)`, AdamW from `train_state`, one epoch of one minibatch)
     on the Pythia-1B shape with bf16 activations and fp32 weights (as configs/tldr.py trains),
     8 rows x 1024 tokens (4 prompts x K=2; 512 prompt + 512 response tokens). Median of
@@ -68,7 +68,7 @@ from p3o_jax.config_base import base_config  # noqa: E402
 from p3o_jax.models import decoder, hf, policy  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, make_roller, process_scores  # noqa: E402
-from p3o_jax.rl.update import for_run, make_update  # noqa: E402
+from p3o_jax.rl.update import for_run  # noqa: E402
 
 # device_kind substring -> (dense bf16 TFLOP/s, HBM TB/s); the first match wins.
 PEAKS = [
@@ -134,7 +134,7 @@ def train_step(tiny: bool, steps: int, peak_flops: float) -> dict:
   config.rl.update(k=2, inner_epochs=1, num_minibatches=1)
   algo = algorithms.create(config.rl, graph, 1.0)
   tx = train_state.make_optimizer(config.optim, steps + 2)
-  update = make_update(algo.loss, tx, epochs=1, num_minibatches=1)
+  update, hyper = for_run(algo, config.optim, steps + 2, epochs=1, num_minibatches=1)
   rng = np.random.default_rng(0)
   query = rng.integers(2, cfg.vocab_size, (rows, prompt)).astype(np.int32)
   resp = rng.integers(2, cfg.vocab_size, (rows, response)).astype(np.int32)
@@ -150,7 +150,7 @@ def train_step(tiny: bool, steps: int, peak_flops: float) -> dict:
   times = []
   for i in range(steps + 2):
     start = time.perf_counter()
-    state, metrics = update(state, batch, key)
+    state, metrics = update(state, batch, key, hyper)
     loss = float(np.asarray(metrics["loss/total"]).reshape(-1)[0])
     times.append(time.perf_counter() - start)
     if not np.isfinite(loss):

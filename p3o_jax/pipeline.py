@@ -62,7 +62,12 @@ def load_task(config, workdir: str) -> Task:
     return Task(synthetic.build_tokenizer(), task.sft_prompts, task.sft_completions, task.train_prompts,
                 task.eval_prompts[: config.eval.num_prompts], gold=synthetic.gold_reward)
   data = config.data
-  tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.hf)
+  field = "tokenizer" if config.model.tokenizer else "hf"
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(config.model[field])
+  except OSError as e:  # transformers' message names no id when the hub and its cache fail
+    raise OSError(f"model.{field}={config.model[field]!r}: no tokenizer in that folder, the Hugging Face "
+                  f"Hub or its local cache: {e}") from e
   sft = hub.load_sft(data.sft, data.sft_split) if data.sft else None
   prefs = hub.load_preferences(data.preference, data.preference_split) if data.preference else None
   prompts = hub.load_prompts(data.prompts, data.prompts_split)

@@ -13,6 +13,7 @@ from tokenizers import models, pre_tokenizers, trainers
 from configs import hh, tldr
 from p3o_jax import main, pipeline
 from p3o_jax.data import hub
+from p3o_jax.models import hf
 from p3o_jax.rl.rollout import TextReward
 from p3o_jax.metrics_log import read_jsonl
 
@@ -130,3 +131,18 @@ def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):
   c.data.prompts = str(prompt_only)
   with pytest.raises(ValueError, match=r"rl.reward_baseline='reference' needs a response for every prompt"):
     pipeline.load_task(c, str(tmp_path / "run2"))
+
+
+def test_a_hub_id_that_cannot_be_loaded_names_itself_and_its_field(tmp_path):
+  # Offline (as every test runs) with no cached copy: the hub's own errors name no id here.
+  with pytest.raises(OSError, match="model 'nobody-p3o/missing-model' .*not a local folder"):
+    hf.load("nobody-p3o/missing-model")
+  config = tldr.get_config()
+  config.model.hf, config.model.tokenizer = "nobody-p3o/missing-policy", "nobody-p3o/missing-tokenizer"
+  with pytest.raises(OSError, match="model.tokenizer='nobody-p3o/missing-tokenizer': no tokenizer"):
+    pipeline.load_task(config, str(tmp_path))
+  config.model.tokenizer = ""
+  with pytest.raises(OSError, match="model.hf='nobody-p3o/missing-policy': no tokenizer"):
+    pipeline.load_task(config, str(tmp_path))
+  with pytest.raises(ConnectionError, match="nobody-p3o/missing-data"):  # datasets names it itself
+    hub.load_split("nobody-p3o/missing-data", "train")

@@ -435,7 +435,12 @@ def _resolve(path_or_hub_id: str, revision: str | None) -> str:
   if looks_local:
     raise FileNotFoundError(f"{path_or_hub_id!r} is not a directory (expected a Hugging Face model dir)")
   from huggingface_hub import snapshot_download  # only for hub ids
-  return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
+  try:
+    return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
+  except OSError as e:  # no network and no cached copy, an unknown id, a revision not there
+    # The hub's own messages do not always say which id failed (offline mode: none does).
+    raise OSError(f"model {path_or_hub_id!r} (revision {revision or 'main'}): not a local folder, and the "
+                  f"Hugging Face Hub and its local cache did not give it: {e}") from e
 
 
 class _Tensors:

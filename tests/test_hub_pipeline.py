@@ -144,5 +144,5 @@ def test_a_hub_id_that_cannot_be_loaded_names_itself_and_its_field(tmp_path):
   config.model.tokenizer = ""
   with pytest.raises(OSError, match="model.hf='nobody-p3o/missing-policy': no tokenizer"):
     pipeline.load_task(config, str(tmp_path))
-  with pytest.raises(ConnectionError, match="nobody-p3o/missing-data"):  # datasets names it itself
+  with pytest.raises(OSError, match="nobody-p3o/missing-data"):  # datasets names it itself
     hub.load_split("nobody-p3o/missing-data", "train")

@@ -74,7 +74,7 @@ def causal(request, tmp_path_factory):
 
 def test_logits_match_transformers_on_left_padded_batch(causal):
   ours = causal.logits
-  assert causal.cfg.model_type == causal.kind.removesuffix("_tied")
+  assert causal.cfg.model_type == fx.CONFIGS[causal.kind]().model_type
   assert _max_err(ours, causal.ref, causal.mask) < ATOL
   # The weights are random enough that logits are far from flat: a mapping error would show.
   assert np.std(causal.ref[causal.mask.astype(bool)]) > 0.3
@@ -307,7 +307,7 @@ def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
 
 # ----------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama", "qwen3"])
 def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
@@ -386,15 +386,78 @@ def test_rope_and_eps_names_in_both_config_formats():
   assert (qwen.qkv_bias, qwen.out_bias, qwen.dtype) == (True, False, "bfloat16")
 
 
+@pytest.mark.parametrize("kind, scaling", [
+    ("linear", {"factor": 4.0}),
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    ("llama3", {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 4096}),
+], ids=["linear", "llama3.1", "llama3-other"])
+def test_rope_scaling_matches_transformers_frequencies_and_tables(kind, scaling):
+  """Llama 3.1-shaped RoPE (theta 5e5, head_dim 128) against transformers' own frequency
+  functions, in both config formats; the cos table at positions up to 100k as its rotary
+  embedding class computes it (float32)."""
+  from transformers import modeling_rope_utils
+  from transformers.models.llama import modeling_llama
+  config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                    max_position_embeddings=131072,
+                                    rope_scaling={"rope_type": kind, "rope_theta": 500000.0, **scaling})
+  d = config.to_dict()
+  legacy = {**{k: v for k, v in d.items() if k != "rope_parameters"}, "rope_theta": 500000.0,
+            "rope_scaling": {"type": kind, **scaling}}
+  ours, from_legacy = hf.config_from_hf(d), hf.config_from_hf(legacy)
+  assert ours == from_legacy and ours.rope_type == kind
+  theirs, attention_factor = modeling_rope_utils.ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+  assert attention_factor == 1.0
+  freqs = np.asarray(decoder.rope_frequencies(ours, 128))
+  np.testing.assert_allclose(freqs, theirs.numpy(), rtol=1e-6, atol=0)
+  assert not np.allclose(freqs, np.asarray(decoder.rope_frequencies(ours.replace(rope_type="default"), 128)))
+  positions = torch.tensor([[0, 1, 7, 8191, 8192, 65536, 100000]])
+  cos, sin = modeling_llama.LlamaRotaryEmbedding(config)(torch.zeros(1, 1, dtype=torch.float32), positions)
+  our_cos, our_sin = decoder.rotary_tables(jnp.asarray(positions.numpy()), decoder.rope_frequencies(ours, 128))
+  np.testing.assert_allclose(np.asarray(our_cos), cos.numpy(), atol=2e-3)
+  np.testing.assert_allclose(np.asarray(our_sin), sin.numpy(), atol=2e-3)
+  exported = hf.config_to_hf(ours, "LlamaForCausalLM")
+  assert hf.config_from_hf(exported) == ours
+  assert transformers.LlamaConfig(**exported).to_dict()["rope_parameters"]["rope_type"] == kind
+
+
+HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "data", "hub_configs")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("Llama-3.2-1B", dict(model_type="llama", num_layers=16, kv_heads=8, dim_per_head=64, rope_theta=5e5,
+                          rope_type="llama3", rope_factor=32.0, rope_original_max_positions=8192,
+                          tie_embeddings=True, qk_norm=False, qkv_bias=False)),
+    ("Qwen3-0.6B", dict(model_type="qwen3", num_layers=28, kv_heads=8, dim_per_head=128, rope_theta=1e6,
+                        rope_type="default", tie_embeddings=True, qk_norm=True, qkv_bias=False, out_bias=False)),
+])
+def test_hub_configs_of_llama3_and_qwen3_read_as_transformers_reads_them(name, expected, tmp_path):
+  """config.json as the hub serves it (tests/data/hub_configs): the fields, the RoPE frequencies
+  against transformers' reading of the same file, and the export's round trip."""
+  from transformers import modeling_rope_utils
+  with open(os.path.join(HUB_CONFIGS, f"{name}.json")) as f:
+    raw = json.load(f)
+  cfg = hf.config_from_hf(raw)
+  assert {k: getattr(cfg, k) for k in expected} == expected
+  shutil.copy(os.path.join(HUB_CONFIGS, f"{name}.json"), tmp_path / "config.json")
+  theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
+  kind = theirs.rope_parameters.get("rope_type", "default")
+  inv_freq, _ = modeling_rope_utils.ROPE_INIT_FUNCTIONS[kind](theirs, "cpu") if kind != "default" else (
+      1.0 / (theirs.rope_parameters["rope_theta"] ** (torch.arange(0, cfg.dim_per_head, 2).float() / cfg.dim_per_head)), 1.0)
+  np.testing.assert_allclose(np.asarray(decoder.rope_frequencies(cfg, cfg.dim_per_head)), inv_freq.numpy(), rtol=1e-6)
+  assert hf.config_from_hf(hf.config_to_hf(cfg, raw["architectures"][0])) == cfg
+
+
 def test_unsupported_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, qwen2"):
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, qwen2, qwen3"):
     hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
 
 
 @pytest.mark.parametrize("kind, change, message", [
-    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "linear"),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "llama3"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'.*default, linear, llama3"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "yarn"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "no 'low_freq_factor'"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16}, "qwen3 sliding"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"hidden_act": "quick_gelu"}, "quick_gelu"),

@@ -102,18 +102,19 @@ def test_logprobs_equal_teacher_forced(neox, prompts, temperature):
 
 # ----------------------------------------------------------------------------- greedy vs HF
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama", "llama_rope_scaled", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(kind, prompts, tmp_path):
   """On a CPU the loop reads each layer's projections stacked (`Decoder.stack_projections`): q, k
-  and v in one weight where they have as many heads (NeoX with biases, GPT-J), k and v alone under
-  grouped-query attention (Llama; Qwen2 with biases)."""
+  and v in one weight where they have as many heads (NeoX with biases, GPT-J, Llama with Llama
+  3.1's RoPE scaling), k and v alone under grouped-query attention (Llama; Qwen2 and Qwen3 with
+  biases, Qwen3's q and k normalised after the stacked projection)."""
   model = fx.build(kind, tmp_path)
   _, graph, params = hf.load(str(tmp_path))
   merged = decoder.merge(graph, params)
   merged.stack_projections()
   stacked_kernel, stacked_bias = merged.layers[0].attn._stacked
-  assert stacked_kernel.shape[1] == (3 if kind in ("gpt_neox", "gptj") else 2)
-  assert (stacked_bias is not None) == (kind in ("gpt_neox", "qwen2"))
+  assert stacked_kernel.shape[1] == (3 if kind in ("gpt_neox", "gptj", "llama_rope_scaled") else 2)
+  assert (stacked_bias is not None) == (kind in ("gpt_neox", "qwen2", "qwen3"))
   out = sample(graph, params, *prompts, greedy=True)
   with torch.no_grad():
     ref = model.generate(input_ids=torch.as_tensor(prompts[0], dtype=torch.long),

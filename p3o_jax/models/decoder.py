@@ -1,4 +1,4 @@
-"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Qwen2.
+"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Qwen2, Qwen3.
 
 Shape letters used in comments:
   B batch, T query length, S key (cache) length, D model width, V vocab,
@@ -11,6 +11,11 @@ Shape letters used in comments:
 | gptj     | LayerNorm | rotary (partial, pairwise) | parallel, one norm | GELU   | MLP, LM head | no   |
 | llama    | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
 | qwen2    | RMSNorm   | rotary                     | sequential         | SwiGLU | q, k, v only | opt. |
+| qwen3    | RMSNorm, also on each head's q and k | rotary  | sequential         | SwiGLU | opt.         | opt. |
+
+Rotary frequencies can be rescaled for long contexts as Hugging Face's `rope_scaling` does:
+`linear` (position interpolation) and `llama3` (Llama 3.1+: long wavelengths divided by a factor,
+short ones kept, a smooth blend between).
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`); `p3o_jax.sharding` maps them to mesh axes, so this file knows no mesh.
@@ -49,10 +54,16 @@ class DecoderConfig:
   position: str = "rotary"             # "learned" | "rotary"
   rotary_pct: float = 1.0              # fraction of head_dim that is rotated (Pythia: 0.25)
   rope_theta: float = 10000.0
+  rope_type: str = "default"           # "default" | "linear" | "llama3": HF's rope_scaling, see `rope_frequencies`
+  rope_factor: float = 1.0             # frequencies divided by it (linear: all; llama3: the slow ones)
+  rope_low_freq_factor: float = 1.0    # llama3: wavelengths above original / low are divided,
+  rope_high_freq_factor: float = 4.0   # llama3: those below original / high kept, the rest blended
+  rope_original_max_positions: int = 8192  # llama3: the pre-training context length
   rotary_interleaved: bool = False     # rotate feature pairs (2i, 2i+1) (GPT-J), not halves (NeoX, Llama)
   parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
   shared_norm: bool = False            # parallel residual with one norm: x + attn(ln x) + mlp(ln x) (GPT-J)
   qkv_bias: bool = False
+  qk_norm: bool = False                # RMSNorm over each head's q and k before the rotary (Qwen3)
   out_bias: bool = False
   mlp_bias: bool = False
   tie_embeddings: bool = False
@@ -99,7 +110,16 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig.matmul_dtype={self.matmul_dtype!r}; expected '' or one of {tuple(DTYPES)}")
     if self.shared_norm and not self.parallel_residual:
       raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"DecoderConfig.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
+    if self.rope_type != "default" and not self.rope_factor >= 1.0:
+      raise ValueError(f"DecoderConfig.rope_factor={self.rope_factor}; a {self.rope_type} RoPE scaling needs >= 1")
+    if self.rope_type == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise ValueError(f"DecoderConfig.rope_low_freq_factor={self.rope_low_freq_factor}, rope_high_freq_factor="
+                       f"{self.rope_high_freq_factor}; llama3 scaling needs 0 < low < high")
 
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -226,12 +246,13 @@ def _param(rngs: nnx.Rngs, cfg: DecoderConfig, shape, axes, init="normal") -> nn
 
 
 class Norm(nnx.Module):
-  """LayerNorm or RMSNorm, computed in float32."""
+  """LayerNorm or RMSNorm over the last axis (`width` features, default the model's), in float32."""
 
-  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, width: int | None = None):
     self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("norm",), "ones")
-    self.bias = _param(rngs, cfg, (cfg.hidden_size,), ("norm",), "zeros") if cfg.norm == "layernorm" else None
+    width = width or cfg.hidden_size
+    self.scale = _param(rngs, cfg, (width,), ("norm",), "ones")
+    self.bias = _param(rngs, cfg, (width,), ("norm",), "zeros") if cfg.norm == "layernorm" else None
 
   def __call__(self, x):
     dtype = x.dtype
@@ -246,10 +267,32 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rotary_tables(positions, rot_dim: int, theta: float, interleaved: bool = False):
-  """cos, sin of shape [B, T, rot_dim]: frequency i at features (i, i + rot_dim/2) for the
-  rotate-half convention (NeoX, Llama), at features (2i, 2i+1) when interleaved (GPT-J)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+def rope_frequencies(cfg: DecoderConfig, rot_dim: int):
+  """The rot_dim/2 rotary frequencies (radians per position) in float32, with transformers'
+  `rope_scaling` applied:
+  - linear: every frequency divided by `rope_factor` (position interpolation);
+  - llama3: a wavelength 2 pi / f beyond original / low_freq_factor is stretched by the factor,
+    one below original / high_freq_factor kept, and one between blended linearly in
+    original / wavelength (Llama 3.1's frequency-dependent scaling)."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+  if cfg.rope_type == "linear":
+    return inv_freq / cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original = cfg.rope_original_max_positions
+    wavelength = 2 * jnp.pi / inv_freq
+    stretched = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(between, blended, stretched)
+  return inv_freq
+
+
+def rotary_tables(positions, inv_freq, interleaved: bool = False):
+  """cos, sin of shape [B, T, rot_dim] for the rot_dim/2 frequencies `inv_freq`: frequency i at
+  features (i, i + rot_dim/2) for the rotate-half convention (NeoX, Llama), at features (2i, 2i+1)
+  when interleaved (GPT-J)."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot_dim/2]
   if interleaved:
     angles = jnp.repeat(angles, 2, axis=-1)
@@ -370,6 +413,8 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, cfg, (G, K), ("kv_heads", "head_dim"), "zeros")
     if cfg.out_bias:
       self.o_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
+    if cfg.qk_norm:
+      self.q_norm, self.k_norm = Norm(cfg, rngs, width=K), Norm(cfg, rngs, width=K)
 
   def stack_projections(self):
     """For a loop that calls this layer many times with the same weights (decoding): stack the
@@ -410,11 +455,14 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = x.dtype
     q, k, v = self._project(x, rows)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     if rows is not None:
       mask = take_rows(mask, rows)
     if cfg.position == "rotary":
       rot_dim = int(cfg.dim_per_head * cfg.rotary_pct)
-      tables = lambda at: rotary_tables(at, rot_dim, cfg.rope_theta, cfg.rotary_interleaved)
+      inv_freq = rope_frequencies(cfg, rot_dim)
+      tables = lambda at: rotary_tables(at, inv_freq, cfg.rotary_interleaved)
       k_tables = tables(positions)
       q_tables = k_tables if rows is None else tables(take_rows(positions, rows))
       q = apply_rotary(q, *q_tables, rot_dim, cfg.rotary_interleaved)

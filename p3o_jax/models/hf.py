@@ -55,16 +55,16 @@ from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2")
+SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2", "qwen3")
 BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "gptj": "transformer.", "llama": "model.",
-               "qwen2": "model."}
+               "qwen2": "model.", "qwen3": "model."}
 EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "gptj": "wte.weight",
-              "llama": "embed_tokens.weight", "qwen2": "embed_tokens.weight"}
+              "llama": "embed_tokens.weight", "qwen2": "embed_tokens.weight", "qwen3": "embed_tokens.weight"}
 CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "gptj": "GPTJForCausalLM",
-                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
                  "gptj": "GPTJForSequenceClassification", "llama": "LlamaForSequenceClassification",
-                 "qwen2": "Qwen2ForSequenceClassification"}
+                 "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
 # Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                      r"\.attention\.bias|\.attention\.masked_bias)$")
@@ -75,23 +75,47 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
 
 # ----------------------------------------------------------------------------- config
 
-def _rope(hf: dict, default_theta: float, default_pct: float) -> tuple[float, float]:
-  """(theta, rotary fraction) from transformers-5 `rope_parameters` or the older flat keys."""
+def _rope(hf: dict, default_theta: float, default_pct: float) -> dict:
+  """DecoderConfig's rotary fields from transformers-5 `rope_parameters` or the older flat keys
+  and `rope_scaling` (Llama 3.1+ checkpoints carry a `llama3` scaling in one or the other)."""
   params = hf.get("rope_parameters") or {}
   if params and all(isinstance(v, dict) for v in params.values()):  # nested per layer type
     distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
     if len(distinct) > 1:
       raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
     params = next(iter(params.values()))
-  scaling = hf.get("rope_scaling") or {}
-  for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
-    kind = p.get("rope_type", p.get("type", "default"))
-    if kind != "default":
-      raise ValueError(f"{where} of type {kind!r} ({p}) is not supported; only plain RoPE is")
+  kind_of = lambda p: p.get("rope_type", p.get("type", "default"))
+  where, scaling = next(((w, p) for w, p in (("rope_parameters", params), ("rope_scaling", hf.get("rope_scaling") or {}))
+                         if kind_of(p) != "default"), ("rope_parameters", {}))
+  kind = kind_of(scaling)
+  if kind not in decoder.ROPE_TYPES:
+    raise ValueError(f"{where} of type {kind!r} ({scaling}) is not supported; supported: {', '.join(decoder.ROPE_TYPES)}")
+
+  def number(key, cast=float):
+    if scaling.get(key) is None:
+      raise ValueError(f"{where} of type {kind!r} has no {key!r}: {scaling}")
+    return cast(scaling[key])
+  fields = dict(rope_type=kind)
+  if kind != "default":
+    fields.update(rope_factor=number("factor"))
+  if kind == "llama3":
+    fields.update(rope_low_freq_factor=number("low_freq_factor"), rope_high_freq_factor=number("high_freq_factor"),
+                  rope_original_max_positions=number("original_max_position_embeddings", int))
   theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
   pct = params.get("partial_rotary_factor",
                    hf.get("partial_rotary_factor", hf.get("rotary_pct", default_pct)))
-  return float(theta), float(pct)
+  return dict(rope_theta=float(theta), rotary_pct=float(pct), **fields)
+
+
+def _rope_to_hf(cfg: DecoderConfig) -> dict:
+  """`rope_scaling` for config.json (read by transformers 4.x and 5.x), or nothing."""
+  if cfg.rope_type == "default":
+    return {}
+  scaling = dict(rope_type=cfg.rope_type, factor=cfg.rope_factor)
+  if cfg.rope_type == "llama3":
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_positions)
+  return dict(rope_scaling=scaling)
 
 
 def _activation(name: str) -> str:
@@ -120,14 +144,14 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               qkv_bias=True, out_bias=True, mlp_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", True))
   elif model_type == "gpt_neox":
-    theta, pct = _rope(hf, 10000.0, 0.25)  # transformers' GPTNeoXConfig defaults
+    rope = _rope(hf, 10000.0, 0.25)  # transformers' GPTNeoXConfig defaults
     bias = hf.get("attention_bias", True)
     kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
               num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
               max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="layernorm",
               norm_eps=hf.get("layer_norm_eps", 1e-5), mlp="gelu",
-              activation=_activation(hf.get("hidden_act", "gelu")), position="rotary", rotary_pct=pct,
-              rope_theta=theta, parallel_residual=hf.get("use_parallel_residual", True),
+              activation=_activation(hf.get("hidden_act", "gelu")), position="rotary", **rope,
+              parallel_residual=hf.get("use_parallel_residual", True),
               qkv_bias=bias, out_bias=bias, mlp_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
   elif model_type == "gptj":
@@ -149,15 +173,15 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               rotary_pct=pct, rope_theta=10000.0, rotary_interleaved=True, parallel_residual=True,
               shared_norm=True, qkv_bias=False, out_bias=False, mlp_bias=True, lm_head_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
-  else:  # llama, qwen2
+  else:  # llama, qwen2, qwen3
     if hf.get("mlp_bias"):
       raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
-    if model_type == "qwen2" and (hf.get("use_sliding_window")
+    if model_type != "llama" and (hf.get("use_sliding_window")
                                   or "sliding_attention" in (hf.get("layer_types") or ())):
-      raise ValueError("qwen2 sliding-window attention (use_sliding_window=True) is not supported")
-    theta, pct = _rope(hf, 10000.0, 1.0)
-    if pct != 1.0:
-      raise ValueError(f"{model_type} with partial_rotary_factor={pct} is not supported")
+      raise ValueError(f"{model_type} sliding-window attention (use_sliding_window=True) is not supported")
+    rope = _rope(hf, 10000.0, 1.0)
+    if rope["rotary_pct"] != 1.0:
+      raise ValueError(f"{model_type} with partial_rotary_factor={rope['rotary_pct']} is not supported")
     heads = hf["num_attention_heads"]
     attention_bias = hf.get("attention_bias", False)
     kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -166,8 +190,8 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               intermediate_size=hf["intermediate_size"],
               max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
               norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-              activation=_activation(hf.get("hidden_act", "silu")), position="rotary", rope_theta=theta,
-              qkv_bias=True if model_type == "qwen2" else attention_bias,
+              activation=_activation(hf.get("hidden_act", "silu")), position="rotary", **rope,
+              qk_norm=model_type == "qwen3", qkv_bias=True if model_type == "qwen2" else attention_bias,
               out_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=False,
               tie_embeddings=hf.get("tie_word_embeddings", False))
   kw.update(model_type=model_type, init_std=hf.get("initializer_range", 0.02))
@@ -204,17 +228,20 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
                 hidden_act=cfg.activation, max_position_embeddings=cfg.max_position_embeddings,
                 layer_norm_eps=cfg.norm_eps, rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
                 use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.qkv_bias,
-                hidden_dropout=0.0, attention_dropout=0.0)
+                hidden_dropout=0.0, attention_dropout=0.0, **_rope_to_hf(cfg))
   else:
     arch = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                 num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
                 intermediate_size=cfg.mlp_width, hidden_act=cfg.activation,
                 max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, head_dim=cfg.dim_per_head, attention_dropout=0.0)
+                rope_theta=cfg.rope_theta, head_dim=cfg.dim_per_head, attention_dropout=0.0,
+                **_rope_to_hf(cfg))
     if mt == "llama":
       arch.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     else:
       arch.update(use_sliding_window=False)
+    if mt == "qwen3":
+      arch.update(attention_bias=cfg.qkv_bias)
   hf = {**common, **arch}
   # The round trip must reproduce every architecture field, or the export would be wrong.
   back = config_from_hf(hf)
@@ -232,8 +259,12 @@ def _normal(cfg: DecoderConfig, name: str):
   """Field value with defaults resolved, so None and what it stands for compare equal."""
   resolved = {"num_kv_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
               "intermediate_size": cfg.mlp_width}
-  if name in ("rotary_pct", "rope_theta") and cfg.position == "learned":
+  rope_fields = ("rotary_pct", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor", "rope_original_max_positions")
+  if name in rope_fields and cfg.position == "learned":
     return None  # unused without rotary embeddings
+  if name in rope_fields[3:] and (cfg.rope_type == "default" or cfg.rope_type == "linear" and name != "rope_factor"):
+    return None  # unused by this kind of scaling
   return resolved.get(name, getattr(cfg, name))
 
 
@@ -329,7 +360,7 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
     norm("ln_f", ("final_norm",))
     lm_head_name = "lm_head.weight"
 
-  else:  # llama, qwen2
+  else:  # llama, qwen2, qwen3
     add("embed_tokens.weight", (("embed",),), (V, D))
     for i in range(cfg.num_layers):
       h, L = f"layers.{i}", ("layers", i)
@@ -339,6 +370,9 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
         add(f"{h}.self_attn.{name}_proj.weight", (a + (f"{name}_kernel",),), (n * K, D), transpose=True)
         if cfg.qkv_bias:
           add(f"{h}.self_attn.{name}_proj.bias", (a + (f"{name}_bias",),), (n * K,))
+      if cfg.qk_norm:
+        for name in ("q", "k"):
+          add(f"{h}.self_attn.{name}_norm.weight", (a + (f"{name}_norm", "scale"),), (K,))
       add(f"{h}.self_attn.o_proj.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
       if cfg.out_bias:
         add(f"{h}.self_attn.o_proj.bias", (a + ("o_bias",),), (D,))

@@ -140,8 +140,11 @@ def _dtypes(config, frozen: bool = False) -> dict:
 
 
 def load_policy(config, path: str, tokenizer=None) -> Policy:
-  """A policy from an HF folder, each tensor placed straight onto its shards of config.mesh."""
-  return models.load(path, _placement(config), tokenizer=tokenizer, **_dtypes(config))
+  """A policy from an HF folder, each tensor placed straight onto its shards of config.mesh, once
+  its positions (or sliding window) are known to hold the run's sequences."""
+  policy = models.load(path, _placement(config), tokenizer=tokenizer, **_dtypes(config))
+  batching.check_positions(policy.cfg, config.data.max_prompt_len + config.sampler.max_new_tokens, f"policy {path}")
+  return policy
 
 
 # ----------------------------------------------------------------------------- stages
@@ -219,14 +222,11 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   tok = task.tokenizer
   prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
   model = models.with_scalar_head(load_policy(config, sft_policy_path(config, workdir), tok), _placement(config))
-  max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
 
   def make_batch(idx):
     pick = lambda key: [prefs[key][i] for i in idx]
     return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), config.data.max_prompt_len,
                                      config.sampler.max_new_tokens, config.data.truncate_prompts)
-
-  batching.check_positions(model.cfg, max_len, "rm")
 
   return _fit_and_export("rm", config, out, config.rm, supervised.reward_loss_fn(model.graph), model,
                          make_batch, len(prefs["prompt"]), stop)

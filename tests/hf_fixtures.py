@@ -58,6 +58,15 @@ CONFIGS = {
         max_position_embeddings=64, tie_word_embeddings=True, **IDS),
 }
 
+# Families that differ from one in CONFIGS only in their config.json: parity-tested once, not
+# through every test of the decoder. Mistral is Llama with a sliding window (refused past it).
+SAME_LAYOUT = {
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, rope_theta=700.0, rms_norm_eps=1e-5,
+        max_position_embeddings=64, sliding_window=16, tie_word_embeddings=False, **IDS),
+}
+
 
 def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
   gen = torch.Generator().manual_seed(seed)
@@ -72,7 +81,7 @@ def build(kind: str, directory, *, seq_cls: bool = False, seed: int = 0, std: fl
           max_shard_size: str | None = None) -> torch.nn.Module:
   """Make a tiny random `kind` model (CausalLM, or SequenceClassification with one label),
   save it to `directory` as safetensors, and return it in eval mode with eager attention."""
-  config = CONFIGS[kind]()
+  config = {**CONFIGS, **SAME_LAYOUT}[kind]()
   config._attn_implementation = "eager"
   if seq_cls:
     config.num_labels = 1

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_fixtures as fx  # noqa: E402
+from p3o_jax.data import batching  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import sequences  # noqa: E402
 
@@ -192,6 +193,36 @@ def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, causal.params)
 
 
+def test_mistral_matches_transformers_within_its_sliding_window(tmp_path):
+  """Mistral is Llama with a sliding window over the keys. Up to the window's length every key is
+  inside it, so the decoder's full causal attention is the same function; longer sequences are
+  refused by name before any stage runs. Logits, export (the window kept, or null kept null: a
+  missing key would read as transformers' default of 4096) and the check."""
+  model = fx.build("mistral", tmp_path / "in")
+  tokens, mask = _batch()
+  cfg, graph, params = hf.load(str(tmp_path / "in"))
+  assert (cfg.model_type, cfg.sliding_window, cfg.kv_heads) == ("mistral", 16, 2)
+  ref = _hf_logits(model, tokens, mask)
+  assert _max_err(_jitted_logits(graph)(params, tokens, mask), ref, mask) < ATOL
+  hf.save(str(tmp_path / "out"), cfg, params, config_overrides=fx.IDS)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+  assert type(exported).__name__ == "MistralForCausalLM" and exported.config.sliding_window == 16
+  assert _max_err(_hf_logits(exported.eval(), tokens, mask), ref, mask) < 1e-5
+  batching.check_positions(cfg, 16, "policy")
+  with pytest.raises(ValueError, match="policy: sequences of 17 tokens .* sliding window of 16"):
+    batching.check_positions(cfg, 17, "policy")
+  unwindowed = cfg.replace(sliding_window=None)
+  assert json.loads(json.dumps(hf.config_to_hf(unwindowed, "MistralForCausalLM")))["sliding_window"] is None
+  assert transformers.MistralConfig(**hf.config_to_hf(unwindowed, "MistralForCausalLM")).sliding_window is None
+  batching.check_positions(unwindowed, 4096 * 32, "policy")
+  from configs import demo
+  from p3o_jax import pipeline
+  config = demo.get_config("runlocal")  # prompts of 8 tokens and 10 new ones
+  config.mesh.data = 1
+  with pytest.raises(ValueError, match=rf"policy {tmp_path / 'in'}: sequences of 18 tokens .* sliding window of 16"):
+    pipeline.load_policy(config, str(tmp_path / "in"))
+
+
 def _logprob_grads(graph, params, tokens, mask):
   loss = lambda p: decoder.token_logprobs(graph, p, tokens, mask).sum()
   return jax.jit(jax.grad(loss))(params)
@@ -307,7 +338,7 @@ def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
 
 # ----------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama", "qwen3"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen3"])
 def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
@@ -448,7 +479,7 @@ def test_hub_configs_of_llama3_and_qwen3_read_as_transformers_reads_them(name, e
 
 
 def test_unsupported_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, qwen2, qwen3"):
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, mistral, qwen2, qwen3"):
     hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
 
 

@@ -53,11 +53,18 @@ def _cut_prompt(ids: list[int], budget: int, truncate: str, text: str, row: int,
 
 
 def check_positions(model_cfg, length: int, what: str) -> None:
-  """A learned-position model has no position past max_position_embeddings - 1 (an index past it
-  would silently read a clamped row): sequences of `length` tokens must fit."""
+  """Sequences of `length` tokens must fit the model: a learned-position model has no position past
+  max_position_embeddings - 1 (an index past it would silently read a clamped row), and a model
+  trained with a sliding window (Mistral) is run here with full causal attention, which is the
+  same function only while every key is inside the window."""
   if getattr(model_cfg, "position", None) == "learned" and length > model_cfg.max_position_embeddings:
     raise ValueError(f"{what}: sequences of {length} tokens (data.max_prompt_len + sampler.max_new_tokens) exceed "
                      f"the model's {model_cfg.max_position_embeddings} learned positions (max_position_embeddings)")
+  window = getattr(model_cfg, "sliding_window", None)
+  if window is not None and length > window:
+    raise ValueError(f"{what}: sequences of {length} tokens (data.max_prompt_len + sampler.max_new_tokens) exceed "
+                     f"the model's sliding window of {window} (sliding_window in its config.json); this decoder "
+                     "attends over every earlier token, which is the window's attention only up to its length")
 
 
 def pad_token_id(tokenizer) -> int:

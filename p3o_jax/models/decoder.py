@@ -1,4 +1,5 @@
-"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Qwen2, Qwen3.
+"""One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Mistral,
+Qwen2, Qwen3.
 
 Shape letters used in comments:
   B batch, T query length, S key (cache) length, D model width, V vocab,
@@ -11,7 +12,11 @@ Shape letters used in comments:
 | gptj     | LayerNorm | rotary (partial, pairwise) | parallel, one norm | GELU   | MLP, LM head | no   |
 | llama    | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
 | qwen2    | RMSNorm   | rotary                     | sequential         | SwiGLU | q, k, v only | opt. |
-| qwen3    | RMSNorm, also on each head's q and k | rotary  | sequential         | SwiGLU | opt.         | opt. |
+| qwen3    | RMSNorm * | rotary                     | sequential         | SwiGLU | opt.         | opt. |
+| mistral  | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
+
+* also on each head's queries and keys, before the rotary. Mistral is Llama with a sliding window,
+which this decoder does not apply: sequences longer than the window are refused.
 
 Rotary frequencies can be rescaled for long contexts as Hugging Face's `rope_scaling` does:
 `linear` (position interpolation) and `llama3` (Llama 3.1+: long wavelengths divided by a factor,
@@ -59,6 +64,9 @@ class DecoderConfig:
   rope_low_freq_factor: float = 1.0    # llama3: wavelengths above original / low are divided,
   rope_high_freq_factor: float = 4.0   # llama3: those below original / high kept, the rest blended
   rope_original_max_positions: int = 8192  # llama3: the pre-training context length
+  sliding_window: int | None = None    # keys older than this are masked (Mistral); the attention here
+                                       # sees every earlier key, the same up to this many tokens, so
+                                       # longer sequences are refused (`batching.check_positions`)
   rotary_interleaved: bool = False     # rotate feature pairs (2i, 2i+1) (GPT-J), not halves (NeoX, Llama)
   parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
   shared_norm: bool = False            # parallel residual with one norm: x + attn(ln x) + mlp(ln x) (GPT-J)
@@ -110,6 +118,8 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig.matmul_dtype={self.matmul_dtype!r}; expected '' or one of {tuple(DTYPES)}")
     if self.shared_norm and not self.parallel_residual:
       raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window}; expected None or a positive number of tokens")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"DecoderConfig.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
     if self.rope_type != "default" and not self.rope_factor >= 1.0:

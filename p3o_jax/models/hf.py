@@ -55,16 +55,19 @@ from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "qwen2", "qwen3")
+SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3")
 BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "gptj": "transformer.", "llama": "model.",
-               "qwen2": "model.", "qwen3": "model."}
+               "mistral": "model.", "qwen2": "model.", "qwen3": "model."}
 EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "gptj": "wte.weight",
-              "llama": "embed_tokens.weight", "qwen2": "embed_tokens.weight", "qwen3": "embed_tokens.weight"}
+              "llama": "embed_tokens.weight", "mistral": "embed_tokens.weight", "qwen2": "embed_tokens.weight",
+              "qwen3": "embed_tokens.weight"}
 CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "gptj": "GPTJForCausalLM",
-                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                   "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "qwen3": "Qwen3ForCausalLM"}
 SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
                  "gptj": "GPTJForSequenceClassification", "llama": "LlamaForSequenceClassification",
-                 "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+                 "mistral": "MistralForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                 "qwen3": "Qwen3ForSequenceClassification"}
 # Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                      r"\.attention\.bias|\.attention\.masked_bias)$")
@@ -173,10 +176,10 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               rotary_pct=pct, rope_theta=10000.0, rotary_interleaved=True, parallel_residual=True,
               shared_norm=True, qkv_bias=False, out_bias=False, mlp_bias=True, lm_head_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
-  else:  # llama, qwen2, qwen3
+  else:  # llama, mistral, qwen2, qwen3
     if hf.get("mlp_bias"):
       raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
-    if model_type != "llama" and (hf.get("use_sliding_window")
+    if model_type in ("qwen2", "qwen3") and (hf.get("use_sliding_window")
                                   or "sliding_attention" in (hf.get("layer_types") or ())):
       raise ValueError(f"{model_type} sliding-window attention (use_sliding_window=True) is not supported")
     rope = _rope(hf, 10000.0, 1.0)
@@ -192,6 +195,7 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
               activation=_activation(hf.get("hidden_act", "silu")), position="rotary", **rope,
               qk_norm=model_type == "qwen3", qkv_bias=True if model_type == "qwen2" else attention_bias,
+              sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
               out_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=False,
               tie_embeddings=hf.get("tie_word_embeddings", False))
   kw.update(model_type=model_type, init_std=hf.get("initializer_range", 0.02))
@@ -238,6 +242,8 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
                 **_rope_to_hf(cfg))
     if mt == "llama":
       arch.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    elif mt == "mistral":  # written when None too: a missing key reads as transformers' default 4096
+      arch.update(sliding_window=cfg.sliding_window)
     else:
       arch.update(use_sliding_window=False)
     if mt == "qwen3":
@@ -360,7 +366,7 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
     norm("ln_f", ("final_norm",))
     lm_head_name = "lm_head.weight"
 
-  else:  # llama, qwen2, qwen3
+  else:  # llama, mistral, qwen2, qwen3
     add("embed_tokens.weight", (("embed",),), (V, D))
     for i in range(cfg.num_layers):
       h, L = f"layers.{i}", ("layers", i)

@@ -40,13 +40,6 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, intermediate_size=96, rope_theta=2000.0, rms_norm_eps=1e-6,
         max_position_embeddings=64, tie_word_embeddings=False, **IDS),
-    # Llama 3.1's RoPE scaling: with an original context of 16 positions, every frequency here is
-    # either stretched 4x or blended (wavelengths 6.3 to 1900 positions).
-    "llama_rope_scaled": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=96, rope_theta=500.0, max_position_embeddings=64,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16}, tie_word_embeddings=True, **IDS),
     # RMSNorm on each head's q and k, biases on q, k, v and o, GQA, head_dim 24 != hidden/heads.
     "qwen3": lambda: transformers.Qwen3Config(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -56,11 +49,24 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=96, rope_theta=10000.0,
         max_position_embeddings=64, tie_word_embeddings=True, **IDS),
+    # Norms on each sublayer's output, RMSNorm on all heads' q and k at once, GQA.
+    "olmo2": lambda: transformers.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, rope_theta=900.0, rms_norm_eps=1e-6,
+        max_position_embeddings=64, tie_word_embeddings=False, **IDS),
 }
 
-# Families that differ from one in CONFIGS only in their config.json: parity-tested once, not
-# through every test of the decoder. Mistral is Llama with a sliding window (refused past it).
+# Models that differ from one in CONFIGS only in their config.json: parity-tested once, not
+# through every test of the decoder. Llama with Llama 3.1's RoPE scaling (its frequencies are also
+# tested alone); Mistral is Llama with a sliding window (refused past it).
 SAME_LAYOUT = {
+    # Llama 3.1's RoPE scaling: with an original context of 16 positions, every frequency here is
+    # either stretched 4x or blended (wavelengths 6.3 to 1900 positions).
+    "llama_rope_scaled": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=96, rope_theta=500.0, max_position_embeddings=64,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, tie_word_embeddings=True, **IDS),
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=96, rope_theta=700.0, rms_norm_eps=1e-5,

@@ -193,6 +193,24 @@ def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, causal.params)
 
 
+def test_llama_with_llama3_rope_scaling_matches_transformers_and_exports(tmp_path):
+  """Llama 3.1's scaled RoPE through the whole model: logits on a left-padded batch, the export
+  (its rope_scaling written back) and the round trip (greedy decoding: test_sampling.py)."""
+  model = fx.build("llama_rope_scaled", tmp_path / "in")
+  tokens, mask = _batch()
+  cfg, graph, params = hf.load(str(tmp_path / "in"))
+  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_positions) == ("llama3", 4.0, 16)
+  ref = _hf_logits(model, tokens, mask)
+  assert _max_err(_jitted_logits(graph)(params, tokens, mask), ref, mask) < ATOL
+  unscaled = _jitted_logits(decoder.abstract(cfg.replace(rope_type="default"))[0])(params, tokens, mask)
+  assert _max_err(unscaled, ref, mask) > 100 * ATOL  # the scaling shows in these logits
+  hf.save(str(tmp_path / "out"), cfg, params, config_overrides=fx.IDS)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+  assert exported.config.rope_parameters["rope_type"] == "llama3"
+  assert _max_err(_hf_logits(exported.eval(), tokens, mask), ref, mask) < 1e-5
+  assert hf.load(str(tmp_path / "out"))[0] == cfg
+
+
 def test_mistral_matches_transformers_within_its_sliding_window(tmp_path):
   """Mistral is Llama with a sliding window over the keys. Up to the window's length every key is
   inside it, so the decoder's full causal attention is the same function; longer sequences are
@@ -338,7 +356,7 @@ def test_score_head_on_a_causal_checkpoint_starts_fresh(causal):
 
 # ----------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen3"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen3", "olmo2"])
 def reward(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(f"{request.param}_rm")
   model = fx.build(request.param, directory, seq_cls=True, seed=1)
@@ -457,11 +475,13 @@ HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "data", "hub_configs")
 @pytest.mark.parametrize("name, expected", [
     ("Llama-3.2-1B", dict(model_type="llama", num_layers=16, kv_heads=8, dim_per_head=64, rope_theta=5e5,
                           rope_type="llama3", rope_factor=32.0, rope_original_max_positions=8192,
-                          tie_embeddings=True, qk_norm=False, qkv_bias=False)),
+                          tie_embeddings=True, qk_norm="", qkv_bias=False)),
     ("Qwen3-0.6B", dict(model_type="qwen3", num_layers=28, kv_heads=8, dim_per_head=128, rope_theta=1e6,
-                        rope_type="default", tie_embeddings=True, qk_norm=True, qkv_bias=False, out_bias=False)),
+                        rope_type="default", tie_embeddings=True, qk_norm="head", qkv_bias=False, out_bias=False)),
+    ("OLMo-2-0425-1B", dict(model_type="olmo2", num_layers=16, kv_heads=16, dim_per_head=128, rope_theta=5e5,
+                            rope_type="default", tie_embeddings=False, qk_norm="width", norm_position="post")),
 ])
-def test_hub_configs_of_llama3_and_qwen3_read_as_transformers_reads_them(name, expected, tmp_path):
+def test_hub_configs_read_as_transformers_reads_them(name, expected, tmp_path):
   """config.json as the hub serves it (tests/data/hub_configs): the fields, the RoPE frequencies
   against transformers' reading of the same file, and the export's round trip."""
   from transformers import modeling_rope_utils
@@ -479,7 +499,7 @@ def test_hub_configs_of_llama3_and_qwen3_read_as_transformers_reads_them(name, e
 
 
 def test_unsupported_model_type_names_the_supported_ones():
-  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, mistral, qwen2, qwen3"):
+  with pytest.raises(ValueError, match="'bert'.*gpt2, gpt_neox, gptj, llama, mistral, qwen2, qwen3, olmo2"):
     hf.config_from_hf({"model_type": "bert", "hidden_size": 8})
 
 

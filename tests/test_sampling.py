@@ -102,12 +102,12 @@ def test_logprobs_equal_teacher_forced(neox, prompts, temperature):
 
 # ----------------------------------------------------------------------------- greedy vs HF
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama", "llama_rope_scaled", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt_neox", "gptj", "llama", "llama_rope_scaled", "qwen2", "qwen3", "olmo2"])
 def test_greedy_matches_transformers(kind, prompts, tmp_path):
   """On a CPU the loop reads each layer's projections stacked (`Decoder.stack_projections`): q, k
   and v in one weight where they have as many heads (NeoX with biases, GPT-J, Llama with Llama
   3.1's RoPE scaling), k and v alone under grouped-query attention (Llama; Qwen2 and Qwen3 with
-  biases, Qwen3's q and k normalised after the stacked projection)."""
+  biases, Qwen3's q and k normalised after the stacked projection, OLMo 2's across all heads)."""
   model = fx.build(kind, tmp_path)
   _, graph, params = hf.load(str(tmp_path))
   merged = decoder.merge(graph, params)

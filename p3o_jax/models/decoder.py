@@ -1,5 +1,5 @@
 """One configurable decoder-only transformer: GPT-2, GPT-NeoX (Pythia), GPT-J, Llama, Mistral,
-Qwen2, Qwen3.
+Qwen2, Qwen3, OLMo 2.
 
 Shape letters used in comments:
   B batch, T query length, S key (cache) length, D model width, V vocab,
@@ -14,9 +14,13 @@ Shape letters used in comments:
 | qwen2    | RMSNorm   | rotary                     | sequential         | SwiGLU | q, k, v only | opt. |
 | qwen3    | RMSNorm * | rotary                     | sequential         | SwiGLU | opt.         | opt. |
 | mistral  | RMSNorm   | rotary                     | sequential         | SwiGLU | none         | opt. |
+| olmo2    | RMSNorm **| rotary                     | sequential         | SwiGLU | none         | opt. |
 
-* also on each head's queries and keys, before the rotary. Mistral is Llama with a sliding window,
-which this decoder does not apply: sequences longer than the window are refused.
+*  also on each head's queries and keys, before the rotary.
+** on each sublayer's output before the residual adds it (not on its input), and on all heads'
+   queries and keys at once, before the rotary.
+Mistral is Llama with a sliding window, which this decoder does not apply: sequences longer than
+the window are refused.
 
 Rotary frequencies can be rescaled for long contexts as Hugging Face's `rope_scaling` does:
 `linear` (position interpolation) and `llama3` (Llama 3.1+: long wavelengths divided by a factor,
@@ -71,7 +75,9 @@ class DecoderConfig:
   parallel_residual: bool = False      # x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
   shared_norm: bool = False            # parallel residual with one norm: x + attn(ln x) + mlp(ln x) (GPT-J)
   qkv_bias: bool = False
-  qk_norm: bool = False                # RMSNorm over each head's q and k before the rotary (Qwen3)
+  qk_norm: str = ""                    # RMSNorm on q and k before the rotary: "head" over each head's
+                                       # features (Qwen3), "width" over all heads' at once (OLMo 2)
+  norm_position: str = "pre"           # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo 2)
   out_bias: bool = False
   mlp_bias: bool = False
   tie_embeddings: bool = False
@@ -120,6 +126,11 @@ class DecoderConfig:
       raise ValueError("DecoderConfig.shared_norm=True needs parallel_residual=True")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window}; expected None or a positive number of tokens")
+    for field, allowed in (("qk_norm", ("", "head", "width")), ("norm_position", ("pre", "post"))):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+    if self.norm_position == "post" and self.parallel_residual:
+      raise ValueError("DecoderConfig.norm_position='post' needs a sequential residual (parallel_residual=False)")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"DecoderConfig.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
     if self.rope_type != "default" and not self.rope_factor >= 1.0:
@@ -424,7 +435,8 @@ class Attention(nnx.Module):
     if cfg.out_bias:
       self.o_bias = _param(rngs, cfg, (D,), ("embed",), "zeros")
     if cfg.qk_norm:
-      self.q_norm, self.k_norm = Norm(cfg, rngs, width=K), Norm(cfg, rngs, width=K)
+      width = cfg.qk_norm == "width"
+      self.q_norm, self.k_norm = Norm(cfg, rngs, width=H * K if width else K), Norm(cfg, rngs, width=G * K if width else K)
 
   def stack_projections(self):
     """For a loop that calls this layer many times with the same weights (decoding): stack the
@@ -465,8 +477,11 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = x.dtype
     q, k, v = self._project(x, rows)
-    if cfg.qk_norm:
+    if cfg.qk_norm == "head":
       q, k = self.q_norm(q), self.k_norm(k)
+    elif cfg.qk_norm == "width":  # [B, T, N, K] normalised as [B, T, N * K]
+      across = lambda norm, y: norm(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
+      q, k = across(self.q_norm, q), across(self.k_norm, k)
     if rows is not None:
       mask = take_rows(mask, rows)
     if cfg.position == "rotary":
@@ -542,7 +557,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-    self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_norm
+    self.parallel, self.shared_norm, self.post_norm = cfg.parallel_residual, cfg.shared_norm, cfg.norm_position == "post"
     self.attn_norm = Norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     if not cfg.shared_norm:
@@ -552,6 +567,10 @@ class Block(nnx.Module):
   def __call__(self, x, positions, mask, cache, cache_index, layer=None, rows=None):
     """rows: None, or [B, T'] indices into this chunk: the block's output only at those
     positions ([B, T', D]; see `Decoder.__call__`)."""
+    if self.post_norm:
+      attn_out, cache = self.attn(x, positions, mask, cache, cache_index, layer, rows)
+      x = (x if rows is None else take_rows(x, rows)) + self.attn_norm(attn_out)
+      return x + self.mlp_norm(self.mlp(x)), cache
     normed = self.attn_norm(x)
     attn_out, cache = self.attn(normed, positions, mask, cache, cache_index, layer, rows)
     if rows is not None:

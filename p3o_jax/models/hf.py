@@ -55,19 +55,19 @@ from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "olmo2")
 BASE_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox.", "gptj": "transformer.", "llama": "model.",
-               "mistral": "model.", "qwen2": "model.", "qwen3": "model."}
+               "mistral": "model.", "qwen2": "model.", "qwen3": "model.", "olmo2": "model."}
 EMBED_NAME = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight", "gptj": "wte.weight",
               "llama": "embed_tokens.weight", "mistral": "embed_tokens.weight", "qwen2": "embed_tokens.weight",
-              "qwen3": "embed_tokens.weight"}
+              "qwen3": "embed_tokens.weight", "olmo2": "embed_tokens.weight"}
 CAUSAL_LM_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "gptj": "GPTJForCausalLM",
                    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                   "qwen3": "Qwen3ForCausalLM"}
+                   "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 SEQ_CLS_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
                  "gptj": "GPTJForSequenceClassification", "llama": "LlamaForSequenceClassification",
                  "mistral": "MistralForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
-                 "qwen3": "Qwen3ForSequenceClassification"}
+                 "qwen3": "Qwen3ForSequenceClassification", "olmo2": "Olmo2ForSequenceClassification"}
 # Buffers some checkpoints carry that are not parameters (causal-mask and rotary tables).
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                      r"\.attention\.bias|\.attention\.masked_bias)$")
@@ -176,7 +176,7 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               rotary_pct=pct, rope_theta=10000.0, rotary_interleaved=True, parallel_residual=True,
               shared_norm=True, qkv_bias=False, out_bias=False, mlp_bias=True, lm_head_bias=True,
               tie_embeddings=hf.get("tie_word_embeddings", False))
-  else:  # llama, mistral, qwen2, qwen3
+  else:  # llama, mistral, qwen2, qwen3, olmo2
     if hf.get("mlp_bias"):
       raise ValueError(f"{model_type} config with mlp_bias=True is not supported")
     if model_type in ("qwen2", "qwen3") and (hf.get("use_sliding_window")
@@ -194,7 +194,9 @@ def config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
               max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
               norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
               activation=_activation(hf.get("hidden_act", "silu")), position="rotary", **rope,
-              qk_norm=model_type == "qwen3", qkv_bias=True if model_type == "qwen2" else attention_bias,
+              qk_norm={"qwen3": "head", "olmo2": "width"}.get(model_type, ""),
+              norm_position="post" if model_type == "olmo2" else "pre",
+              qkv_bias=True if model_type == "qwen2" else attention_bias,
               sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
               out_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=False,
               tie_embeddings=hf.get("tie_word_embeddings", False))
@@ -244,9 +246,9 @@ def config_to_hf(cfg: DecoderConfig, architecture: str) -> dict:
       arch.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     elif mt == "mistral":  # written when None too: a missing key reads as transformers' default 4096
       arch.update(sliding_window=cfg.sliding_window)
-    else:
+    elif mt in ("qwen2", "qwen3"):
       arch.update(use_sliding_window=False)
-    if mt == "qwen3":
+    if mt in ("qwen3", "olmo2"):
       arch.update(attention_bias=cfg.qkv_bias)
   hf = {**common, **arch}
   # The round trip must reproduce every architecture field, or the export would be wrong.
@@ -366,23 +368,26 @@ def _rules(cfg: DecoderConfig) -> list[Rule]:
     norm("ln_f", ("final_norm",))
     lm_head_name = "lm_head.weight"
 
-  else:  # llama, mistral, qwen2, qwen3
+  else:  # llama, mistral, qwen2, qwen3, olmo2
     add("embed_tokens.weight", (("embed",),), (V, D))
     for i in range(cfg.num_layers):
       h, L = f"layers.{i}", ("layers", i)
       a, m = L + ("attn",), L + ("mlp",)
-      norm(f"{h}.input_layernorm", L + ("attn_norm",))
+      # OLMo 2 normalises each sublayer's output: its post_attention_layernorm is our attn_norm.
+      post = cfg.norm_position == "post"
+      norm(f"{h}.post_attention_layernorm" if post else f"{h}.input_layernorm", L + ("attn_norm",))
       for name, n in (("q", H), ("k", G), ("v", G)):
         add(f"{h}.self_attn.{name}_proj.weight", (a + (f"{name}_kernel",),), (n * K, D), transpose=True)
         if cfg.qkv_bias:
           add(f"{h}.self_attn.{name}_proj.bias", (a + (f"{name}_bias",),), (n * K,))
       if cfg.qk_norm:
-        for name in ("q", "k"):
-          add(f"{h}.self_attn.{name}_norm.weight", (a + (f"{name}_norm", "scale"),), (K,))
+        for name, n in (("q", H), ("k", G)):
+          add(f"{h}.self_attn.{name}_norm.weight", (a + (f"{name}_norm", "scale"),),
+              (n * K if cfg.qk_norm == "width" else K,))
       add(f"{h}.self_attn.o_proj.weight", (a + ("o_kernel",),), (D, H * K), transpose=True)
       if cfg.out_bias:
         add(f"{h}.self_attn.o_proj.bias", (a + ("o_bias",),), (D,))
-      norm(f"{h}.post_attention_layernorm", L + ("mlp_norm",))
+      norm(f"{h}.post_feedforward_layernorm" if post else f"{h}.post_attention_layernorm", L + ("mlp_norm",))
       add(f"{h}.mlp.gate_proj.weight", (m + ("gate_kernel",),), (F, D), transpose=True)
       add(f"{h}.mlp.up_proj.weight", (m + ("up_kernel",),), (F, D), transpose=True)
       add(f"{h}.mlp.down_proj.weight", (m + ("down_kernel",),), (D, F), transpose=True)

@@ -6,6 +6,7 @@ wrong transpose, a missing bias or a swapped head would change the logits visibl
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -74,6 +75,21 @@ SAME_LAYOUT = {
 }
 
 
+def require(kinds: dict, kind: str) -> None:
+  """Skip where the installed transformers predates the family (Qwen3: 4.51, OLMo 2: 4.47):
+  the reference is missing, not the loader, which needs no transformers."""
+  try:
+    kinds[kind]()
+  except AttributeError as missing:
+    pytest.skip(f"transformers {transformers.__version__} has no {kind} model ({missing})")
+
+
+def rope_type(config) -> str:
+  """The RoPE type of a transformers config, 5.x (`rope_parameters`) or 4.x (`rope_scaling`)."""
+  params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+  return params.get("rope_type", params.get("type", "default"))
+
+
 def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -87,6 +103,7 @@ def build(kind: str, directory, *, seq_cls: bool = False, seed: int = 0, std: fl
           max_shard_size: str | None = None) -> torch.nn.Module:
   """Make a tiny random `kind` model (CausalLM, or SequenceClassification with one label),
   save it to `directory` as safetensors, and return it in eval mode with eager attention."""
+  require({**CONFIGS, **SAME_LAYOUT}, kind)
   config = {**CONFIGS, **SAME_LAYOUT}[kind]()
   config._attn_implementation = "eager"
   if seq_cls:

@@ -193,22 +193,29 @@ def test_export_loads_unchanged_in_transformers(causal, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, causal.params)
 
 
+def _same_layout_parity(kind: str, tmp_path):
+  """A SAME_LAYOUT model built, loaded and exported: its logits on a left-padded batch and its
+  export's, in transformers, both against transformers' own. Returns what the test checks next."""
+  model = fx.build(kind, tmp_path / "in")
+  tokens, mask = _batch()
+  cfg, graph, params = hf.load(str(tmp_path / "in"))
+  ref = _hf_logits(model, tokens, mask)
+  assert _max_err(_jitted_logits(graph)(params, tokens, mask), ref, mask) < ATOL
+  hf.save(str(tmp_path / "out"), cfg, params, config_overrides=fx.IDS)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+  assert _max_err(_hf_logits(exported.eval(), tokens, mask), ref, mask) < 1e-5
+  assert hf.load(str(tmp_path / "out"))[0] == cfg
+  return SimpleNamespace(cfg=cfg, params=params, tokens=tokens, mask=mask, ref=ref, exported=exported)
+
+
 def test_llama_with_llama3_rope_scaling_matches_transformers_and_exports(tmp_path):
   """Llama 3.1's scaled RoPE through the whole model: logits on a left-padded batch, the export
   (its rope_scaling written back) and the round trip (greedy decoding: test_sampling.py)."""
-  model = fx.build("llama_rope_scaled", tmp_path / "in")
-  tokens, mask = _batch()
-  cfg, graph, params = hf.load(str(tmp_path / "in"))
-  assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_positions) == ("llama3", 4.0, 16)
-  ref = _hf_logits(model, tokens, mask)
-  assert _max_err(_jitted_logits(graph)(params, tokens, mask), ref, mask) < ATOL
-  unscaled = _jitted_logits(decoder.abstract(cfg.replace(rope_type="default"))[0])(params, tokens, mask)
-  assert _max_err(unscaled, ref, mask) > 100 * ATOL  # the scaling shows in these logits
-  hf.save(str(tmp_path / "out"), cfg, params, config_overrides=fx.IDS)
-  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
-  assert fx.rope_type(exported.config) == "llama3"
-  assert _max_err(_hf_logits(exported.eval(), tokens, mask), ref, mask) < 1e-5
-  assert hf.load(str(tmp_path / "out"))[0] == cfg
+  run = _same_layout_parity("llama_rope_scaled", tmp_path)
+  assert (run.cfg.rope_type, run.cfg.rope_factor, run.cfg.rope_original_max_positions) == ("llama3", 4.0, 16)
+  assert fx.rope_type(run.exported.config) == "llama3"
+  unscaled = _jitted_logits(decoder.abstract(run.cfg.replace(rope_type="default"))[0])(run.params, run.tokens, run.mask)
+  assert _max_err(unscaled, run.ref, run.mask) > 100 * ATOL  # the scaling shows in these logits
 
 
 def test_mistral_matches_transformers_within_its_sliding_window(tmp_path):
@@ -216,16 +223,10 @@ def test_mistral_matches_transformers_within_its_sliding_window(tmp_path):
   inside it, so the decoder's full causal attention is the same function; longer sequences are
   refused by name before any stage runs. Logits, export (the window kept, or null kept null: a
   missing key would read as transformers' default of 4096) and the check."""
-  model = fx.build("mistral", tmp_path / "in")
-  tokens, mask = _batch()
-  cfg, graph, params = hf.load(str(tmp_path / "in"))
+  run = _same_layout_parity("mistral", tmp_path)
+  cfg = run.cfg
   assert (cfg.model_type, cfg.sliding_window, cfg.kv_heads) == ("mistral", 16, 2)
-  ref = _hf_logits(model, tokens, mask)
-  assert _max_err(_jitted_logits(graph)(params, tokens, mask), ref, mask) < ATOL
-  hf.save(str(tmp_path / "out"), cfg, params, config_overrides=fx.IDS)
-  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
-  assert type(exported).__name__ == "MistralForCausalLM" and exported.config.sliding_window == 16
-  assert _max_err(_hf_logits(exported.eval(), tokens, mask), ref, mask) < 1e-5
+  assert type(run.exported).__name__ == "MistralForCausalLM" and run.exported.config.sliding_window == 16
   batching.check_positions(cfg, 16, "policy")
   with pytest.raises(ValueError, match="policy: sequences of 17 tokens .* sliding window of 16"):
     batching.check_positions(cfg, 17, "policy")

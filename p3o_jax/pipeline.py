@@ -139,11 +139,16 @@ def _dtypes(config, frozen: bool = False) -> dict:
               remat=config.model.remat, scan_layers=config.model.scan_layers, matmul_dtype=matmul)
 
 
+def sequence_length(config) -> int:
+  """The longest sequence a stage runs: a prompt cut to data.max_prompt_len, then the response."""
+  return config.data.max_prompt_len + config.sampler.max_new_tokens
+
+
 def load_policy(config, path: str, tokenizer=None) -> Policy:
   """A policy from an HF folder, each tensor placed straight onto its shards of config.mesh, once
   its positions (or sliding window) are known to hold the run's sequences."""
   policy = models.load(path, _placement(config), tokenizer=tokenizer, **_dtypes(config))
-  batching.check_positions(policy.cfg, config.data.max_prompt_len + config.sampler.max_new_tokens, f"policy {path}")
+  batching.check_positions(policy.cfg, sequence_length(config), f"policy {path}")
   return policy
 
 
@@ -152,20 +157,19 @@ def load_policy(config, path: str, tokenizer=None) -> Policy:
 def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "sft")
   tok = task.tokenizer
+  max_len = sequence_length(config)
   if config.model.hf:
-    policy = load_policy(config, config.model.hf, tok)
+    policy = load_policy(config, config.model.hf, tok)  # checks its positions
   else:
     policy = models.init(decoder.DecoderConfig(vocab_size=len(tok), **_dtypes(config), **dict(config.model.arch)),
                          config.seed, _placement(config), tok)
+    batching.check_positions(policy.cfg, max_len, "sft")
   if not task.sft_prompts:
     raise ValueError("the sft stage needs SFT data: set config.data.sft")
-  max_len = config.data.max_prompt_len + config.sampler.max_new_tokens
 
   def make_batch(idx):
     return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
                               max_len, config.data.max_prompt_len, config.data.truncate_prompts)
-
-  batching.check_positions(policy.cfg, max_len, "sft")
 
   return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
                          make_batch, len(task.sft_prompts), stop)
@@ -248,7 +252,7 @@ def reward_source(config, workdir: str, tok):
     return TextReward(load_callable(config.model.reward_fn, "model.reward_fn"), tok), None
   path = config.model.reward_hf or paths.join(workdir, "rm", "hf")
   rm = models.load(path, _placement(config), head="score", **_dtypes(config, frozen=True))
-  batching.check_positions(rm.cfg, config.data.max_prompt_len + config.sampler.max_new_tokens, f"reward model {path}")
+  batching.check_positions(rm.cfg, sequence_length(config), f"reward model {path}")
   return ModelReward(rm.graph, rm.params), rm
 
 

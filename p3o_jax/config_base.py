@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
       rollout_is="none", rollout_is_cap=2.0))
   c.rl.update({name: default for name, (default, _) in algorithms.options().items()})
 
+  # LoRA on the RL policy (p3o_jax/models/lora.py): rank 0 trains every weight; rank r > 0 trains
+  # W + (alpha / r) A B on `targets` ('all': q,k,v,o,gate,up,down) with the model frozen, and
+  # exports the merged model
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="all"))
+
   c.eval = ml_collections.ConfigDict(dict(
       every=50, num_prompts=256,
       judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates

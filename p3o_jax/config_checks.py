@@ -28,6 +28,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 from p3o_jax import host_devices
+from p3o_jax.models import lora
 from p3o_jax.rl import algorithms
 from p3o_jax.value_checks import (Check, boolean, integer, is_int, names_from, non_negative, non_negative_int, number,
                                   one_of, positive, positive_int, probability, string)
@@ -63,6 +64,16 @@ def cpu_devices(v):
   return None
 
 
+def lora_targets(v):
+  if not isinstance(v, str):
+    return f"must be a string, got {v!r}"
+  try:
+    lora.parse_targets(v)
+  except ValueError as e:
+    return str(e).split(": ", 1)[1]
+  return None
+
+
 def sampler_cpu_devices(v):
   return None if host_devices.is_auto(v) else cpu_devices(v)
 
@@ -93,6 +104,10 @@ SCHEMA: dict[str, Check] = {
     "arch.num_kv_heads": positive_int,
     "arch.intermediate_size": positive_int,
     "arch.max_position_embeddings": positive_int,
+    # LoRA on the RL policy (0: off)
+    "lora.rank": non_negative_int,
+    "lora.alpha": positive,
+    "lora.targets": lora_targets,
     # data
     "data.max_prompt_len": positive_int,
     "data.truncate_prompts": one_of("left", "right", "error"),

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from p3o_jax import host_devices
+from p3o_jax.models import lora
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,9 @@ def train_state_shardings(state, params_axes, mesh: Mesh):
   optimizer moments like the params, counters replicated."""
   param_shardings = logical_to_mesh(params_axes, mesh, shapes=state.params)
   replicated_fraction(param_shardings, state.params)
+  # The optimizer's state is over the trainable params alone (`lora.trainable`).
   return type(state)(replicated(mesh), param_shardings,
-                     like_params(state.opt_state, state.params, param_shardings, mesh))
+                     like_params(state.opt_state, lora.trainable(state.params), lora.trainable(param_shardings), mesh))
 
 
 class RowSplit:

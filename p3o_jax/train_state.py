@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from p3o_jax.models import lora
+
 
 class TrainState(NamedTuple):
   step: jax.Array        # int32 scalar: optimizer updates applied so far
-  params: Any            # plain dict of arrays (see models.decoder.split)
-  opt_state: Any
+  params: Any            # plain dict of arrays (see models.decoder.split), frozen parts included
+  opt_state: Any         # over `lora.trainable(params)`: all of them unless a model holds adapters
 
 
 def make_optimizer(optim, total_steps: int, lr=None) -> optax.GradientTransformation:
@@ -45,7 +47,7 @@ def make_optimizer(optim, total_steps: int, lr=None) -> optax.GradientTransforma
 
 
 def create(params, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(lora.trainable(params)))
 
 
 def create_on_mesh(params, tx: optax.GradientTransformation, params_axes, mesh):
@@ -58,9 +60,11 @@ def create_on_mesh(params, tx: optax.GradientTransformation, params_axes, mesh):
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
-  """One optimizer update; returns the new state and grad/update norms for the metrics."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  """One optimizer update of the trainable params (`grads` is their gradient); returns the new
+  state and grad/update norms for the metrics."""
+  train = lora.trainable(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, train)
+  params = lora.with_trainable(state.params, optax.apply_updates(train, updates))
   norms = {"optim/grad_norm": optax.tree.norm(grads), "optim/update_norm": optax.tree.norm(updates)}
   return TrainState(state.step + 1, params, opt_state), norms
 
@@ -75,22 +79,27 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micro_batc
   micro-batch loss is divided by it (`loss_fn(params, micro, normaliser)`), so the summed
   gradient IS the full-batch gradient, whatever the split. Metrics named `loss/*` are summed
   over micro-batches (they share that normaliser); the others are micro-batch means.
+
+  Only `lora.trainable(params)` is differentiated: a model holding adapters keeps its own
+  weights out of the gradient (everything trains when none does).
   """
   if micro_batches < 1 or (micro_batches > 1 and count_fn is None):
     raise ValueError(f"micro_batches={micro_batches} needs micro_batches >= 1 and, above 1, a count_fn")
 
   def step(state: TrainState, batch):
+    train = lora.trainable(state.params)
+    of_trainable = lambda part, *args: loss_fn(lora.with_trainable(state.params, part), *args)
     if micro_batches == 1:
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+      (loss, metrics), grads = jax.value_and_grad(of_trainable, has_aux=True)(train, batch)
     else:
       normaliser = count_fn(batch)
       micro = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
       def accumulate(total, part):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, part, normaliser)
+        (loss, metrics), grads = jax.value_and_grad(of_trainable, has_aux=True)(train, part, normaliser)
         return jax.tree.map(jnp.add, total, grads), (loss, metrics)
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(jnp.zeros_like, train)
       grads, (parts, metrics) = jax.lax.scan(accumulate, zeros, micro)
       loss = parts.sum()
       metrics = {k: v.sum(0) if k.startswith("loss/") else v.mean(0) for k, v in metrics.items()}

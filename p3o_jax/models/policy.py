@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from p3o_jax.models import decoder, hf
+from p3o_jax.models import decoder, hf, lora
 
 Placement = Callable[[object, dict], dict]  # (graph, abstract params) -> their shardings
 
@@ -23,6 +23,10 @@ class Policy:
   graph: object
   params: dict
   tokenizer: object = None
+  axes: dict | None = None  # the params' logical axes when they differ from the graph's (adapters)
+
+  def logical_axes(self) -> dict:
+    return decoder.logical_axes(self.graph) if self.axes is None else self.axes
 
 
 def load(path: str, placement: Placement, *, head: str | None = None, tokenizer=None, **dtypes) -> Policy:
@@ -57,3 +61,11 @@ def frozen_copy(params, dtype: str):
   layout = jax.tree.map(lambda x: x.sharding, params)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
   return jax.jit(lambda tree: jax.tree.map(cast, tree), out_shardings=layout)(params)
+
+
+def with_adapters(policy: Policy, *, rank: int, alpha: float, targets: str, seed: int) -> Policy:
+  """The policy with LoRA adapters on `targets`' kernels (models/lora.py): its params gain the
+  adapters and their scale, its graph stays the model's own (params go through `lora.merged`)."""
+  params, axes = lora.attach(policy.params, policy.logical_axes(), rank=rank, alpha=alpha,
+                             targets=lora.parse_targets(targets), seed=seed)
+  return dataclasses.replace(policy, params=params, axes=axes)

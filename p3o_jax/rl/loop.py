@@ -20,7 +20,8 @@ import numpy as np
 from p3o_jax import resume, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.eval import frontier
-from p3o_jax.models.policy import Policy
+from p3o_jax.models import lora
+from p3o_jax.models.policy import Policy, with_adapters
 from p3o_jax.rl import algorithms
 from p3o_jax.rl.rollout import Experience, Roller, RunningMoments, process_scores
 from p3o_jax.rl.update import for_run
@@ -82,7 +83,16 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   algo = algorithms.create(rl, policy.graph, config.sampler.temperature)
   total_steps = rl.iterations * rl.inner_epochs * rl.num_minibatches
   tx = train_state.make_optimizer(config.optim, total_steps)
+  adapters = config.get("lora") and config.lora.rank > 0
+  if adapters:
+    policy = with_adapters(policy, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
+                           seed=config.seed)
   params, axes = algo.init_params(policy, critic)
+  if adapters:
+    log.info("rl: LoRA rank %d, alpha %g on %s: %d trainable params of %d", config.lora.rank, config.lora.alpha,
+             config.lora.targets, lora.count(lora.trainable(params)), lora.count(params))
+  # The rollout, the evaluation and the export read the policy as the model's own params.
+  plain = jax.jit(lora.merged) if adapters else (lambda p: p)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)
@@ -103,7 +113,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   key = jax.random.key(config.seed)
 
   def held_out(step):
-    record = evaluate(roller, algo.policy_params(run.state.params), eval_prompts, eval_split, eval_queries,
+    record = evaluate(roller, algo.policy_params(plain(run.state.params)), eval_prompts, eval_split, eval_queries,
                       jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk)  # same keys at every eval
     logger.log(step, record)
     return record
@@ -115,8 +125,9 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     idx = next(order)[split.rows]
     prompts_read += len(idx)
-    exp = roller(algo.policy_params(run.state.params), *train_prompts.tokenize(idx), rollout_key, rl.k,
-                 split=split, critic=None if value_fn is None else (value_fn, run.state.params), chunk=rl.rollout_chunk,
+    now = plain(run.state.params)
+    exp = roller(algo.policy_params(now), *train_prompts.tokenize(idx), rollout_key, rl.k,
+                 split=split, critic=None if value_fn is None else (value_fn, now), chunk=rl.rollout_chunk,
                  baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass)
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)
@@ -145,4 +156,4 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   run.close()
   log.info("rl: process %d of %d tokenized %d prompts: rows %s of each %d-prompt rollout", jax.process_index(),
            jax.process_count(), prompts_read, sharding.row_ranges(split.rows), rl.prompts_per_rollout)
-  return algo.policy_params(run.state.params), record
+  return algo.policy_params(lora.merged(run.state.params, cast=True) if adapters else run.state.params), record

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax.models import decoder
 from p3o_jax.rl import sequences
 from p3o_jax.rl.rollout import Experience
 
@@ -163,7 +162,7 @@ class Algorithm:
   def init_params(self, policy, critic=None) -> tuple[Any, Any]:
     """(trainable params, their logical axes) from the policy (and the reward model as
     `critic`, for algorithms that initialise a critic from it; both `models.policy.Policy`)."""
-    return policy.params, decoder.logical_axes(policy.graph)
+    return policy.params, policy.logical_axes()
 
   def policy_params(self, params):
     return params

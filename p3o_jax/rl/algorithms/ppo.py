@@ -92,7 +92,7 @@ class PPO(Algorithm):
                               out_shardings=layout)(critic.params)
       critic_axes = decoder.logical_axes(critic.graph)
     return ({"policy": policy.params, "critic": critic_params},
-            {"policy": decoder.logical_axes(policy.graph), "critic": critic_axes})
+            {"policy": policy.logical_axes(), "critic": critic_axes})
 
   def policy_params(self, params):
     return params["policy"]

@@ -1,0 +1,168 @@
+"""LoRA (Hu et al. 2021): train a low-rank update of chosen weight matrices, the model frozen.
+
+A kernel W (its input axes, then its output axes; a leading layer axis with scan_layers) is
+used as W + s A B, with A [in, r], B [r, out], s = alpha / r. A starts as peft initialises it
+(uniform, +-1/sqrt(in)) and B at zero, so training starts at the model itself.
+
+The adapters sit in the model's params dict under `KEY`, beside `SCALE` (s, a float32
+scalar):
+
+    params = {"embed": ..., "layers": ..., KEY: {"layers": {0: {"attn": {"q_kernel": {"a", "b"}}}}}, SCALE: s}
+
+`merged` turns such a dict back into the model's own params (W + s A B), so the decoder, the
+sampler and the export never see adapters, and the train step differentiates through the merge:
+a whole kernel's gradient is formed and projected onto A and B (full fine-tuning's compute, with
+adapter-sized optimizer state). `trainable` / `with_trainable` are the train state's split: in a
+dict that holds `KEY`, only the adapters train; the model's weights and s are frozen (not
+differentiated, no optimizer state). A dict without `KEY` trains whole, so a critic beside a
+LoRA policy trains as before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KEY = "lora"
+SCALE = "lora_scale"
+
+# target name -> (module, kernel, number of input axes, number of output axes)
+KERNELS = {
+    "q": ("attn", "q_kernel", 1, 2), "k": ("attn", "k_kernel", 1, 2), "v": ("attn", "v_kernel", 1, 2),
+    "o": ("attn", "o_kernel", 2, 1),
+    "gate": ("mlp", "gate_kernel", 1, 1), "up": ("mlp", "up_kernel", 1, 1), "down": ("mlp", "down_kernel", 1, 1),
+}
+ALL = tuple(KERNELS)  # peft's "all-linear": every block matmul, not the embeddings or the LM head
+
+
+def parse_targets(spec: str, field: str = "lora.targets") -> tuple[str, ...]:
+  """'all' or a comma list of KERNELS' names -> the names; an unknown one is named."""
+  names = ALL if spec.strip() == "all" else tuple(n.strip() for n in spec.split(",") if n.strip())
+  unknown = [n for n in names if n not in KERNELS]
+  if unknown or not names:
+    raise ValueError(f"{field}={spec!r}: {unknown or 'empty'}; expected 'all' or a comma list of {list(ALL)}")
+  return names
+
+
+def _kernels(layers: dict, targets) -> dict:
+  """{path inside `layers`: kernel} for the targeted kernels the model has (gate only with SwiGLU)."""
+  out = {}
+  stacked = "attn" in layers  # scan_layers: one dict of [L, ...] arrays
+  for index, block in ([(None, layers)] if stacked else layers.items()):
+    for name in targets:
+      module, kernel, _, _ = KERNELS[name]
+      if kernel in block.get(module, {}):
+        out[(index, module, kernel)] = block[module][kernel]
+  return out
+
+
+def _nest(flat: dict) -> dict:
+  """{(index | None, module, kernel): x} -> the nested layers dict it names."""
+  tree: dict = {}
+  for (index, module, kernel), x in flat.items():
+    node = tree if index is None else tree.setdefault(index, {})
+    node.setdefault(module, {})[kernel] = x
+  return tree
+
+
+def _shapes(kernel_shape, kernel: str, layer_axes: int):
+  n_in = next(v[2] for v in KERNELS.values() if v[1] == kernel)
+  lead, rest = tuple(kernel_shape[:layer_axes]), tuple(kernel_shape[layer_axes:])
+  return lead, rest[:n_in], rest[n_in:]
+
+
+def attach(params: dict, axes: dict, *, rank: int, alpha: float, targets, seed: int = 0) -> tuple[dict, dict]:
+  """(params, logical axes) of a model with rank-`rank` adapters on `targets`' kernels.
+
+  A's rank axis and B's are unsharded; their other axes take the kernel's logical axes, so the
+  adapters shard as their kernels do."""
+  if rank < 1:
+    raise ValueError(f"lora.rank={rank}: must be >= 1 to attach adapters")
+  kernels = _kernels(params["layers"], targets)
+  if not kernels:
+    raise ValueError(f"lora.targets={list(targets)}: none of these kernels is in the model")
+  layer_axes = 1 if "attn" in params["layers"] else 0
+  keys = jax.random.split(jax.random.key(seed), len(kernels))
+  adapters, adapter_axes = {}, {}
+  for key, (path, w) in zip(keys, sorted(kernels.items(), key=lambda kv: str(kv[0]))):
+    lead, ins, outs = _shapes(w.shape, path[2], layer_axes)
+    bound = 1.0 / math.sqrt(math.prod(ins))  # peft: kaiming_uniform(a=sqrt(5)) on A
+    a = jax.random.uniform(key, (*lead, *ins, rank), jnp.float32, -bound, bound)
+    b = jnp.zeros((*lead, rank, *outs), jnp.float32)
+    adapters[path] = {"a": a, "b": b}
+    index, module, kernel = path
+    kernel_axes = (axes["layers"] if index is None else axes["layers"][index])[module][kernel]
+    k_lead, k_in, k_out = _shapes(kernel_axes, kernel, layer_axes)
+    adapter_axes[path] = {"a": (*k_lead, *k_in, None), "b": (*k_lead, None, *k_out)}
+  params = {**params, KEY: {"layers": _nest(adapters)}, SCALE: jnp.asarray(alpha / rank, jnp.float32)}
+  axes = {**axes, KEY: {"layers": _nest(adapter_axes)}, SCALE: ()}
+  return params, axes
+
+
+def _flat(layers: dict) -> dict:
+  """The nested layers dict of adapters -> {(index | None, module, kernel): {"a", "b"}}."""
+  if "attn" in layers or "mlp" in layers:
+    return {(None, m, k): ab for m, kernels in layers.items() for k, ab in kernels.items()}
+  return {(i, m, k): ab for i, block in layers.items() for m, kernels in block.items() for k, ab in kernels.items()}
+
+
+def delta(w, kernel: str, layer_axes: int, a, b, scale):
+  """s A B in the shape of the kernel `w` (float32): A [lead, in..., r], B [lead, r, out...]."""
+  lead, ins, outs = _shapes(w.shape, kernel, layer_axes)
+  r = a.shape[-1]
+  product = jnp.matmul(a.reshape(*lead, math.prod(ins), r), b.reshape(*lead, r, math.prod(outs)),
+                       precision=jax.lax.Precision.HIGHEST)
+  return scale * product.reshape(w.shape)
+
+
+def merged(tree, cast: bool = False):
+  """Params with every dict holding adapters replaced by its model's own params, W + s A B.
+
+  The merged kernels are float32 (a bfloat16 model's small updates would otherwise round
+  away in the forward pass); `cast=True` gives them the model's dtype again, for export."""
+  if not isinstance(tree, dict):
+    return tree
+  if KEY not in tree:
+    return {k: merged(v, cast) for k, v in tree.items()}
+  model = {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
+  layers = jax.tree.map(lambda x: x, model["layers"])  # a copy to write the merged kernels into
+  layer_axes = 1 if "attn" in layers else 0
+  for (index, module, kernel), ab in _flat(tree[KEY]["layers"]).items():
+    block = layers if index is None else layers[index]
+    w = block[module][kernel]
+    new = w.astype(jnp.promote_types(w.dtype, jnp.float32)) + delta(w, kernel, layer_axes, ab["a"], ab["b"], tree[SCALE])
+    block[module] = {**block[module], kernel: new.astype(w.dtype) if cast else new}
+  return {**model, "layers": layers}
+
+
+def trainable(tree):
+  """The part of params the optimizer updates (a pruned copy of the dicts): in a dict holding
+  adapters, the adapters alone; elsewhere everything."""
+  if not isinstance(tree, dict):
+    return tree
+  if KEY in tree:
+    return {KEY: tree[KEY]}
+  return {k: trainable(v) for k, v in tree.items()}
+
+
+def with_trainable(tree, part):
+  """`tree` with its trainable part replaced by `part` (what `trainable` returned, updated)."""
+  if not isinstance(tree, dict):
+    return part
+  if KEY in tree:
+    return {**tree, KEY: part[KEY]}
+  return {k: with_trainable(v, part[k]) for k, v in tree.items()}
+
+
+def has_adapters(tree) -> bool:
+  if not isinstance(tree, dict):
+    return False
+  return KEY in tree or any(has_adapters(v) for v in tree.values())
+
+
+def count(tree) -> int:
+  """Number of scalars in a params tree."""
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,189 @@
+"""LoRA: the merge against a NumPy transcription of W + (alpha / r) A B, the adapter gradient
+against the full kernel's gradient projected by hand, a train step that moves the adapters alone,
+and RL runs whose exports differ from the SFT policy only in the targeted kernels."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+import demo_base
+from demo_base import fresh
+from p3o_jax import config_checks, train_state
+from p3o_jax.models import decoder, lora
+from test_pipeline import StopAfter, assert_finite_iterations, iteration_rows, run_rl, tiny_config
+
+
+def small_model(scan_layers=False, mlp="swiglu"):
+  cfg = decoder.DecoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, mlp=mlp,
+                              norm="rmsnorm", scan_layers=scan_layers)
+  graph, params = decoder.create(cfg, seed=3)
+  return cfg, graph, params
+
+
+def with_random_b(params, seed=1):
+  """Adapters as after some training: B nonzero (it starts at zero)."""
+  leaves, tree = jax.tree.flatten(params[lora.KEY])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [jax.random.normal(k, x.shape) * 0.1 for k, x in zip(keys, leaves)]
+  return {**params, lora.KEY: jax.tree.unflatten(tree, leaves)}
+
+
+def numpy_merged_kernel(w, a, b, scale, n_in, layer_axes):
+  """W + s A B with A [lead, in..., r], B [lead, r, out...], in float64."""
+  w, a, b = (np.asarray(x, np.float64) for x in (w, a, b))
+  lead = w.shape[:layer_axes]
+  ins, outs = w.shape[layer_axes:layer_axes + n_in], w.shape[layer_axes + n_in:]
+  a2 = a.reshape(*lead, int(np.prod(ins)), a.shape[-1])
+  b2 = b.reshape(*lead, b.shape[layer_axes], int(np.prod(outs)))
+  return w + scale * np.einsum("...ir,...ro->...io", a2, b2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per-layer", "scan_layers"])
+def test_merge_is_w_plus_scaled_a_b(scan_layers):
+  cfg, graph, params = small_model(scan_layers)
+  with_adapters, axes = lora.attach(params, decoder.logical_axes(graph), rank=3, alpha=12.0, targets=lora.ALL)
+  np.testing.assert_array_equal(with_adapters[lora.SCALE], 4.0)
+  # B starts at zero: the model is unchanged.
+  start = lora.merged(with_adapters)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  trained = with_random_b(with_adapters)
+  out = lora.merged(trained)
+  layer_axes = 1 if scan_layers else 0
+  blocks = [(out["layers"], params["layers"], trained[lora.KEY]["layers"])] if scan_layers else [
+      (out["layers"][i], params["layers"][i], trained[lora.KEY]["layers"][i]) for i in range(cfg.num_layers)]
+  seen = 0
+  for got, base, adapters in blocks:
+    for name, (module, kernel, n_in, _) in lora.KERNELS.items():
+      ab = adapters[module][kernel]
+      want = numpy_merged_kernel(base[module][kernel], ab["a"], ab["b"], 4.0, n_in, layer_axes)
+      np.testing.assert_allclose(got[module][kernel], want, rtol=1e-5, atol=1e-6, err_msg=name)
+      assert not np.allclose(got[module][kernel], base[module][kernel]), name
+      seen += 1
+    for norm in ("attn_norm", "mlp_norm"):
+      np.testing.assert_array_equal(got[norm]["scale"], base[norm]["scale"])
+  assert seen == len(lora.KERNELS) * len(blocks)
+  np.testing.assert_array_equal(out["embed"], params["embed"])
+  # The axes tree matches the params tree, and each adapter takes its kernel's sharded axes.
+  assert jax.tree.structure(trained, is_leaf=lambda x: isinstance(x, tuple)) is not None
+  q_axes = (axes[lora.KEY]["layers"] if scan_layers else axes[lora.KEY]["layers"][0])["attn"]["q_kernel"]
+  assert q_axes == ({"a": ("layers", "embed", None), "b": ("layers", None, "heads", "head_dim")} if scan_layers else
+                    {"a": ("embed", None), "b": (None, "heads", "head_dim")})
+
+
+def test_targets_select_kernels_and_bad_names_are_refused():
+  cfg, graph, params = small_model(mlp="gelu")  # no gate kernel
+  out, _ = lora.attach(params, decoder.logical_axes(graph), rank=2, alpha=2.0, targets=lora.parse_targets("q, v,gate"))
+  assert sorted(out[lora.KEY]["layers"][0]["attn"]) == ["q_kernel", "v_kernel"]
+  assert "mlp" not in out[lora.KEY]["layers"][0]
+  with pytest.raises(ValueError, match=r"lora.targets='q,qq'.*\['qq'\]"):
+    lora.parse_targets("q,qq")
+  with pytest.raises(ValueError, match="none of these kernels"):
+    lora.attach(params, decoder.logical_axes(graph), rank=2, alpha=2.0, targets=("gate",))
+  problems = config_checks.problems(_config(rank=-1, targets="q,x"))
+  assert any(p.startswith("lora.rank") for p in problems) and any("lora.targets" in p and "'x'" in p for p in problems)
+
+
+def _config(**lora_fields):
+  c = demo_base.tiny_config()
+  c.lora.update(lora_fields)
+  return c
+
+
+def test_adapter_gradient_is_the_kernel_gradient_projected():
+  """d loss / d B = s A^T (d loss / d W) and d loss / d A = s (d loss / d W) B^T, with the kernel
+  gradient taken from the plain model at the merged weights."""
+  cfg, graph, params = small_model()
+  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=3, alpha=6.0, targets=lora.ALL)
+  params = with_random_b(params)
+  tokens = jax.random.randint(jax.random.key(5), (3, 7), 0, cfg.vocab_size)
+  mask = jnp.ones((3, 7), jnp.int32)
+
+  def loss_of_model(model_params):
+    return decoder.token_logprobs(graph, model_params, tokens, mask).sum()
+
+  adapter_grads = jax.grad(lambda p: loss_of_model(lora.merged({**params, lora.KEY: p})))(params[lora.KEY])
+  kernel_grads = jax.grad(loss_of_model)(lora.merged(params))
+  for i in range(cfg.num_layers):
+    for name, (module, kernel, n_in, _) in lora.KERNELS.items():
+      g_w = np.asarray(kernel_grads["layers"][i][module][kernel], np.float64)
+      ab = params[lora.KEY]["layers"][i][module][kernel]
+      a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
+      g_w2 = g_w.reshape(int(np.prod(g_w.shape[:n_in])), -1)
+      a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+      got = adapter_grads["layers"][i][module][kernel]
+      np.testing.assert_allclose(np.asarray(got["b"]).reshape(b2.shape), 2.0 * a2.T @ g_w2, rtol=2e-4, atol=1e-5,
+                                 err_msg=f"{name} B")
+      np.testing.assert_allclose(np.asarray(got["a"]).reshape(a2.shape), 2.0 * g_w2 @ b2.T, rtol=2e-4, atol=1e-5,
+                                 err_msg=f"{name} A")
+
+
+def test_train_step_moves_the_adapters_alone():
+  cfg, graph, params = small_model()
+  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=2, alpha=4.0, targets=lora.ALL)
+  critic = {"kernel": jnp.ones((cfg.hidden_size, 1)), "bias": jnp.zeros((1,))}
+  tree = {"policy": params, "critic": critic}  # a critic beside the policy trains whole
+  tokens = jax.random.randint(jax.random.key(5), (2, 6), 0, cfg.vocab_size)
+
+  def loss_fn(p, batch):
+    model = lora.merged(p)
+    logp = decoder.token_logprobs(graph, model["policy"], batch, jnp.ones_like(batch)).sum()
+    return -logp + (model["critic"]["kernel"] ** 2).sum(), {}
+
+  tx = optax.adam(1e-2)
+  state = train_state.create(jax.tree.map(jnp.copy, tree), tx)
+  # Adam's moments cover the adapters and the critic, not the model's weights.
+  moment_leaves = jax.tree.leaves(state.opt_state[0].mu)
+  assert lora.count(state.opt_state[0].mu) == lora.count(params[lora.KEY]) + lora.count(critic)
+  assert len(moment_leaves) == len(jax.tree.leaves(params[lora.KEY])) + 2
+  step = jax.jit(train_state.make_step(loss_fn, tx))
+  for _ in range(3):
+    state, metrics = step(state, tokens)
+  after = state.params
+  frozen = {k: v for k, v in params.items() if k != lora.KEY}
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(frozen),
+                          jax.tree.leaves({k: v for k, v in after["policy"].items() if k != lora.KEY})):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  assert not np.allclose(after["critic"]["kernel"], critic["kernel"])
+  b_before = jax.tree.leaves({k: v for k, v in params[lora.KEY]["layers"][0]["attn"]["q_kernel"].items()})
+  b_after = jax.tree.leaves(after["policy"][lora.KEY]["layers"][0]["attn"]["q_kernel"])
+  assert not np.allclose(b_before[1], b_after[1])  # B moved from zero
+  assert np.isfinite(metrics["optim/grad_norm"])
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  return demo_base.train_base(tmp_path_factory)
+
+
+def lora_config(**rl):
+  c = tiny_config(**rl)
+  c.lora.rank, c.lora.alpha, c.lora.targets = 4, 8.0, "q,v,down"
+  return c
+
+
+@pytest.mark.parametrize("algo", ["p3o", "ppo"])
+def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_workdir, tmp_path, algo):
+  straight = fresh(base_workdir, tmp_path / "straight")
+  export = run_rl(lora_config(algo=algo), straight)
+  assert_finite_iterations(straight, algo, [1, 2, 3])
+  sft = load_file(os.path.join(straight, "sft", "hf", "model.safetensors"))
+  rl = load_file(os.path.join(export, "model.safetensors"))
+  assert sft.keys() == rl.keys()
+  changed = sorted(name for name in sft if not np.array_equal(sft[name], rl[name]))
+  targeted = ("q_proj", "v_proj", "down_proj")
+  assert changed and all(any(t in name for t in targeted) for name in changed), changed
+  assert {t for name in changed for t in targeted if t in name} == set(targeted)
+
+  resumed = fresh(base_workdir, tmp_path / "resumed")
+  run_rl(lora_config(algo=algo), resumed, stop=StopAfter(2))
+  export_b = run_rl(lora_config(algo=algo), resumed)
+  assert [r["step"] for r in iteration_rows(resumed, algo)] == [1, 2, 3]
+  rl_b = load_file(os.path.join(export_b, "model.safetensors"))
+  for name in rl:
+    np.testing.assert_array_equal(rl[name], rl_b[name], err_msg=name)

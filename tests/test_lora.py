@@ -3,6 +3,7 @@ against the full kernel's gradient projected by hand, a train step that moves th
 and RL runs whose exports differ from the SFT policy only in the targeted kernels."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +188,41 @@ def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_
   rl_b = load_file(os.path.join(export_b, "model.safetensors"))
   for name in rl:
     np.testing.assert_array_equal(rl[name], rl_b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per-layer", "scan_layers"])
+@pytest.mark.parametrize("matmul_dtype", ["", "bfloat16"], ids=["fp32", "bf16-matmuls"])
+def test_adapted_kernels_compute_the_merged_model(scan_layers, matmul_dtype):
+  """The loss's view (x W + (x A) s B in each matmul) gives the merged model's log-probs and the
+  same adapter gradients, with no gradient of the frozen weights."""
+  cfg, graph, params = small_model(scan_layers)
+  graph = decoder.with_matmul_dtype(graph, matmul_dtype)
+  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=3, alpha=6.0, targets=lora.ALL)
+  params = with_random_b(params)
+  tokens = jax.random.randint(jax.random.key(5), (3, 7), 0, cfg.vocab_size)
+  mask = jnp.ones((3, 7), jnp.int32)
+  logp = lambda view, adapters: decoder.token_logprobs(graph, view({**params, lora.KEY: adapters}), tokens, mask)
+  tol = dict(rtol=1e-5, atol=1e-5) if not matmul_dtype else dict(rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(logp(lora.adapted, params[lora.KEY]), logp(lora.merged, params[lora.KEY]), **tol)
+  grads = [jax.grad(lambda p: logp(view, p).sum())(params[lora.KEY]) for view in (lora.adapted, lora.merged)]
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, want, err_msg=jax.tree_util.keystr(path),
+                               **(dict(rtol=1e-4, atol=1e-5) if not matmul_dtype else dict(rtol=0.1, atol=2e-2)))
+  # No [in, out] product of the frozen kernels in the compiled backward pass: only A's and B's
+  # gradients are formed (a weight gradient here would be a dot whose output is a kernel's shape).
+  hlo = jax.jit(jax.grad(lambda p: logp(lora.adapted, p).sum())).lower(params[lora.KEY]).compile().as_text()
+  dot_shapes = {tuple(int(n) for n in m.group(1).split(",") if n)
+                for m in re.finditer(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* dot\(", hlo)}
+  assert dot_shapes, "no dot found in the compiled program"
+  kernel_shapes = set()
+  for module, kernel, n_in, _ in lora.KERNELS.values():
+    block = params["layers"] if scan_layers else params["layers"][0]
+    if kernel in block.get(module, {}):
+      shape = block[module][kernel].shape[1 if scan_layers else 0:]
+      flat = (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
+      kernel_shapes |= {shape, flat, flat[::-1]}
+  assert not dot_shapes & kernel_shapes, dot_shapes & kernel_shapes
+  merged_hlo = jax.jit(jax.grad(lambda p: logp(lora.merged, p).sum())).lower(params[lora.KEY]).compile().as_text()
+  merged_dots = {tuple(int(n) for n in m.group(1).split(",") if n)
+                 for m in re.finditer(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* dot\(", merged_hlo)}
+  assert merged_dots & kernel_shapes  # the check sees weight gradients where they are formed

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from p3o_jax.models import lora
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -159,7 +161,11 @@ def weight_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
   bfloat16 inputs with float32 sums are what TPUs and GPUs run natively, and XLA:CPU runs them
   on the CPU's bf16 matrix units (AMX / AVX512-BF16) several times faster than float32 here
   (bench/rl_iteration.py); a bf16 x bf16 -> bf16 dot takes a slower path on CPU and sums in bf16.
+
+  A LoRA kernel (`lora.Adapted`) runs as x W + (x A) B, each product as above.
   """
+  if isinstance(w, lora.Adapted):
+    return _adapted_matmul(cfg, subscripts, x, w, out_dtype)
   dtype = DTYPES[cfg.matmul_dtype] if cfg.matmul_dtype else x.dtype
   if dtype == jnp.float32:
     inputs, out_sub = subscripts.split("->")
@@ -176,6 +182,23 @@ def weight_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
   else:
     out = _low_precision_einsum(subscripts, jnp.dtype(dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
   return out.astype(out_dtype or x.dtype)
+
+
+def _adapted_matmul(cfg: DecoderConfig, subscripts: str, x, w, out_dtype=None):
+  """x W + (x A) B for a kernel's subscripts (its input letters, then its output letters): the
+  rank axis r between the two small products. W is frozen, so the backward forms no gradient
+  of it, only of A and B and of x."""
+  inputs, out = subscripts.split("->")
+  x_sub, w_sub = inputs.split(",")
+  if "r" in subscripts:
+    raise ValueError(f"subscripts {subscripts!r} use the letter the rank axis takes")
+  contracted = "".join(c for c in w_sub if c in x_sub)
+  w_out = "".join(c for c in w_sub if c not in x_sub)
+  rows = "".join(c for c in x_sub if c not in w_sub)
+  base = weight_matmul(cfg, subscripts, x, w.w, jnp.float32)
+  xa = weight_matmul(cfg, f"{x_sub},{contracted}r->{rows}r", x, w.a, jnp.float32)
+  low = weight_matmul(cfg, f"{rows}r,r{w_out}->{out}", xa, w.b, jnp.float32)
+  return (base + low).astype(out_dtype or x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

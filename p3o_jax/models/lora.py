@@ -9,10 +9,11 @@ scalar):
 
     params = {"embed": ..., "layers": ..., KEY: {"layers": {0: {"attn": {"q_kernel": {"a", "b"}}}}}, SCALE: s}
 
-`merged` turns such a dict back into the model's own params (W + s A B), so the decoder, the
-sampler and the export never see adapters, and the train step differentiates through the merge:
-a whole kernel's gradient is formed and projected onto A and B (full fine-tuning's compute, with
-adapter-sized optimizer state). `trainable` / `with_trainable` are the train state's split: in a
+`merged` turns such a dict back into the model's own params (W + s A B): the sampler, the
+scoring passes and the export read that and never see adapters. The train step's loss reads
+`adapted` params instead, each targeted kernel an `Adapted` (W, A, s B) that
+`decoder.weight_matmul` runs as x W + ((x A) s B): W is not differentiated, so the backward
+forms no [in, out] gradient of it and no merged copy of the weights is made. `trainable` / `with_trainable` are the train state's split: in a
 dict that holds `KEY`, only the adapters train; the model's weights and s are frozen (not
 differentiated, no optimizer state). A dict without `KEY` trains whole, so a critic beside a
 LoRA policy trains as before.
@@ -20,6 +21,7 @@ LoRA policy trains as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -100,6 +102,48 @@ def attach(params: dict, axes: dict, *, rank: int, alpha: float, targets, seed: 
   params = {**params, KEY: {"layers": _nest(adapters)}, SCALE: jnp.asarray(alpha / rank, jnp.float32)}
   axes = {**axes, KEY: {"layers": _nest(adapter_axes)}, SCALE: ()}
   return params, axes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Adapted:
+  """A frozen kernel w with its adapter: used as w + a b (b already scaled by s)."""
+  w: jax.Array   # [lead, in..., out...]
+  a: jax.Array   # [lead, in..., r]
+  b: jax.Array   # [lead, r, out...]
+
+  def __getitem__(self, key):  # `param[...]` in the model reads the whole kernel
+    if key is not Ellipsis:
+      raise TypeError(f"an adapted kernel is read whole (param[...]), not at {key!r}")
+    return self
+
+  def reshape(self, *shape):
+    """The kernel reshaped with its input axes merged or split among themselves (`o_kernel` as
+    [H * K, D]): a's input axes follow, b's output axes follow."""
+    w = self.w.reshape(*shape)
+    n_in, size = 0, 1
+    while size < math.prod(self.a.shape[:-1]):
+      size *= w.shape[n_in]
+      n_in += 1
+    if size != math.prod(self.a.shape[:-1]):
+      raise ValueError(f"reshape {self.w.shape} -> {w.shape} mixes an adapted kernel's input and output axes")
+    r = self.a.shape[-1]
+    return Adapted(w, self.a.reshape(*w.shape[:n_in], r), self.b.reshape(r, *w.shape[n_in:]))
+
+
+def adapted(tree):
+  """Params with every dict holding adapters replaced by its model's params whose targeted
+  kernels are `Adapted` (the loss's view: the frozen weights are read, never copied)."""
+  if not isinstance(tree, dict):
+    return tree
+  if KEY not in tree:
+    return {k: adapted(v) for k, v in tree.items()}
+  model = {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
+  layers = jax.tree.map(lambda x: x, model["layers"])
+  for (index, module, kernel), ab in _flat(tree[KEY]["layers"]).items():
+    block = layers if index is None else layers[index]
+    block[module] = {**block[module], kernel: Adapted(block[module][kernel], ab["a"], tree[SCALE] * ab["b"])}
+  return {**model, "layers": layers}
 
 
 def _flat(layers: dict) -> dict:

@@ -26,7 +26,7 @@ from p3o_jax import distributed, paths, sharding, supervised
 from p3o_jax.data import batching, hub, synthetic
 from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
-from p3o_jax.models import decoder, hf, policy as models
+from p3o_jax.models import decoder, hf, lora, policy as models
 from p3o_jax.models.policy import Policy
 from p3o_jax.rl import loop
 from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller, reference_rewards
@@ -280,7 +280,13 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   if stop is not None and stop.requested:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   path = paths.join(out, "hf")
-  hf.save(path, policy.cfg, params, tokenizer=tok)
+  if lora.has_adapters(params):  # the adapters alone too, as peft loads them onto the SFT policy
+    try:
+      hf.save_adapter(paths.join(out, "adapter"), policy.cfg, params, alpha=config.lora.alpha,
+                      base_model=sft_policy_path(config, workdir))
+    except ValueError as e:
+      log.warning("rl: no PEFT adapter written: %s", e)
+  hf.save(path, policy.cfg, lora.merged(params, cast=True), tokenizer=tok)
   return path
 
 

@@ -181,6 +181,9 @@ def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_
   assert changed and all(any(t in name for t in targeted) for name in changed), changed
   assert {t for name in changed for t in targeted if t in name} == set(targeted)
 
+  if algo == "p3o":
+    _peft_loads_the_adapter(os.path.join(straight, "sft", "hf"), os.path.join(straight, "rl", algo, "adapter"), export)
+
   resumed = fresh(base_workdir, tmp_path / "resumed")
   run_rl(lora_config(algo=algo), resumed, stop=StopAfter(2))
   export_b = run_rl(lora_config(algo=algo), resumed)
@@ -226,3 +229,39 @@ def test_adapted_kernels_compute_the_merged_model(scan_layers, matmul_dtype):
   merged_dots = {tuple(int(n) for n in m.group(1).split(",") if n)
                  for m in re.finditer(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* dot\(", merged_hlo)}
   assert merged_dots & kernel_shapes  # the check sees weight gradients where they are formed
+
+
+def _peft_loads_the_adapter(sft_dir, adapter_dir, merged_dir):
+  """peft's PeftModel on the SFT policy with the written adapter computes the merged export's logits."""
+  peft = pytest.importorskip("peft")
+  import torch
+  import transformers
+  config = __import__("json").load(open(os.path.join(adapter_dir, "adapter_config.json")))
+  assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, sft_dir)
+  assert sorted(config["target_modules"]) == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+  tokens = torch.tensor([[1, 5, 7, 9, 4, 2, 8, 3]])
+  with torch.no_grad():
+    base = transformers.AutoModelForCausalLM.from_pretrained(sft_dir, torch_dtype=torch.float32)
+    plain = base(tokens).logits.numpy()
+    adapted = peft.PeftModel.from_pretrained(base, adapter_dir)(tokens).logits.numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, torch_dtype=torch.float32)(tokens).logits.numpy()
+  np.testing.assert_allclose(adapted, merged, rtol=1e-4, atol=1e-5)
+  assert np.abs(adapted - plain).max() > 1e-4  # the adapter changes the model: the check can fail
+
+
+def test_adapter_of_a_fused_kernel_is_refused_by_name(tmp_path):
+  from p3o_jax.models import hf
+  cfg = decoder.DecoderConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, model_type="gpt_neox",
+                              parallel_residual=True, rotary_pct=0.25)
+  graph, params = decoder.create(cfg)
+  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=2, alpha=4.0, targets=("q", "down"))
+  with pytest.raises(ValueError, match="q_kernel fused with other kernels in layers.0.attention.query_key_value"):
+    hf.save_adapter(str(tmp_path / "adapter"), cfg, params, alpha=4.0, base_model="base")
+  assert not os.path.exists(tmp_path / "adapter")
+  params, _ = lora.attach(decoder.create(cfg)[1], decoder.logical_axes(graph), rank=2, alpha=4.0, targets=("o", "down"))
+  hf.save_adapter(str(tmp_path / "adapter"), cfg, params, alpha=4.0, base_model="base")
+  names = sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+  assert names == ["base_model.model.gpt_neox.layers.0.attention.dense.lora_A.weight",
+                   "base_model.model.gpt_neox.layers.0.attention.dense.lora_B.weight",
+                   "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_A.weight",
+                   "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_B.weight"]

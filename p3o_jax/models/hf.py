@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from p3o_jax import paths
-from p3o_jax.models import decoder
+from p3o_jax.models import decoder, lora
 from p3o_jax.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -695,6 +695,51 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
   if jax.process_count() > 1:  # the others may read the export next
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"hf.save {path}")
+
+
+def save_adapter(path: str, cfg: DecoderConfig, params: dict, *, alpha: float, base_model: str) -> None:
+  """Write the LoRA adapters in `params` (models/lora.py) as a PEFT adapter folder,
+  adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained`
+  loads onto `base_model`: each kernel's A as `lora_A.weight` [r, in], B as `lora_B.weight`
+  [out, r] of the HF module the kernel is exported as, and peft's scale lora_alpha / r.
+
+  A kernel that HF stores fused with others (GPT-2's c_attn, GPT-NeoX's query_key_value holds q,
+  k and v) has no PEFT adapter of its own: ValueError naming it, before anything is written.
+  Every process must call this; process 0 writes.
+  """
+  rules = {rule.ours: rule for rule in _rules(cfg)}
+  prefix = "base_model.model." + BASE_PREFIX[cfg.model_type]
+  tensors, modules, rank = {}, set(), None
+  for index, module, kernel, a, b in lora.per_layer(params):
+    rule = rules[(("layers", index, module, kernel),)] if (("layers", index, module, kernel),) in rules else None
+    if rule is None:
+      fused = next(r.hf_name for r in rules.values() if ("layers", index, module, kernel) in r.ours)
+      raise ValueError(f"{cfg.model_type} stores {kernel} fused with other kernels in {fused}, which has no PEFT "
+                       f"adapter of its own: leave it out of lora.targets to write one (the merged model is "
+                       f"exported either way)")
+    rank = a.shape[-1]
+    name = rule.hf_name.removesuffix(".weight")
+    # A kernel is exported as the [in, out] matrix (transposed into torch's [out, in]): so are A and B.
+    tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(_host_array(a).reshape(-1, rank).T)
+    tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(_host_array(b).reshape(rank, -1).T)
+    modules.add(".".join(name.split(".")[-2:]))
+  if jax.process_index() != 0:
+    return
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
+      "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
+      "fan_in_fan_out": cfg.model_type == "gpt2",  # GPT-2's Conv1D stores [in, out]
+      "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
+      "use_rslora": False, "modules_to_save": None}
+  tmp = _staging_dir(path)
+  try:
+    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
+    paths.publish_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def _host_array(x) -> np.ndarray:

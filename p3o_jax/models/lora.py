@@ -153,6 +153,17 @@ def _flat(layers: dict) -> dict:
   return {(i, m, k): ab for i, block in layers.items() for m, kernels in block.items() for k, ab in kernels.items()}
 
 
+def per_layer(tree: dict):
+  """(layer index, module, kernel, a, b) of every adapter in a params dict holding `KEY`; stacked
+  adapters (scan_layers) are given one layer at a time."""
+  for (index, module, kernel), ab in sorted(_flat(tree[KEY]["layers"]).items(), key=lambda kv: str(kv[0])):
+    if index is not None:
+      yield index, module, kernel, ab["a"], ab["b"]
+    else:
+      for i in range(ab["a"].shape[0]):
+        yield i, module, kernel, ab["a"][i], ab["b"][i]
+
+
 def delta(w, kernel: str, layer_axes: int, a, b, scale):
   """s A B in the shape of the kernel `w` (float32): A [lead, in..., r], B [lead, r, out...]."""
   lead, ins, outs = _shapes(w.shape, kernel, layer_axes)

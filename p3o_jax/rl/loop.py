@@ -73,7 +73,8 @@ def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step
 def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts: Prompts, eval_prompts: Prompts,
           logger, critic: Policy | None = None, stop=None) -> tuple[dict, dict]:
   """Runs config.rl.iterations RL iterations of `config.rl.algo`; returns (policy params, final
-  eval record).
+  eval record). With `config.lora.rank` the policy trains LoRA adapters (models/lora.py), and the
+  params returned hold them: `lora.merged` gives the model's own.
 
   Each process tokenizes only the prompt rows its devices hold (sharding.RowSplit) of the
   global order a single process would use. `critic`: the reward model, for algorithms that
@@ -156,4 +157,4 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   run.close()
   log.info("rl: process %d of %d tokenized %d prompts: rows %s of each %d-prompt rollout", jax.process_index(),
            jax.process_count(), prompts_read, sharding.row_ranges(split.rows), rl.prompts_per_rollout)
-  return algo.policy_params(lora.merged(run.state.params, cast=True) if adapters else run.state.params), record
+  return algo.policy_params(run.state.params), record

@@ -86,10 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
       rollout_is="none", rollout_is_cap=2.0))
   c.rl.update({name: default for name, (default, _) in algorithms.options().items()})
 
-  # LoRA on the RL policy (p3o_jax/models/lora.py): rank 0 trains every weight; rank r > 0 trains
-  # W + (alpha / r) A B on `targets` ('all': q,k,v,o,gate,up,down) with the model frozen, and
-  # exports the merged model
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="all"))
+  # LoRA (p3o_jax/models/lora.py): rank 0 trains every weight; rank r > 0 trains W + (alpha / r) A B
+  # on `targets` ('all': q,k,v,o,gate,up,down) with the model frozen, in `stages` (a comma list of
+  # sft, rm, rl, or 'all'), and exports the merged model (and the adapters as a PEFT folder)
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="all", stages="rl"))
 
   c.eval = ml_collections.ConfigDict(dict(
       every=50, num_prompts=256,

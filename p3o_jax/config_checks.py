@@ -64,14 +64,16 @@ def cpu_devices(v):
   return None
 
 
-def lora_targets(v):
-  if not isinstance(v, str):
-    return f"must be a string, got {v!r}"
-  try:
-    lora.parse_targets(v)
-  except ValueError as e:
-    return str(e).split(": ", 1)[1]
-  return None
+def lora_names(known) -> Check:
+  def check(v):
+    if not isinstance(v, str):
+      return f"must be a string, got {v!r}"
+    try:
+      lora.parse_names(v, known, "")
+    except ValueError as e:
+      return str(e).split(": ", 1)[1]
+    return None
+  return check
 
 
 def sampler_cpu_devices(v):
@@ -104,10 +106,11 @@ SCHEMA: dict[str, Check] = {
     "arch.num_kv_heads": positive_int,
     "arch.intermediate_size": positive_int,
     "arch.max_position_embeddings": positive_int,
-    # LoRA on the RL policy (0: off)
+    # LoRA (rank 0: off)
     "lora.rank": non_negative_int,
     "lora.alpha": positive,
-    "lora.targets": lora_targets,
+    "lora.targets": lora_names(lora.ALL),
+    "lora.stages": lora_names(lora.STAGES),
     # data
     "data.max_prompt_len": positive_int,
     "data.truncate_prompts": one_of("left", "right", "error"),

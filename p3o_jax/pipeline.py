@@ -177,18 +177,43 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
 
 def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples,
                     stop) -> str | None:
-  """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf."""
+  """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf
+  (with LoRA on this stage: the merged model, and an SFT policy's adapters under <out>/adapter)."""
+  if lora.applies(config.get("lora"), name):
+    model = with_lora(config, name, model)
+    loss_fn = lambda params, batch, plain_loss=loss_fn: plain_loss(lora.adapted(params), batch)
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
-        name, loss_fn, model.params, make_batch, num_examples, params_axes=decoder.logical_axes(model.graph),
+        name, loss_fn, model.params, make_batch, num_examples, params_axes=model.logical_axes(),
         mesh_cfg=config.mesh, stage_cfg=stage_cfg, seed=config.seed, workdir=out, logger=logger,
         ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
     logger.summary(name, metrics)
   if stop is not None and stop.requested:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
+  if name == "sft" and lora.has_adapters(params) and config.model.hf:
+    save_adapter(config, out, model.cfg, params, base_model=config.model.hf)
   path = paths.join(out, "hf")
-  hf.save(path, model.cfg, params, tokenizer=model.tokenizer)
+  hf.save(path, model.cfg, lora.merged(params, cast=True), tokenizer=model.tokenizer)
   return path
+
+
+def with_lora(config, stage: str, model: Policy) -> Policy:
+  """`model` with the config's LoRA adapters (models/lora.py), its sizes logged."""
+  c = config.lora
+  model = models.with_adapters(model, rank=c.rank, alpha=c.alpha, targets=c.targets, seed=config.seed)
+  log.info("%s: LoRA rank %d, alpha %g on %s: %d trainable params of %d", stage, c.rank, c.alpha, c.targets,
+           lora.count(lora.trainable(model.params)), lora.count(model.params))
+  return model
+
+
+def save_adapter(config, out: str, cfg, params, *, base_model: str) -> None:
+  """The adapters alone as a PEFT folder <out>/adapter, as peft loads them onto `base_model`;
+  a kernel HF stores fused (no PEFT form) leaves it out with a warning (the merged model is
+  exported either way)."""
+  try:
+    hf.save_adapter(paths.join(out, "adapter"), cfg, params, alpha=config.lora.alpha, base_model=base_model)
+  except ValueError as e:
+    log.warning("no PEFT adapter written to %s: %s", out, e)
 
 
 def sample_preferences(config, workdir: str, task: Task) -> dict:
@@ -273,6 +298,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
                    reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
   held_out = _prompts(config, tok, task.eval_prompts,
                       reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
+  if lora.applies(config.get("lora"), "rl"):
+    policy = with_lora(config, "rl", policy)  # after the reference's copy: it holds the model alone
   with _logger(config, out) as logger:
     params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
                                 logger=logger, critic=rm, stop=stop)
@@ -281,11 +308,7 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   path = paths.join(out, "hf")
   if lora.has_adapters(params):  # the adapters alone too, as peft loads them onto the SFT policy
-    try:
-      hf.save_adapter(paths.join(out, "adapter"), policy.cfg, params, alpha=config.lora.alpha,
-                      base_model=sft_policy_path(config, workdir))
-    except ValueError as e:
-      log.warning("rl: no PEFT adapter written: %s", e)
+    save_adapter(config, out, policy.cfg, params, base_model=sft_policy_path(config, workdir))
   hf.save(path, policy.cfg, lora.merged(params, cast=True), tokenizer=tok)
   return path
 

@@ -2,6 +2,7 @@
 against the full kernel's gradient projected by hand, a train step that moves the adapters alone,
 and RL runs whose exports differ from the SFT policy only in the targeted kernels."""
 
+import json
 import os
 import re
 
@@ -182,6 +183,8 @@ def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_
   assert {t for name in changed for t in targeted if t in name} == set(targeted)
 
   if algo == "p3o":
+    config = json.load(open(os.path.join(straight, "rl", algo, "adapter", "adapter_config.json")))
+    assert sorted(config["target_modules"]) == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
     _peft_loads_the_adapter(os.path.join(straight, "sft", "hf"), os.path.join(straight, "rl", algo, "adapter"), export)
 
   resumed = fresh(base_workdir, tmp_path / "resumed")
@@ -231,14 +234,13 @@ def test_adapted_kernels_compute_the_merged_model(scan_layers, matmul_dtype):
   assert merged_dots & kernel_shapes  # the check sees weight gradients where they are formed
 
 
-def _peft_loads_the_adapter(sft_dir, adapter_dir, merged_dir):
+def _peft_loads_the_adapter(sft_dir, adapter_dir, merged_dir, expect=None):
   """peft's PeftModel on the SFT policy with the written adapter computes the merged export's logits."""
   peft = pytest.importorskip("peft")
   import torch
   import transformers
-  config = __import__("json").load(open(os.path.join(adapter_dir, "adapter_config.json")))
-  assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, sft_dir)
-  assert sorted(config["target_modules"]) == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+  config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+  assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (expect or (4, 8.0, sft_dir))
   tokens = torch.tensor([[1, 5, 7, 9, 4, 2, 8, 3]])
   with torch.no_grad():
     base = transformers.AutoModelForCausalLM.from_pretrained(sft_dir, torch_dtype=torch.float32)
@@ -265,3 +267,30 @@ def test_adapter_of_a_fused_kernel_is_refused_by_name(tmp_path):
                    "base_model.model.gpt_neox.layers.0.attention.dense.lora_B.weight",
                    "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_A.weight",
                    "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_B.weight"]
+
+
+def test_sft_and_reward_model_stages_with_lora(base_workdir, tmp_path):
+  """SFT from a hub-format policy and the reward model from it, both with adapters: each export
+  differs from its start only in the targeted kernels (and the reward model's new score head),
+  and peft loads the SFT adapter onto the starting policy with the merged export's logits."""
+  from p3o_jax import pipeline
+  start = os.path.join(base_workdir, "sft", "hf")
+  c = demo_base.tiny_config()
+  c.model.hf = start
+  c.lora.update(rank=2, alpha=4.0, targets="o,up", stages="sft,rm")
+  workdir = str(tmp_path)
+  task = pipeline.load_task(c, workdir)
+  sft_export = pipeline.run_sft(c, workdir, task)
+  rm_export = pipeline.run_rm(c, workdir, task)
+  before = load_file(os.path.join(start, "model.safetensors"))
+  sft = load_file(os.path.join(sft_export, "model.safetensors"))
+  rm = load_file(os.path.join(rm_export, "model.safetensors"))
+  targeted = ("self_attn.o_proj", "mlp.up_proj")
+  for name, trained, base in (("sft", sft, before), ("rm", rm, sft)):
+    changed = sorted(n for n in trained if n in base and not np.array_equal(trained[n], base[n]))
+    assert changed and all(any(t in n for t in targeted) for n in changed), (name, changed)
+  assert np.abs(rm["score.weight"]).max() > 0  # the new head trained beside the adapters
+  assert not os.path.exists(os.path.join(workdir, "rm", "adapter"))
+  config = json.load(open(os.path.join(workdir, "sft", "adapter", "adapter_config.json")))
+  assert sorted(config["target_modules"]) == sorted(targeted)
+  _peft_loads_the_adapter(start, os.path.join(workdir, "sft", "adapter"), sft_export, expect=(2, 4.0, start))

@@ -14,7 +14,8 @@ scoring passes and the export read that and never see adapters. The train step's
 `adapted` params instead, each targeted kernel an `Adapted` (W, A, s B) that
 `decoder.weight_matmul` runs as x W + ((x A) s B): W is not differentiated, so the backward
 forms no [in, out] gradient of it and no merged copy of the weights is made. `trainable` / `with_trainable` are the train state's split: in a
-dict that holds `KEY`, only the adapters train; the model's weights and s are frozen (not
+dict that holds `KEY`, only the adapters (and a reward model's new score head) train; the
+model's weights and s are frozen (not
 differentiated, no optimizer state). A dict without `KEY` trains whole, so a critic beside a
 LoRA policy trains as before.
 """
@@ -38,15 +39,28 @@ KERNELS = {
     "gate": ("mlp", "gate_kernel", 1, 1), "up": ("mlp", "up_kernel", 1, 1), "down": ("mlp", "down_kernel", 1, 1),
 }
 ALL = tuple(KERNELS)  # peft's "all-linear": every block matmul, not the embeddings or the LM head
+# A new head trains beside the adapters (peft's modules_to_save): a reward model's score head.
+TRAINED_BESIDE = ("scalar_kernel", "scalar_bias")
+STAGES = ("sft", "rm", "rl")
+
+
+def applies(lora_cfg, stage: str) -> bool:
+  """Whether the config's `lora` block puts adapters on `stage`'s model."""
+  return bool(lora_cfg) and lora_cfg.rank > 0 and stage in parse_names(lora_cfg.stages, STAGES, "lora.stages")
+
+
+def parse_names(spec: str, known, field: str) -> tuple[str, ...]:
+  """A comma list of names from `known` ('all': every one) -> the names; unknown ones are named."""
+  names = tuple(known) if spec.strip() == "all" else tuple(n.strip() for n in spec.split(",") if n.strip())
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise ValueError(f"{field}={spec!r}: {unknown or 'empty'}; expected 'all' or a comma list of {list(known)}")
+  return names
 
 
 def parse_targets(spec: str, field: str = "lora.targets") -> tuple[str, ...]:
   """'all' or a comma list of KERNELS' names -> the names; an unknown one is named."""
-  names = ALL if spec.strip() == "all" else tuple(n.strip() for n in spec.split(",") if n.strip())
-  unknown = [n for n in names if n not in KERNELS]
-  if unknown or not names:
-    raise ValueError(f"{field}={spec!r}: {unknown or 'empty'}; expected 'all' or a comma list of {list(ALL)}")
-  return names
+  return parse_names(spec, ALL, field)
 
 
 def _kernels(layers: dict, targets) -> dict:
@@ -199,7 +213,7 @@ def trainable(tree):
   if not isinstance(tree, dict):
     return tree
   if KEY in tree:
-    return {KEY: tree[KEY]}
+    return {k: tree[k] for k in (KEY, *TRAINED_BESIDE) if k in tree}
   return {k: trainable(v) for k, v in tree.items()}
 
 
@@ -208,7 +222,7 @@ def with_trainable(tree, part):
   if not isinstance(tree, dict):
     return part
   if KEY in tree:
-    return {**tree, KEY: part[KEY]}
+    return {**tree, **part}
   return {k: with_trainable(v, part[k]) for k, v in tree.items()}
 
 

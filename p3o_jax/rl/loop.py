@@ -21,7 +21,7 @@ from p3o_jax import resume, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
 from p3o_jax.eval import frontier
 from p3o_jax.models import lora
-from p3o_jax.models.policy import Policy, with_adapters
+from p3o_jax.models.policy import Policy
 from p3o_jax.rl import algorithms
 from p3o_jax.rl.rollout import Experience, Roller, RunningMoments, process_scores
 from p3o_jax.rl.update import for_run
@@ -73,7 +73,7 @@ def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step
 def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts: Prompts, eval_prompts: Prompts,
           logger, critic: Policy | None = None, stop=None) -> tuple[dict, dict]:
   """Runs config.rl.iterations RL iterations of `config.rl.algo`; returns (policy params, final
-  eval record). With `config.lora.rank` the policy trains LoRA adapters (models/lora.py), and the
+  eval record). A policy holding LoRA adapters (models/lora.py) trains them alone, and the
   params returned hold them: `lora.merged` gives the model's own.
 
   Each process tokenizes only the prompt rows its devices hold (sharding.RowSplit) of the
@@ -84,14 +84,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   algo = algorithms.create(rl, policy.graph, config.sampler.temperature)
   total_steps = rl.iterations * rl.inner_epochs * rl.num_minibatches
   tx = train_state.make_optimizer(config.optim, total_steps)
-  adapters = config.get("lora") and config.lora.rank > 0
-  if adapters:
-    policy = with_adapters(policy, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
-                           seed=config.seed)
+  adapters = lora.has_adapters(policy.params)
   params, axes = algo.init_params(policy, critic)
-  if adapters:
-    log.info("rl: LoRA rank %d, alpha %g on %s: %d trainable params of %d", config.lora.rank, config.lora.alpha,
-             config.lora.targets, lora.count(lora.trainable(params)), lora.count(params))
   # The rollout, the evaluation and the export read the policy as the model's own params.
   plain = jax.jit(lora.merged) if adapters else (lambda p: p)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)

@@ -191,7 +191,8 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
   if stop is not None and stop.requested:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   if name == "sft" and lora.has_adapters(params) and config.model.hf:
-    save_adapter(config, out, model.cfg, params, base_model=config.model.hf)
+    hf.save_adapter(paths.join(out, "adapter"), model.cfg, params, alpha=config.lora.alpha,
+                    base_model=config.model.hf)
   path = paths.join(out, "hf")
   hf.save(path, model.cfg, lora.merged(params, cast=True), tokenizer=model.tokenizer)
   return path
@@ -204,16 +205,6 @@ def with_lora(config, stage: str, model: Policy) -> Policy:
   log.info("%s: LoRA rank %d, alpha %g on %s: %d trainable params of %d", stage, c.rank, c.alpha, c.targets,
            lora.count(lora.trainable(model.params)), lora.count(model.params))
   return model
-
-
-def save_adapter(config, out: str, cfg, params, *, base_model: str) -> None:
-  """The adapters alone as a PEFT folder <out>/adapter, as peft loads them onto `base_model`;
-  a kernel HF stores fused (no PEFT form) leaves it out with a warning (the merged model is
-  exported either way)."""
-  try:
-    hf.save_adapter(paths.join(out, "adapter"), cfg, params, alpha=config.lora.alpha, base_model=base_model)
-  except ValueError as e:
-    log.warning("no PEFT adapter written to %s: %s", out, e)
 
 
 def sample_preferences(config, workdir: str, task: Task) -> dict:
@@ -308,7 +299,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   path = paths.join(out, "hf")
   if lora.has_adapters(params):  # the adapters alone too, as peft loads them onto the SFT policy
-    save_adapter(config, out, policy.cfg, params, base_model=sft_policy_path(config, workdir))
+    hf.save_adapter(paths.join(out, "adapter"), policy.cfg, params, alpha=config.lora.alpha,
+                    base_model=sft_policy_path(config, workdir))
   hf.save(path, policy.cfg, lora.merged(params, cast=True), tokenizer=tok)
   return path
 

@@ -251,22 +251,32 @@ def _peft_loads_the_adapter(sft_dir, adapter_dir, merged_dir, expect=None):
   assert np.abs(adapted - plain).max() > 1e-4  # the adapter changes the model: the check can fail
 
 
-def test_adapter_of_a_fused_kernel_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("kind,targets", [("llama", "all"), ("gpt2", "q,v,o,down"), ("gpt_neox", "k,o,up"),
+                                          ("qwen3", "q,k,gate")])
+def test_peft_loads_the_adapter_of_every_layout(tmp_path, kind, targets):
+  """Separate projections (Llama, Qwen3), GPT-2's Conv1D with q, k, v fused in c_attn, GPT-NeoX's
+  query_key_value fused per head: peft's model with the written adapter computes the merged model."""
+  import hf_fixtures
   from p3o_jax.models import hf
-  cfg = decoder.DecoderConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, model_type="gpt_neox",
-                              parallel_residual=True, rotary_pct=0.25)
-  graph, params = decoder.create(cfg)
-  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=2, alpha=4.0, targets=("q", "down"))
-  with pytest.raises(ValueError, match="q_kernel fused with other kernels in layers.0.attention.query_key_value"):
-    hf.save_adapter(str(tmp_path / "adapter"), cfg, params, alpha=4.0, base_model="base")
-  assert not os.path.exists(tmp_path / "adapter")
-  params, _ = lora.attach(decoder.create(cfg)[1], decoder.logical_axes(graph), rank=2, alpha=4.0, targets=("o", "down"))
-  hf.save_adapter(str(tmp_path / "adapter"), cfg, params, alpha=4.0, base_model="base")
-  names = sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
-  assert names == ["base_model.model.gpt_neox.layers.0.attention.dense.lora_A.weight",
-                   "base_model.model.gpt_neox.layers.0.attention.dense.lora_B.weight",
-                   "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_A.weight",
-                   "base_model.model.gpt_neox.layers.0.mlp.dense_4h_to_h.lora_B.weight"]
+  peft = pytest.importorskip("peft")
+  import torch
+  import transformers
+  base_dir = tmp_path / "base"
+  hf_fixtures.build(kind, base_dir)
+  cfg, graph, params = hf.load(str(base_dir))
+  params, _ = lora.attach(params, decoder.logical_axes(graph), rank=3, alpha=5.0, targets=lora.parse_targets(targets))
+  params = with_random_b(params)
+  hf.save(str(tmp_path / "merged"), cfg, lora.merged(params, cast=True))
+  hf.save_adapter(str(tmp_path / "adapter"), cfg, params, alpha=5.0, base_model=str(base_dir))
+  tokens = torch.tensor([[3, 5, 7, 9, 4, 2, 8, 3, 11]])
+  with torch.no_grad():
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    plain = base(tokens).logits.numpy()
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(tokens).logits.numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)
+    want = merged(tokens).logits.numpy()
+  np.testing.assert_allclose(adapted, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(adapted - plain).max() > 1e-2
 
 
 def test_sft_and_reward_model_stages_with_lora(base_workdir, tmp_path):

@@ -700,33 +700,52 @@ def save(path: str, cfg: DecoderConfig, params: dict, *, tokenizer=None,
 def save_adapter(path: str, cfg: DecoderConfig, params: dict, *, alpha: float, base_model: str) -> None:
   """Write the LoRA adapters in `params` (models/lora.py) as a PEFT adapter folder,
   adapter_config.json and adapter_model.safetensors, which `peft.PeftModel.from_pretrained`
-  loads onto `base_model`: each kernel's A as `lora_A.weight` [r, in], B as `lora_B.weight`
-  [out, r] of the HF module the kernel is exported as, and peft's scale lora_alpha / r.
+  loads onto `base_model`: for each HF module, `lora_A.weight` [r, in] and `lora_B.weight`
+  [out, r], and peft's scale lora_alpha / r.
 
-  A kernel that HF stores fused with others (GPT-2's c_attn, GPT-NeoX's query_key_value holds q,
-  k and v) has no PEFT adapter of its own: ValueError naming it, before anything is written.
-  Every process must call this; process 0 writes.
+  An HF tensor that fuses several of our kernels (GPT-2's c_attn, GPT-NeoX's query_key_value hold
+  q, k and v) gets one adapter of rank r times the targeted parts: A is theirs side by side, and B
+  places each part's B at that part's rows and zeros elsewhere, through the same fusing rule as
+  the weights (`_to_hf`); `rank_pattern` and `alpha_pattern` keep its scale alpha / r. Every
+  process must call this; process 0 writes.
   """
-  rules = {rule.ours: rule for rule in _rules(cfg)}
+  by_kernel = {(index, module, kernel): (a, b) for index, module, kernel, a, b in lora.per_layer(params)}
   prefix = "base_model.model." + BASE_PREFIX[cfg.model_type]
-  tensors, modules, rank = {}, set(), None
-  for index, module, kernel, a, b in lora.per_layer(params):
-    rule = rules[(("layers", index, module, kernel),)] if (("layers", index, module, kernel),) in rules else None
-    if rule is None:
-      fused = next(r.hf_name for r in rules.values() if ("layers", index, module, kernel) in r.ours)
-      raise ValueError(f"{cfg.model_type} stores {kernel} fused with other kernels in {fused}, which has no PEFT "
-                       f"adapter of its own: leave it out of lora.targets to write one (the merged model is "
-                       f"exported either way)")
-    rank = a.shape[-1]
+  tensors, modules, ranks, r = {}, set(), {}, None
+  for rule in _rules(cfg):
+    parts = [by_kernel.get(p[1:]) if p[0] == "layers" and len(p) == 4 else None for p in rule.ours]
+    if not any(part is not None for part in parts):
+      continue
+    r = next(part for part in parts if part is not None)[0].shape[-1]
+    targeted = [j for j, part in enumerate(parts) if part is not None]
+    total = r * len(targeted)
+    a_cat = np.concatenate([_host_array(parts[j][0]).reshape(-1, r) for j in targeted], axis=1)  # [in, total]
+    b_parts = []  # each of rule.ours as a "kernel" of `total` inputs: its part's B in its rows
+    for j in range(len(rule.ours)):
+      # A part left out has no B to take its width from: the fused parts (q, k, v of GPT-2 and
+      # GPT-NeoX, which have no grouped-query heads) are all as wide.
+      out_shape = np.shape((parts[j] or parts[targeted[0]])[1])[1:]
+      block = np.zeros((total, *out_shape), np.float32)
+      if parts[j] is not None:
+        row = targeted.index(j) * r
+        block[row:row + r] = _host_array(parts[j][1])
+      b_parts.append(block)
+    rank_rule = rule._replace(hf_shape=(rule.hf_shape[0], total) if rule.transpose else (total, rule.hf_shape[1]),
+                              fused=None if rule.fused is None else (total, *rule.fused[1:]))
+    b_hf = _to_hf(rank_rule, b_parts)  # HF's layout of a [total -> out] module: [out, total] or Conv1D's [total, out]
     name = rule.hf_name.removesuffix(".weight")
-    # A kernel is exported as the [in, out] matrix (transposed into torch's [out, in]): so are A and B.
-    tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(_host_array(a).reshape(-1, rank).T)
-    tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(_host_array(b).reshape(rank, -1).T)
-    modules.add(".".join(name.split(".")[-2:]))
+    tensors[f"{prefix}{name}.lora_A.weight"] = np.ascontiguousarray(a_cat.T)
+    tensors[f"{prefix}{name}.lora_B.weight"] = np.ascontiguousarray(b_hf if rule.transpose else b_hf.T)
+    module = ".".join(name.split(".")[-2:])
+    modules.add(module)
+    if total != r:
+      ranks[module] = total
   if jax.process_index() != 0:
     return
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(alpha),
+      "rank_pattern": {m: int(t) for m, t in sorted(ranks.items())},
+      "alpha_pattern": {m: float(alpha) * t / r for m, t in sorted(ranks.items())},
       "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
       "fan_in_fan_out": cfg.model_type == "gpt2",  # GPT-2's Conv1D stores [in, out]
       "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import processes as mp
 
@@ -17,7 +18,9 @@ EXPORTS = ("sft", "rm", "rl/p3o", "rl/ppo")
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_two_processes_match_one(mesh, tmp_path):
-  config, args = mp.DEMO + ":runlocal,algos=p3o+ppo", MESHES[mesh]
+  """data2_fsdp2 trains the RL policies with LoRA adapters, sharded like their kernels."""
+  lora = mesh == "data2_fsdp2"
+  config, args = mp.DEMO + ":runlocal,algos=p3o+ppo", MESHES[mesh] + (["--config.lora.rank=4"] if lora else [])
   one = mp.run_main(str(tmp_path / "one"), processes=1, devices=4, args=args, config=config)
   two = mp.run_main(str(tmp_path / "two"), processes=2, devices=2, args=args, config=config)
 
@@ -29,6 +32,14 @@ def test_two_processes_match_one(mesh, tmp_path):
     mp.assert_exports_close(str(tmp_path / "one" / stage / "hf"), str(tmp_path / "two" / stage / "hf"),
                             outlier_tol=5e-5 if stage.startswith("rl") else None)
   assert os.path.isfile(tmp_path / "two" / "eval" / "report.md")
+  for algo in ("p3o", "ppo"):  # the adapters, gathered from both processes' shards
+    adapters = [tmp_path / run / "rl" / algo / "adapter" / "adapter_model.safetensors" for run in ("one", "two")]
+    assert all(path.is_file() for path in adapters) == lora and any(path.is_file() for path in adapters) == lora
+    if lora:
+      one_adapter, two_adapter = (load_file(str(path)) for path in adapters)
+      assert one_adapter.keys() == two_adapter.keys() and len(one_adapter) > 0
+      for name in one_adapter:
+        np.testing.assert_allclose(two_adapter[name], one_adapter[name], rtol=1e-3, atol=1e-5, err_msg=name)
 
   # Each process's loader read only its own rows: half of every batch, its half.
   for process, output in enumerate(two):

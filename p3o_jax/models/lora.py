@@ -13,9 +13,10 @@ scalar):
 scoring passes and the export read that and never see adapters. The train step's loss reads
 `adapted` params instead, each targeted kernel an `Adapted` (W, A, s B) that
 `decoder.weight_matmul` runs as x W + ((x A) s B): W is not differentiated, so the backward
-forms no [in, out] gradient of it and no merged copy of the weights is made. `trainable` / `with_trainable` are the train state's split: in a
-dict that holds `KEY`, only the adapters (and a reward model's new score head) train; the
-model's weights and s are frozen (not
+forms no [in, out] gradient of it and no merged copy of the weights is made.
+
+`trainable` / `with_trainable` are the train state's split: in a dict that holds `KEY`, only the
+adapters (and a reward model's new score head) train; the model's weights and s are frozen (not
 differentiated, no optimizer state). A dict without `KEY` trains whole, so a critic beside a
 LoRA policy trains as before.
 """
@@ -145,21 +146,6 @@ class Adapted:
     return Adapted(w, self.a.reshape(*w.shape[:n_in], r), self.b.reshape(r, *w.shape[n_in:]))
 
 
-def adapted(tree):
-  """Params with every dict holding adapters replaced by its model's params whose targeted
-  kernels are `Adapted` (the loss's view: the frozen weights are read, never copied)."""
-  if not isinstance(tree, dict):
-    return tree
-  if KEY not in tree:
-    return {k: adapted(v) for k, v in tree.items()}
-  model = {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
-  layers = jax.tree.map(lambda x: x, model["layers"])
-  for (index, module, kernel), ab in _flat(tree[KEY]["layers"]).items():
-    block = layers if index is None else layers[index]
-    block[module] = {**block[module], kernel: Adapted(block[module][kernel], ab["a"], tree[SCALE] * ab["b"])}
-  return {**model, "layers": layers}
-
-
 def _flat(layers: dict) -> dict:
   """The nested layers dict of adapters -> {(index | None, module, kernel): {"a", "b"}}."""
   if "attn" in layers or "mlp" in layers:
@@ -187,29 +173,43 @@ def delta(w, kernel: str, layer_axes: int, a, b, scale):
   return scale * product.reshape(w.shape)
 
 
+def _with_kernels(tree, new_kernel):
+  """`tree` with every dict holding adapters replaced by its model's params, each targeted
+  kernel w replaced by new_kernel(w, kernel name, layer axes, a, b, s)."""
+  if not isinstance(tree, dict):
+    return tree
+  if KEY not in tree:
+    return {k: _with_kernels(v, new_kernel) for k, v in tree.items()}
+  model = {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
+  layers = jax.tree.map(lambda x: x, model["layers"])  # a copy to write the new kernels into
+  layer_axes = 1 if "attn" in layers else 0
+  for (index, module, kernel), ab in _flat(tree[KEY]["layers"]).items():
+    block = layers if index is None else layers[index]
+    new = new_kernel(block[module][kernel], kernel, layer_axes, ab["a"], ab["b"], tree[SCALE])
+    block[module] = {**block[module], kernel: new}
+  return {**model, "layers": layers}
+
+
+def adapted(tree):
+  """Params with every dict holding adapters replaced by its model's params whose targeted
+  kernels are `Adapted` (the loss's view: the frozen weights are read, never copied)."""
+  return _with_kernels(tree, lambda w, kernel, layer_axes, a, b, scale: Adapted(w, a, scale * b))
+
+
 def merged(tree, cast: bool = False):
   """Params with every dict holding adapters replaced by its model's own params, W + s A B.
 
   The merged kernels are float32 (a bfloat16 model's small updates would otherwise round
   away in the forward pass); `cast=True` gives them the model's dtype again, for export."""
-  if not isinstance(tree, dict):
-    return tree
-  if KEY not in tree:
-    return {k: merged(v, cast) for k, v in tree.items()}
-  model = {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
-  layers = jax.tree.map(lambda x: x, model["layers"])  # a copy to write the merged kernels into
-  layer_axes = 1 if "attn" in layers else 0
-  for (index, module, kernel), ab in _flat(tree[KEY]["layers"]).items():
-    block = layers if index is None else layers[index]
-    w = block[module][kernel]
-    new = w.astype(jnp.promote_types(w.dtype, jnp.float32)) + delta(w, kernel, layer_axes, ab["a"], ab["b"], tree[SCALE])
-    block[module] = {**block[module], kernel: new.astype(w.dtype) if cast else new}
-  return {**model, "layers": layers}
+  def merge(w, kernel, layer_axes, a, b, scale):
+    new = w.astype(jnp.promote_types(w.dtype, jnp.float32)) + delta(w, kernel, layer_axes, a, b, scale)
+    return new.astype(w.dtype) if cast else new
+  return _with_kernels(tree, merge)
 
 
 def trainable(tree):
   """The part of params the optimizer updates (a pruned copy of the dicts): in a dict holding
-  adapters, the adapters alone; elsewhere everything."""
+  adapters, the adapters and any TRAINED_BESIDE head; elsewhere everything."""
   if not isinstance(tree, dict):
     return tree
   if KEY in tree:

@@ -277,6 +277,58 @@ def test_peft_loads_the_adapter_of_every_layout(tmp_path, kind, targets):
     want = merged(tokens).logits.numpy()
   np.testing.assert_allclose(adapted, want, rtol=1e-4, atol=1e-4)
   assert np.abs(adapted - plain).max() > 1e-2
+  # Read back: the adapter folder loads as its base with the adapter merged in.
+  _, _, reread = hf.load(str(tmp_path / "adapter"))
+  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(reread), jax.tree.leaves(lora.merged(params))):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+PEFT_MODULES = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"],
+                "gpt_neox": ["query_key_value", "dense_4h_to_h"], "qwen3": ["k_proj", "up_proj"]}
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_MODULES))
+def test_a_peft_adapter_loads_as_its_base_with_the_adapter_merged(tmp_path, kind):
+  """An adapter made by peft itself (random B, one module at another rank and alpha, rsLoRA on
+  Llama; GPT-2's fused Conv1D c_attn, GPT-NeoX's fused query_key_value) gives, read by hf.load,
+  the logits of peft's model."""
+  import hf_fixtures
+  from p3o_jax.models import hf
+  peft = pytest.importorskip("peft")
+  import torch
+  base_dir = tmp_path / "base"
+  model = hf_fixtures.build(kind, base_dir)
+  modules = PEFT_MODULES[kind]
+  config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=modules, init_lora_weights=False,
+                           rank_pattern={modules[-1]: 2}, alpha_pattern={modules[-1]: 5},
+                           use_rslora=kind == "llama", fan_in_fan_out=kind == "gpt2")
+  with torch.no_grad():
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    want = adapted(torch.tensor([[3, 5, 7, 9, 4, 2, 8, 3, 11]])).logits.numpy()
+  saved = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+  saved["base_model_name_or_path"] = str(base_dir)
+  json.dump(saved, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+  cfg, graph, params = hf.load(str(tmp_path / "adapter"))
+  tokens = jnp.asarray([[3, 5, 7, 9, 4, 2, 8, 3, 11]])
+  model_out = decoder.forward(graph, params, tokens, jnp.ones_like(tokens))
+  got = np.asarray(model_out[0].logits(model_out[1]))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  _, _, base_params = hf.load(str(base_dir))
+  base_out = decoder.forward(graph, base_params, tokens, jnp.ones_like(tokens))
+  assert np.abs(np.asarray(base_out[0].logits(base_out[1])) - want).max() > 1e-2
+
+
+def test_adapters_that_are_not_weight_changes_are_refused(tmp_path):
+  from p3o_jax.models import hf
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  for change, match in ((dict(use_dora=True), "use_dora=True"), (dict(peft_type="IA3"), "peft_type='IA3'"),
+                        (dict(bias="all"), "bias='all'")):
+    json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": "x", **change},
+              open(adapter / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match=match):
+      hf.load(str(adapter))
 
 
 def test_sft_and_reward_model_stages_with_lora(base_workdir, tmp_path):

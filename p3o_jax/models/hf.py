@@ -3,6 +3,8 @@
     cfg, graph, params = hf.load("EleutherAI/pythia-160m")         # hub id or local dir
     cfg, graph, params = hf.load(rm_dir, head="score")             # *ForSequenceClassification
     hf.save(out_dir, cfg, params, tokenizer=tok)                   # transformers loads it back
+    cfg, graph, params = hf.load(peft_adapter_dir)                 # its base, the adapter merged in
+    hf.save_adapter(out_dir, cfg, params_with_lora, alpha=16, base_model=...)  # peft loads it
 
 Weights are read with `safetensors` into NumPy (single file or sharded index) and written back
 with `safetensors.numpy`; `pytorch_model.bin` is never read. Each family has ONE table, `_rules`,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -520,6 +523,85 @@ class _Tensors:
     return self._open[file].get_tensor(name)
 
 
+class _PeftAdapter:
+  """A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) read as the
+  change it makes to each HF weight: W + scale B A (transposed for GPT-2's Conv1D), with peft's
+  scale lora_alpha / r (or / sqrt(r) with use_rslora) and its per-module rank_pattern and
+  alpha_pattern. What it cannot express as a weight change is refused by name."""
+
+  PREFIX = "base_model.model."
+
+  def __init__(self, path: str):
+    with open(os.path.join(path, "adapter_config.json")) as f:
+      self.config = config = json.load(f)
+    where = f"adapter {path}"
+    if config.get("peft_type") != "LORA":
+      raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; only LORA adapters are read")
+    for key, fine in (("use_dora", False), ("bias", "none")):
+      if config.get(key, fine) != fine:
+        raise ValueError(f"{where}: {key}={config[key]!r} is not read (only {key}={fine!r})")
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+      raise FileNotFoundError(f"no adapter_model.safetensors in {path} (adapter_model.bin is not read); "
+                              f"found {sorted(os.listdir(path))}")
+    with safe_open(file, framework="np") as f:
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+    self.base_model = config.get("base_model_name_or_path") or ""
+    self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    self.deltas: dict[str, tuple] = {}  # base weight name (without the PREFIX) -> (A, B, scale)
+    other = sorted(n for n in tensors if not re.search(r"\.lora_[AB]\.weight$", n))
+    if other:
+      raise ValueError(f"{where}: tensors other than LoRA's A and B are not read (modules_to_save, "
+                       f"embedding adapters): {other[:5]}")
+    for name in sorted(n for n in tensors if n.endswith(".lora_A.weight")):
+      module = name[:-len(".lora_A.weight")]
+      b = tensors.get(f"{module}.lora_B.weight")
+      if b is None:
+        raise ValueError(f"{where}: {name} has no lora_B.weight beside it")
+      short = module[len(self.PREFIX):] if module.startswith(self.PREFIX) else module
+      r = self._pattern("rank_pattern", short, config["r"])
+      alpha = self._pattern("alpha_pattern", short, config["lora_alpha"])
+      scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+      self.deltas[short + ".weight"] = (tensors[name], b, scale)
+
+  def _pattern(self, key: str, module: str, default):
+    """peft's per-module value: the first pattern that matches the end of the module's name."""
+    for pattern, value in (self.config.get(key) or {}).items():
+      if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        return value
+    return default
+
+  def delta(self, name: str) -> np.ndarray | None:
+    """The change to the HF weight `name`, float32; None where the adapter has none."""
+    if name not in self.deltas:
+      return None
+    a, b, scale = self.deltas[name]
+    change = scale * (b.astype(np.float32) @ a.astype(np.float32))  # [out, in]
+    return change.T if self.fan_in_fan_out else change
+
+
+class _AdaptedTensors:
+  """A checkpoint's tensors with a PEFT adapter's changes added to the weights it adapts."""
+
+  def __init__(self, tensors: "_Tensors", adapter: _PeftAdapter, where: str):
+    missing = sorted(set(adapter.deltas) - tensors.names())
+    if missing:
+      raise ValueError(f"{where}: the adapter changes weights the base model does not have: {missing[:5]}")
+    self.tensors, self.adapter = tensors, adapter
+
+  def names(self) -> set[str]:
+    return self.tensors.names()
+
+  def get(self, name: str) -> np.ndarray:
+    array = self.tensors.get(name)
+    change = self.adapter.delta(name)
+    if change is None:
+      return array
+    if change.shape != array.shape:
+      raise ValueError(f"the adapter's change to {name!r} has shape {change.shape}, the weight {array.shape}")
+    return (array.astype(np.float32) + change).astype(array.dtype)
+
+
 def _base_prefix(names: set[str], cfg: DecoderConfig) -> str:
   """The prefix of base-model tensors in this checkpoint ('' for bare GPT-2 style files)."""
   embed = EMBED_NAME[cfg.model_type]
@@ -545,6 +627,14 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
     raise ValueError(f"head={head!r}; expected None, 'score' or 'value'")
   path = _resolve(path_or_hub_id, revision)
   config_file = os.path.join(path, "config.json")
+  adapter = None
+  if not os.path.exists(config_file) and os.path.exists(os.path.join(path, "adapter_config.json")):
+    # A PEFT LoRA adapter: its base model, with the adapter merged into the weights it adapts.
+    adapter = _PeftAdapter(path)
+    if not adapter.base_model:
+      raise ValueError(f"adapter {path}: adapter_config.json names no base_model_name_or_path")
+    path = _resolve(adapter.base_model, None)
+    config_file = os.path.join(path, "config.json")
   if not os.path.exists(config_file):
     raise FileNotFoundError(f"no config.json in {path}")
   with open(config_file) as f:
@@ -553,6 +643,8 @@ def load(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "flo
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **heads, **overrides)
 
   tensors = _Tensors(path)
+  if adapter is not None:
+    tensors = _AdaptedTensors(tensors, adapter, f"adapter {path_or_hub_id} on {adapter.base_model}")
   names = tensors.names()
   prefix = _base_prefix(names, cfg)
   graph, abstract_params = decoder.abstract(cfg)

@@ -319,6 +319,37 @@ def test_a_peft_adapter_loads_as_its_base_with_the_adapter_merged(tmp_path, kind
   assert np.abs(np.asarray(base_out[0].logits(base_out[1])) - want).max() > 1e-2
 
 
+def test_a_peft_reward_model_adapter_loads_with_its_score_head(tmp_path):
+  """peft's sequence-classification adapter on a causal LM checkpoint: its LoRA weights and the
+  score head it trains whole (modules_to_save) give, read with head='score', peft's rewards."""
+  import hf_fixtures
+  import transformers
+  from p3o_jax.models import hf
+  from p3o_jax.rl import sequences
+  peft = pytest.importorskip("peft")
+  import torch
+  base_dir = tmp_path / "base"
+  hf_fixtures.build("llama", base_dir)
+  with torch.no_grad():
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    model.config.pad_token_id = hf_fixtures.PAD_ID
+    adapted = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                         target_modules=["q_proj", "down_proj"],
+                                                         init_lora_weights=False))
+    adapted.base_model.model.score.modules_to_save["default"].weight.normal_(0, 0.5)
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    tokens = torch.tensor([[3, 5, 7, 9, 4, 2, 8, 3, 11], [6, 2, 9, 4, 4, 7, 1, 5, 10]])
+    want = adapted(tokens).logits[:, 0].numpy()
+  saved = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+  assert saved["modules_to_save"]
+  saved["base_model_name_or_path"] = str(base_dir)
+  json.dump(saved, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+  cfg, graph, params = hf.load(str(tmp_path / "adapter"), head="score")
+  ids = jnp.asarray(tokens.numpy())
+  got = np.asarray(sequences.sequence_scores(graph, params, ids, jnp.ones_like(ids)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_adapters_that_are_not_weight_changes_are_refused(tmp_path):
   from p3o_jax.models import hf
   adapter = tmp_path / "adapter"

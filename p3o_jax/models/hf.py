@@ -527,7 +527,8 @@ class _PeftAdapter:
   """A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) read as the
   change it makes to each HF weight: W + scale B A (transposed for GPT-2's Conv1D), with peft's
   scale lora_alpha / r (or / sqrt(r) with use_rslora) and its per-module rank_pattern and
-  alpha_pattern. What it cannot express as a weight change is refused by name."""
+  alpha_pattern; whole tensors saved beside them (modules_to_save) replace the base's. DoRA,
+  adapter biases and embedding adapters are refused by name."""
 
   PREFIX = "base_model.model."
 
@@ -549,10 +550,13 @@ class _PeftAdapter:
     self.base_model = config.get("base_model_name_or_path") or ""
     self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     self.deltas: dict[str, tuple] = {}  # base weight name (without the PREFIX) -> (A, B, scale)
-    other = sorted(n for n in tensors if not re.search(r"\.lora_[AB]\.weight$", n))
-    if other:
-      raise ValueError(f"{where}: tensors other than LoRA's A and B are not read (modules_to_save, "
-                       f"embedding adapters): {other[:5]}")
+    embedding = sorted(n for n in tensors if re.search(r"\.lora_embedding_[AB]$", n))
+    if embedding:
+      raise ValueError(f"{where}: embedding adapters are not read: {embedding[:5]}")
+    # Whole tensors beside the adapters (peft's modules_to_save: a reward model's score head)
+    # replace the base model's, or add a head it lacks.
+    self.whole = {n[len(self.PREFIX):] if n.startswith(self.PREFIX) else n: tensors[n]
+                  for n in tensors if not re.search(r"\.lora_[AB]\.weight$", n)}
     for name in sorted(n for n in tensors if n.endswith(".lora_A.weight")):
       module = name[:-len(".lora_A.weight")]
       b = tensors.get(f"{module}.lora_B.weight")
@@ -590,9 +594,11 @@ class _AdaptedTensors:
     self.tensors, self.adapter = tensors, adapter
 
   def names(self) -> set[str]:
-    return self.tensors.names()
+    return self.tensors.names() | set(self.adapter.whole)
 
   def get(self, name: str) -> np.ndarray:
+    if name in self.adapter.whole:
+      return self.adapter.whole[name]
     array = self.tensors.get(name)
     change = self.adapter.delta(name)
     if change is None:

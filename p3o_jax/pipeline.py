@@ -180,6 +180,8 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
   """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf
   (with LoRA on this stage: the merged model, and an SFT policy's adapters under <out>/adapter)."""
   if lora.applies(config.get("lora"), name):
+    if name == "sft" and not config.model.hf:
+      log.warning("sft: LoRA adapters on a freshly initialised model (model.hf is empty): only they train")
     model = with_lora(config, name, model)
     loss_fn = lambda params, batch, plain_loss=loss_fn: plain_loss(lora.adapted(params), batch)
   with _logger(config, out) as logger:

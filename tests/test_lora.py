@@ -387,3 +387,20 @@ def test_sft_and_reward_model_stages_with_lora(base_workdir, tmp_path):
   config = json.load(open(os.path.join(workdir, "sft", "adapter", "adapter_config.json")))
   assert sorted(config["target_modules"]) == sorted(targeted)
   _peft_loads_the_adapter(start, os.path.join(workdir, "sft", "adapter"), sft_export, expect=(2, 4.0, start))
+
+
+def test_sampler_decodes_adapted_kernels_as_the_merged_model():
+  """The rollout reads adapted params: the sampler's tokens and log-probs are the merged model's."""
+  from p3o_jax import sampling
+  cfg, graph, params = small_model()
+  cfg_mha = cfg.replace(num_kv_heads=None)  # q, k and v stacked for decoding when merged
+  for config in (cfg, cfg_mha):
+    graph, params = decoder.create(config, seed=3)
+    params, _ = lora.attach(params, decoder.logical_axes(graph), rank=3, alpha=6.0, targets=lora.ALL)
+    params = with_random_b(params)
+    prompts = jnp.asarray([[0, 5, 7, 9], [3, 4, 2, 8]])
+    mask = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 1]])
+    outs = [sampling.generate(graph, view(params), prompts, mask, jax.random.key(1), max_new_tokens=6,
+                              num_samples=2, eos_id=1, pad_id=0) for view in (lora.adapted, lora.merged)]
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, rtol=1e-5, atol=1e-5)

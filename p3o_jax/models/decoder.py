@@ -470,6 +470,8 @@ class Attention(nnx.Module):
     4-8% faster (docs/speed.md, bench/sampler.py). The new axis is unsharded, so any head sharding
     carries over."""
     names = ("q", "k", "v") if self.cfg.num_heads == self.cfg.kv_heads else ("k", "v")
+    if any(isinstance(getattr(self, f"{name}_kernel")[...], lora.Adapted) for name in names):
+      return  # LoRA kernels (x W + (x A) B) are run one by one
     stack = lambda suffix, axis: jax.lax.optimization_barrier(  # laid out once, before the loop
         jnp.stack([getattr(self, f"{name}_{suffix}")[...] for name in names], axis=axis))
     self._stacked = nnx.data((stack("kernel", 1), stack("bias", 0) if self.cfg.qkv_bias else None))

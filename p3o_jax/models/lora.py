@@ -9,11 +9,11 @@ scalar):
 
     params = {"embed": ..., "layers": ..., KEY: {"layers": {0: {"attn": {"q_kernel": {"a", "b"}}}}}, SCALE: s}
 
-`merged` turns such a dict back into the model's own params (W + s A B): the sampler, the
-scoring passes and the export read that and never see adapters. The train step's loss reads
-`adapted` params instead, each targeted kernel an `Adapted` (W, A, s B) that
-`decoder.weight_matmul` runs as x W + ((x A) s B): W is not differentiated, so the backward
-forms no [in, out] gradient of it and no merged copy of the weights is made.
+`adapted` gives the model's params with each targeted kernel an `Adapted` (W, A, s B), which
+`decoder.weight_matmul` runs as x W + ((x A) s B): the train step's loss, the sampler and the
+scoring passes read that, so no merged copy of the weights is made, and in the loss W is not
+differentiated (the backward forms no [in, out] gradient of it). `merged` turns such a dict back
+into the model's own params (W + s A B), for export.
 
 `trainable` / `with_trainable` are the train state's split: in a dict that holds `KEY`, only the
 adapters (and a reward model's new score head) train; the model's weights and s are frozen (not
@@ -199,8 +199,8 @@ def adapted(tree):
 def merged(tree, cast: bool = False):
   """Params with every dict holding adapters replaced by its model's own params, W + s A B.
 
-  The merged kernels are float32 (a bfloat16 model's small updates would otherwise round
-  away in the forward pass); `cast=True` gives them the model's dtype again, for export."""
+  The merged kernels are float32 (a bfloat16 model's small updates would round away);
+  `cast=True` gives them the model's dtype again, for export."""
   def merge(w, kernel, layer_axes, a, b, scale):
     new = w.astype(jnp.promote_types(w.dtype, jnp.float32)) + delta(w, kernel, layer_axes, a, b, scale)
     return new.astype(w.dtype) if cast else new

@@ -86,8 +86,10 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   tx = train_state.make_optimizer(config.optim, total_steps)
   adapters = lora.has_adapters(policy.params)
   params, axes = algo.init_params(policy, critic)
-  # The rollout, the evaluation and the export read the policy as the model's own params.
-  plain = jax.jit(lora.merged) if adapters else (lambda p: p)
+  # The rollout and the evaluation read the policy as the model's params with its targeted kernels
+  # `lora.Adapted` (x W + (x A) s B in every matmul, decoding included): no merged copy of the
+  # weights, and the sampler computes what the update does.
+  plain = jax.jit(lora.adapted) if adapters else (lambda p: p)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)

@@ -282,7 +282,10 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rl", config.rl.algo)
   tok = task.tokenizer
   policy = load_policy(config, sft_policy_path(config, workdir), tok)
-  ref_params = models.frozen_copy(policy.params, config.model.frozen_dtype)
+  adapters = lora.applies(config.get("lora"), "rl")
+  # With LoRA the policy's frozen model is the reference (read from the train state each
+  # iteration, in the policy's dtype), so no copy of it is kept.
+  ref_params = None if adapters else models.frozen_copy(policy.params, config.model.frozen_dtype)
   reward, rm = reward_source(config, workdir, tok)
   gold = TextReward(task.gold, tok) if task.gold else None
   roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
@@ -291,8 +294,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
                    reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
   held_out = _prompts(config, tok, task.eval_prompts,
                       reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
-  if lora.applies(config.get("lora"), "rl"):
-    policy = with_lora(config, "rl", policy)  # after the reference's copy: it holds the model alone
+  if adapters:
+    policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
     params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
                                 logger=logger, critic=rm, stop=stop)

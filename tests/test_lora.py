@@ -170,10 +170,17 @@ def lora_config(**rl):
 
 
 @pytest.mark.parametrize("algo", ["p3o", "ppo"])
-def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_workdir, tmp_path, algo):
+def test_rl_with_lora_trains_only_the_targeted_kernels_and_resumes_bitwise(base_workdir, tmp_path, algo, monkeypatch):
+  from p3o_jax.models import policy as models
+  def no_copy(*args, **kwargs):
+    raise AssertionError("a LoRA run reads its reference from the policy's frozen model, not a copy")
+  monkeypatch.setattr(models, "frozen_copy", no_copy)
   straight = fresh(base_workdir, tmp_path / "straight")
   export = run_rl(lora_config(algo=algo), straight)
-  assert_finite_iterations(straight, algo, [1, 2, 3])
+  rows = assert_finite_iterations(straight, algo, [1, 2, 3])
+  # The reference is the policy's frozen model itself: before the first update (B = 0) the
+  # policy's samples have no KL to it; after it they do.
+  assert abs(rows[0]["objective/kl"]) < 1e-6 and abs(rows[2]["objective/kl"]) > 1e-6, rows[0]["objective/kl"]
   sft = load_file(os.path.join(straight, "sft", "hf", "model.safetensors"))
   rl = load_file(os.path.join(export, "model.safetensors"))
   assert sft.keys() == rl.keys()

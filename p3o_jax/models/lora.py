@@ -226,6 +226,11 @@ def with_trainable(tree, part):
   return {k: with_trainable(v, part[k]) for k, v in tree.items()}
 
 
+def without_adapters(tree):
+  """The model's own params of a dict holding adapters (its frozen weights, shared, not copied)."""
+  return {k: v for k, v in tree.items() if k not in (KEY, SCALE)}
+
+
 def has_adapters(tree) -> bool:
   if not isinstance(tree, dict):
     return False

@@ -58,13 +58,13 @@ def rollout_metrics(exp: Experience, kl_coef: float) -> dict:
 
 
 def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step: int, algo: str,
-             chunk: int = 0) -> dict:
+             chunk: int = 0, ref_params=None) -> dict:
   """One sample per held-out prompt: the KL-reward frontier point at this step, as the record
   the frontier reader loads (`frontier.eval_record`). `chunk` prompts at a time when it divides
   their number."""
   baseline = None if prompts.baseline is None else prompts.baseline[split.rows]
   chunk = chunk if chunk and prompts.count % chunk == 0 else None
-  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk)
+  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk, ref_params=ref_params)
   gold = None if exp.gold is None else exp.all_rows(exp.gold)
   point = frontier.frontier_point(algo, step, exp.all_rows(exp.seq_kl), exp.all_rows(exp.scores), gold)
   return {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
@@ -90,6 +90,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   # `lora.Adapted` (x W + (x A) s B in every matmul, decoding included): no merged copy of the
   # weights, and the sampler computes what the update does.
   plain = jax.jit(lora.adapted) if adapters else (lambda p: p)
+  # A roller built without a reference reads it from the state: a LoRA policy's frozen model.
+  reference = (lambda p: lora.without_adapters(algo.policy_params(p))) if roller.ref_params is None else (lambda p: None)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)
@@ -111,7 +113,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
 
   def held_out(step):
     record = evaluate(roller, algo.policy_params(plain(run.state.params)), eval_prompts, eval_split, eval_queries,
-                      jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk)  # same keys at every eval
+                      jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk,  # same keys at every eval
+                      reference(run.state.params))
     logger.log(step, record)
     return record
 
@@ -125,7 +128,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     now = plain(run.state.params)
     exp = roller(algo.policy_params(now), *train_prompts.tokenize(idx), rollout_key, rl.k,
                  split=split, critic=None if value_fn is None else (value_fn, now), chunk=rl.rollout_chunk,
-                 baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass)
+                 baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass,
+                 ref_params=reference(run.state.params))
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)
     run.state, step_metrics = update(run.state, split.to_global(batch), update_key, hyper)

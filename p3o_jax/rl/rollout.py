@@ -186,7 +186,7 @@ class Roller:
 
   def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
                split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None,
-               chunk: int | None = None, old_pass: bool = True) -> Experience:
+               chunk: int | None = None, old_pass: bool = True, ref_params=None) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
     without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
     critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params);
@@ -194,7 +194,10 @@ class Roller:
     chunk's KV cache and activations are the peak; the result equals one chunk's.
     old_pass=False (the algorithm's `skips_old_pass`): no old-policy pass, logp_old None; kept
     when the sampler reads the weights otherwise than the trainer, whose statistics
-    (`Experience.logp_policy`) then need it."""
+    (`Experience.logp_policy`) then need it.
+    ref_params: the reference's params for this call, where the Roller was built without them
+    (a LoRA policy's frozen model is its reference, read from the train state at each call).
+    """
     old_pass = old_pass or not self.samples_as_trainer
     split = split or sharding.RowSplit(len(query), self.mesh)
     chunk = split.n if not chunk or chunk >= split.n else int(chunk)
@@ -216,7 +219,7 @@ class Roller:
                          f"but it holds {mine} per chunk; choose a chunk that data x fsdp divides")
       prompt_ids = np.arange(split.n) if count == 1 else part.gather(np.asarray(split.rows)[piece])
       parts.append(self._chunk(params, np.asarray(query)[piece], np.asarray(query_mask)[piece], rng, k, part,
-                               critic, prompt_ids, split.n, old_pass))
+                               critic, prompt_ids, split.n, old_pass, ref_params))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
     has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
@@ -232,8 +235,11 @@ class Roller:
         gold=host.get("gold"), rows=rows)
 
   def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts,
-             old_pass: bool = True) -> dict:
+             old_pass: bool = True, ref_params=None) -> dict:
     """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
+    ref_params = self.ref_params if ref_params is None else ref_params
+    if ref_params is None:
+      raise ValueError("this Roller was built without reference params: pass ref_params to each call")
     rows = split.repeat(k)
     host_prompts = {"query": np.asarray(query, np.int32), "query_mask": np.asarray(query_mask, np.int32)}
     prompts = split.to_global(host_prompts)
@@ -256,7 +262,7 @@ class Roller:
     value_fn, value_params = critic if critic is not None else (None, None)
     score_fn = getattr(self.reward, "score_fn", None)
     device = self._teacher_forced(rows.sharding, k, value_fn, score_fn, old_pass)(  # dispatched, not awaited
-        params, self.ref_params, value_params, self.reward.params if score_fn else None, prompts["query"],
+        params, ref_params, value_params, self.reward.params if score_fn else None, prompts["query"],
         prompts["query_mask"], out.tokens, out.mask.astype(jnp.int32), out.logprobs)
     # The rewards not already in that program: host-side ones (Python functions, the demo's gold
     # reward) read the sampler's rows while the device still runs the passes; on-device ones
@@ -285,14 +291,16 @@ class Roller:
 def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, gold: RewardSource | None = None,
                 mesh=None, penalise_missing_eos: bool = True) -> Roller:
   """The Roller for `config` (sampler settings, EOS/pad ids, missing-EOS penalty): the one place
-  a rollout is assembled, for RL, the demo's preference pairs and the eval stage."""
+  a rollout is assembled, for RL, the demo's preference pairs and the eval stage. `ref_params`
+  None: each call passes them."""
   penalty = (config.rl.missing_eos_penalty or None) if penalise_missing_eos else None
   return Roller(graph, ref_params, reward, sampler_cfg=config.sampler, eos_id=tokenizer.eos_token_id,
                 pad_id=batching.pad_token_id(tokenizer), missing_eos_penalty=penalty, gold=gold, mesh=mesh,
                 sampler_dtype=config.sampler.param_dtype,
                 sampler_matmul_dtype=config.sampler.matmul_dtype or config.model.matmul_dtype,
                 ref_matmul_dtype=config.model.frozen_matmul_dtype or config.model.matmul_dtype,
-                sample_devices=host_devices.sampler_devices(config, mesh, ref_params))
+                sample_devices=host_devices.sampler_devices(  # sized by the model, whose reference it is
+                    config, mesh, graph.template if ref_params is None else ref_params))
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,

@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (jax.ad_checkpoint prints, this returns)
 
 from p3o_jax import sharding, train_state  # noqa: E402
-from p3o_jax.models import decoder, hf  # noqa: E402
+from p3o_jax.models import decoder, hf, lora  # noqa: E402
 from p3o_jax.rl import algorithms  # noqa: E402
 from p3o_jax.rl.rollout import ModelReward, Roller  # noqa: E402
 
@@ -103,6 +103,7 @@ class Options:
   devices: int = 1
   host_frozen: bool = False   # reference + reward model in host memory during the update
   host_moments: bool = False  # AdamW moments in host memory outside the update
+  lora_rank: int = 0          # LoRA adapters on every block kernel (models/lora.py): 0 trains every weight
 
 
 @dataclasses.dataclass
@@ -180,6 +181,21 @@ def param_bytes(cfg: decoder.DecoderConfig, dtype: str, devices: int) -> int:
   axes = decoder.logical_axes(graph)
   total = 0
   for shaped, logical in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
+    split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
+    total += nbytes(shaped.shape, dtype) // split
+  return total
+
+
+def adapter_bytes(cfg: decoder.DecoderConfig, rank: int, dtype: str, devices: int) -> int:
+  """Bytes per device of rank-`rank` LoRA adapters on every block kernel (`lora.attach`'s shapes,
+  float32 as it makes them, or `dtype` for their moments), FSDP-split as their kernels are."""
+  graph, params = decoder.abstract(cfg)
+  adapters = jax.eval_shape(lambda p: lora.attach(p, decoder.logical_axes(graph), rank=rank, alpha=1.0,
+                                                  targets=lora.ALL)[0][lora.KEY], params)
+  axes = lora.attach(jax.tree.map(lambda a: jnp.zeros((1,) * a.ndim), params), decoder.logical_axes(graph),
+                     rank=1, alpha=1.0, targets=lora.ALL)[1][lora.KEY]
+  total = 0
+  for shaped, logical in zip(jax.tree.leaves(adapters), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
     split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
     total += nbytes(shaped.shape, dtype) // split
   return total
@@ -353,12 +369,24 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
   # The update reads neither frozen model (logp_ref is in the batch); only the update reads the moments.
   frozen = ("rollout", "log-probs", "reward") if o.host_frozen else ("all",)
   moments = ("update",) if o.host_moments else ("all",)
-  out = [
-      ("all", f"policy params ({o.param_dtype}, trainable)", params, shape),
-      *[(ph, f"AdamW mu ({o.mu_dtype})", param_bytes(s.policy, o.mu_dtype, n), shape) for ph in moments],
-      *[(ph, "AdamW nu (float32)", param_bytes(s.policy, "float32", n), shape) for ph in moments],
-      *[(ph, f"reference params ({o.frozen_dtype}, frozen)", param_bytes(s.policy, o.frozen_dtype, n), shape)
-        for ph in frozen],
+  if o.lora_rank:  # adapters train; the frozen model is also the reference (models/lora.py)
+    adapters = lambda dtype: adapter_bytes(s.policy, o.lora_rank, dtype, n)
+    grads = adapters("float32")
+    out = [
+        ("all", f"policy params ({o.param_dtype}, frozen; also the reference)", params, shape),
+        ("all", f"LoRA adapters, rank {o.lora_rank} (float32, trainable)", adapters("float32"), shape),
+        *[(ph, f"AdamW mu ({o.mu_dtype}, adapters)", adapters(o.mu_dtype), shape) for ph in moments],
+        *[(ph, "AdamW nu (float32, adapters)", adapters("float32"), shape) for ph in moments],
+    ]
+  else:
+    out = [
+        ("all", f"policy params ({o.param_dtype}, trainable)", params, shape),
+        *[(ph, f"AdamW mu ({o.mu_dtype})", param_bytes(s.policy, o.mu_dtype, n), shape) for ph in moments],
+        *[(ph, "AdamW nu (float32)", param_bytes(s.policy, "float32", n), shape) for ph in moments],
+        *[(ph, f"reference params ({o.frozen_dtype}, frozen)", param_bytes(s.policy, o.frozen_dtype, n), shape)
+          for ph in frozen],
+    ]
+  out += [
       *[(ph, f"reward model params ({o.frozen_dtype}, frozen)", param_bytes(s.reward, o.frozen_dtype, n), shape)
         for ph in frozen],
   ]
@@ -370,7 +398,7 @@ def items(s: Setting, o: Options, act: Activations) -> list[tuple[str, str, floa
       ("rollout", "decode activations (prefill, logits)", *act.decode(o)),
       ("log-probs", f"old + ref log-probs pass ({chunk_rows // n} rows)", *act.logprobs(o)),
       ("reward", f"reward model pass ({chunk_rows // n} rows)", *act.reward(o)),
-      ("update", f"gradients ({o.param_dtype})", grads, shape),
+      ("update", f"gradients ({'float32, adapters' if o.lora_rank else o.param_dtype})", grads, shape),
       ("update", f"update activations ({'remat' if o.remat else 'no remat'}, "
                  f"{s.groups_per_minibatch // n // o.micro_batches * s.config.rl.k} rows)", *act.update(o)),
   ]
@@ -479,10 +507,13 @@ def main():
   parser.add_argument("--hbm", type=float, required=True, help="device memory in GB (1e9 bytes)")
   parser.add_argument("--devices", type=int, default=1, help="FSDP over N devices")
   parser.add_argument("--method", choices=("xla", "analytic"), default="xla")
+  parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                      help="LoRA adapters of this rank on every block kernel; the update's activations are "
+                           "counted as training every weight's (an upper estimate)")
   args = parser.parse_args()
   print(f"jax {jax.__version__} ({jax.default_backend()} backend for the memory analysis); GB = 1e9 bytes", flush=True)
   s, o, act = estimate(args.setting, devices=args.devices, method=args.method)
-  report(s, o, act, args.hbm)
+  report(s, dataclasses.replace(o, lora_rank=args.lora), act, args.hbm)
 
 
 if __name__ == "__main__":

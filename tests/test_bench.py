@@ -49,8 +49,14 @@ def test_accelerator_tiny_prints_three_sections_with_finite_numbers():
       assert math.isfinite(value) and value > 0, f"{section}: {pattern} = {value}\n{out}"
 
 
-def test_memory_table_total_is_the_sum_of_its_rows():
-  out = run("bench/memory.py", "tldr-1b", "--hbm", "80", "--method", "analytic", timeout=120)
+@pytest.mark.parametrize("lora", [[], ["--lora", "16"]], ids=["full", "lora16"])
+def test_memory_table_total_is_the_sum_of_its_rows(lora):
+  out = run("bench/memory.py", "tldr-1b", "--hbm", "80", "--method", "analytic", *lora, timeout=120)
+  if lora:  # adapters and their moments instead of the policy's, no reference copy
+    assert "LoRA adapters, rank 16" in out and "reference params" not in out and "AdamW nu (float32, adapters)" in out
+    sizes = {name: float(gb) for name, gb in re.findall(r"(LoRA adapters, rank 16|AdamW nu \(float32, adapters\))"
+                                                         r"[^\n]*?\s([0-9.]+)\s+eval_shape", out)}
+    assert 0 < sizes["LoRA adapters, rank 16"] == sizes["AdamW nu (float32, adapters)"] < 0.1, sizes
   lines = out.splitlines()
   start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["phase", "item"])
   rows, total = [], None

@@ -89,7 +89,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   # The rollout and the evaluation read the policy as the model's params with its targeted kernels
   # `lora.Adapted` (x W + (x A) s B in every matmul, decoding included): no merged copy of the
   # weights, and the sampler computes what the update does.
-  plain = jax.jit(lora.adapted) if adapters else (lambda p: p)
+  view = jax.jit(lora.adapted) if adapters else (lambda p: p)
   # A roller built without a reference reads it from the state: a LoRA policy's frozen model.
   reference = (lambda p: lora.without_adapters(algo.policy_params(p))) if roller.ref_params is None else (lambda p: None)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
@@ -112,7 +112,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   key = jax.random.key(config.seed)
 
   def held_out(step):
-    record = evaluate(roller, algo.policy_params(plain(run.state.params)), eval_prompts, eval_split, eval_queries,
+    record = evaluate(roller, algo.policy_params(view(run.state.params)), eval_prompts, eval_split, eval_queries,
                       jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk,  # same keys at every eval
                       reference(run.state.params))
     logger.log(step, record)
@@ -125,7 +125,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     rollout_key, update_key = jax.random.split(jax.random.fold_in(key, it))
     idx = next(order)[split.rows]
     prompts_read += len(idx)
-    now = plain(run.state.params)
+    now = view(run.state.params)
     exp = roller(algo.policy_params(now), *train_prompts.tokenize(idx), rollout_key, rl.k,
                  split=split, critic=None if value_fn is None else (value_fn, now), chunk=rl.rollout_chunk,
                  baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass,

@@ -66,7 +66,7 @@ def ours(policy_dir: str, tokens: np.ndarray, rank: int):
   mask = jnp.ones_like(batch)
 
   def loss_fn(p, rows):
-    return -decoder.token_logprobs(graph, lora.adapted(p), rows, mask).mean(), {}
+    return -decoder.token_logprobs(graph, p, rows, mask).mean(), {}  # the step reads adapters as lora.adapted
 
   step = jax.jit(train_state.make_step(loss_fn, tx), donate_argnums=0)
   state = [train_state.create(params, tx)]

@@ -182,8 +182,7 @@ def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_b
   if lora.applies(config.get("lora"), name):
     if name == "sft" and not config.model.hf:
       log.warning("sft: LoRA adapters on a freshly initialised model (model.hf is empty): only they train")
-    model = with_lora(config, name, model)
-    loss_fn = lambda params, batch, plain_loss=loss_fn: plain_loss(lora.adapted(params), batch)
+    model = with_lora(config, name, model)  # the step reads it through lora.adapted (train_state)
   with _logger(config, out) as logger:
     params, metrics = supervised.fit(
         name, loss_fn, model.params, make_batch, num_examples, params_axes=model.logical_axes(),

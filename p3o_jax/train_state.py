@@ -81,14 +81,15 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micro_batc
   over micro-batches (they share that normaliser); the others are micro-batch means.
 
   Only `lora.trainable(params)` is differentiated: a model holding adapters keeps its own
-  weights out of the gradient (everything trains when none does).
+  weights out of the gradient (everything trains when none does), and `loss_fn` reads it as
+  `lora.adapted` gives it (the model's params, each adapted kernel run as x W + (x A) s B).
   """
   if micro_batches < 1 or (micro_batches > 1 and count_fn is None):
     raise ValueError(f"micro_batches={micro_batches} needs micro_batches >= 1 and, above 1, a count_fn")
 
   def step(state: TrainState, batch):
     train = lora.trainable(state.params)
-    of_trainable = lambda part, *args: loss_fn(lora.with_trainable(state.params, part), *args)
+    of_trainable = lambda part, *args: loss_fn(lora.adapted(lora.with_trainable(state.params, part)), *args)
     if micro_batches == 1:
       (loss, metrics), grads = jax.value_and_grad(of_trainable, has_aux=True)(train, batch)
     else:

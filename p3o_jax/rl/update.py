@@ -9,7 +9,6 @@ import functools
 import jax
 
 from p3o_jax import sharding, train_state
-from p3o_jax.models import lora
 
 
 def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardings=None,
@@ -57,10 +56,7 @@ def make_update(loss_fn, tx, *, epochs: int, num_minibatches: int, state_shardin
 def for_run(algo, optim, total_steps: int, **options):
   """(update, hyper) of an RL run of `algo`: its loss and count under `train_state.make_optimizer`
   (built inside the program around the lr it is given), and the `hyper` to call it with, the
-  algorithm's Hyper and optim.lr. `options` are make_update's. A policy with LoRA adapters
-  reaches the loss as the model's params with its targeted kernels `lora.Adapted` (x W + (x A) s B
-  in every matmul), so the algorithm is the same and only A and B are differentiated."""
-  loss = lambda params, *args, **kwargs: algo.loss(lora.adapted(params), *args, **kwargs)
-  update = make_update(loss, lambda lr: train_state.make_optimizer(optim, total_steps, lr),
+  algorithm's Hyper and optim.lr. `options` are make_update's."""
+  update = make_update(algo.loss, lambda lr: train_state.make_optimizer(optim, total_steps, lr),
                        count_fn=algo.count, **options)
   return update, {"loss": algo.hp, "lr": float(optim.lr)}

@@ -174,16 +174,21 @@ def nbytes(shape, dtype) -> int:
   return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
+def sharded_bytes(shapes, axes, dtype: str, devices: int) -> int:
+  """Bytes per device of arrays of `shapes` stored in `dtype`, each FSDP-split along its `embed`
+  axis (its logical axes in `axes`) as sharding.RULES does."""
+  total = 0
+  for shaped, logical in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
+    split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
+    total += nbytes(shaped.shape, dtype) // split
+  return total
+
+
 @functools.lru_cache(maxsize=None)
 def param_bytes(cfg: decoder.DecoderConfig, dtype: str, devices: int) -> int:
   """Bytes per device of cfg's parameters stored in `dtype`, FSDP-split as sharding.RULES does."""
   graph, params = decoder.abstract(cfg)
-  axes = decoder.logical_axes(graph)
-  total = 0
-  for shaped, logical in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
-    split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
-    total += nbytes(shaped.shape, dtype) // split
-  return total
+  return sharded_bytes(params, decoder.logical_axes(graph), dtype, devices)
 
 
 def adapter_bytes(cfg: decoder.DecoderConfig, rank: int, dtype: str, devices: int) -> int:
@@ -192,13 +197,10 @@ def adapter_bytes(cfg: decoder.DecoderConfig, rank: int, dtype: str, devices: in
   graph, params = decoder.abstract(cfg)
   adapters = jax.eval_shape(lambda p: lora.attach(p, decoder.logical_axes(graph), rank=rank, alpha=1.0,
                                                   targets=lora.ALL)[0][lora.KEY], params)
+  # The axes do not depend on the sizes: take them from tiny stand-ins of the params.
   axes = lora.attach(jax.tree.map(lambda a: jnp.zeros((1,) * a.ndim), params), decoder.logical_axes(graph),
                      rank=1, alpha=1.0, targets=lora.ALL)[1][lora.KEY]
-  total = 0
-  for shaped, logical in zip(jax.tree.leaves(adapters), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
-    split = devices if "embed" in logical and shaped.shape[logical.index("embed")] % devices == 0 else 1
-    total += nbytes(shaped.shape, dtype) // split
-  return total
+  return sharded_bytes(adapters, axes, dtype, devices)
 
 
 def num_params(cfg: decoder.DecoderConfig) -> int:

@@ -812,10 +812,10 @@ def save_adapter(path: str, cfg: DecoderConfig, params: dict, *, alpha: float, b
   tensors, modules, ranks, r = {}, set(), {}, None
   for rule in _rules(cfg):
     parts = [by_kernel.get(p[1:]) if p[0] == "layers" and len(p) == 4 else None for p in rule.ours]
-    if not any(part is not None for part in parts):
-      continue
-    r = next(part for part in parts if part is not None)[0].shape[-1]
     targeted = [j for j, part in enumerate(parts) if part is not None]
+    if not targeted:
+      continue
+    r = parts[targeted[0]][0].shape[-1]
     total = r * len(targeted)
     a_cat = np.concatenate([_host_array(parts[j][0]).reshape(-1, r) for j in targeted], axis=1)  # [in, total]
     b_parts = []  # each of rule.ours as a "kernel" of `total` inputs: its part's B in its rows

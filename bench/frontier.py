@@ -45,12 +45,14 @@ from study_runs import Run  # noqa: E402
 from p3o_jax.eval import study  # noqa: E402
 from p3o_jax.eval.plots import save_figure  # noqa: E402
 
-# label -> (run-name slug, rl.algo, extra rl options); every algorithm in p3o_jax/rl/algorithms/.
+# label -> (run-name slug, rl.algo, extra rl options); every algorithm in p3o_jax/rl/algorithms/ with a
+# KL coefficient to sweep (SimPO has none: nothing in its loss refers to the reference).
 ALGORITHMS = {
     "P3O-V2": ("p3o_v2", "p3o", {"variant": "v2"}),
     "P3O-V1": ("p3o_v1", "p3o", {"variant": "v1"}),
     "PPO": ("ppo", "ppo", {}),
     "online DPO": ("online_dpo", "online_dpo", {}),
+    "DPO": ("dpo", "dpo", {}),
     "RLOO": ("rloo", "rloo", {}),
     "GRPO": ("grpo", "grpo", {"loss_type": "grpo"}),
     "Dr. GRPO": ("dr_grpo", "grpo", {"loss_type": "dr_grpo"}),
@@ -71,7 +73,7 @@ KL_LEVELS = 3
 def beta_options(algo: str, beta: float) -> dict:
   if algo == "ppo":
     return {"kl_init": beta, "adaptive_kl": False}
-  if algo == "online_dpo":
+  if algo in ("online_dpo", "dpo"):
     return {"dpo_beta": beta}
   return {"beta": beta}
 

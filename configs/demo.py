@@ -61,14 +61,20 @@ def get_config(arg=None):
   c.rl.inner_epochs = 4
   c.rl.beta = 0.1
   c.optim.lr = 3e-4
+  # Offline DPO: the reward model's 4096 pairs, 2 epochs of 64 pairs a step.
+  c.dpo.steps = 128
+  c.dpo.batch_size = 64
+  c.dpo.optim.lr = 3e-4
   c.eval.every = 10
   c.eval.num_prompts = 128
   c.ckpt.every = 20
-  c.pipeline.algos = ("p3o", "ppo", "online_dpo")  # the paper's comparison, on one frontier
+  # the paper's comparison, and offline DPO on the reward model's pairs, on one frontier
+  c.pipeline.algos = ("p3o", "ppo", "online_dpo", "dpo")
 
   if "runlocal" in args:
     c.data.demo.n_train_prompts, c.data.demo.n_sft, c.data.demo.n_eval_prompts = 128, 128, 16
-    c.sft.steps = c.rm.steps = 4
+    c.sft.steps = c.rm.steps = c.dpo.steps = 4
+    c.dpo.batch_size = 8
     c.rm.num_prompts = 32
     c.rl.iterations = 3
     c.rl.prompts_per_rollout = 8

@@ -120,7 +120,7 @@ SCHEMA: dict[str, Check] = {
     "sampler.temperature": positive,
     "sampler.top_k": non_negative_int,             # 0: off
     "sampler.top_p": number(gt=0, le=1),
-    # optimizers (optim, sft.optim, rm.optim)
+    # optimizers (optim, sft.optim, rm.optim, dpo.optim)
     "optim.lr": positive,
     "optim.b1": number(ge=0, lt=1),
     "optim.b2": number(ge=0, lt=1),
@@ -137,6 +137,8 @@ SCHEMA: dict[str, Check] = {
     "rm.batch_size": positive_int,
     "rm.pairs_per_prompt": positive_int,
     "rm.num_prompts": non_negative_int,            # 0: all
+    "dpo.steps": positive_int,
+    "dpo.batch_size": positive_int,
     # RL: rollout and update sizes
     "rl.iterations": positive_int,
     "rl.prompts_per_rollout": positive_int,
@@ -172,7 +174,7 @@ SCHEMA: dict[str, Check] = {
     "rl.horizon": positive_int,
     "rl.adaptive_kl": boolean,
     "rl.whiten_advantages": boolean,
-    # RL: online DPO
+    # RL: DPO, online and offline
     "rl.dpo_beta": positive,
     # RL: rollout importance correction
     "rl.rollout_is": one_of("none", "tis"),

@@ -1,6 +1,7 @@
-"""Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), DPO, Bradley-Terry, SFT,
-and the pieces the other policy-gradient baselines share (clipped surrogate, k3 KL, group
-advantages; their losses live with each algorithm in `p3o_jax/rl/algorithms/`).
+"""Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), the DPO family (DPO,
+IPO, SLiC's hinge), SimPO, Bradley-Terry, SFT, and the pieces the other policy-gradient
+baselines share (clipped surrogate, k3 KL, group advantages; their losses live with each
+algorithm in `p3o_jax/rl/algorithms/`).
 
 Every loss is a pure function of arrays that returns `(loss, metrics)`; none knows about
 models, meshes or optimizers. Equations are those of docs/algorithms.md (P3O: Wu et al. 2023,
@@ -567,6 +568,9 @@ def ppo(
 # ---------------------------------------------------------------------------- DPO, RM, SFT
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
 def dpo(
     policy_chosen_logp: Array,
     policy_rejected_logp: Array,
@@ -574,24 +578,31 @@ def dpo(
     ref_rejected_logp: Array,
     *,
     beta: float,
+    loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     mask: Array | None = None,
     normaliser: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Sigmoid DPO loss (Rafailov et al. 2023), with conservative label smoothing.
+  """The DPO family on a pair's log-ratio margin   (docs/algorithms.md, Offline preference optimisation).
 
-    z    = beta * [(logp_w - ref_w) - (logp_l - ref_l)]
-    loss = mean[ -(1 - s) log sigma(z) - s log sigma(-z) ]
+    h = (logp_w - ref_w) - (logp_l - ref_l)
+    sigmoid  loss = -(1 - s) log sigma(beta h) - s log sigma(-beta h)   DPO (Rafailov et al. 2023);
+                    s > 0 is conservative DPO, the assumed probability that a label is flipped
+    ipo      loss = (h - 1 / (2 beta))^2                                IPO (Azar et al. 2023, eq. 17)
+    hinge    loss = max(0, 1 - beta h)                                  SLiC-HF (Zhao et al. 2023)
 
   Args:
     *_logp: [B] sequence log-probabilities (see `sequence_logprob`); the ref ones constant.
-    label_smoothing: s, the assumed probability that a label is flipped (0 <= s < 0.5).
+    loss_type: one of DPO_LOSSES. label_smoothing: s (0 <= s < 0.5; sigmoid only).
     mask: [B] bool valid pairs. normaliser: pair count (see the module docstring).
   Returns:
     (loss, metrics) with TRL's 'rewards/chosen', 'rewards/rejected' (beta * log-ratios to the
     reference), 'rewards/accuracies', 'rewards/margins', 'logps/chosen', 'logps/rejected'.
   """
-  _check(0.0 <= label_smoothing < 0.5, f"label_smoothing={label_smoothing}; needs 0 <= s < 0.5")
+  _choice("loss_type", loss_type, DPO_LOSSES)
+  _check_number(label_smoothing, lambda s: 0.0 <= s < 0.5, f"label_smoothing={label_smoothing}; needs 0 <= s < 0.5")
+  _check(loss_type == "sigmoid" or isinstance(label_smoothing, jax.core.Tracer) or label_smoothing == 0.0,
+         f"label_smoothing={label_smoothing} applies to the sigmoid loss only, not {loss_type!r}")
   shape = policy_chosen_logp.shape
   for name, x in (("policy_rejected_logp", policy_rejected_logp),
                   ("ref_chosen_logp", ref_chosen_logp), ("ref_rejected_logp", ref_rejected_logp)):
@@ -602,22 +613,72 @@ def dpo(
   pr = jnp.where(mask, policy_rejected_logp, 0.0)
   rc = jax.lax.stop_gradient(jnp.where(mask, ref_chosen_logp, 0.0))
   rr = jax.lax.stop_gradient(jnp.where(mask, ref_rejected_logp, 0.0))
-  chosen_reward = beta * (pc - rc)
-  rejected_reward = beta * (pr - rr)
-  z = chosen_reward - rejected_reward
-  losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
-  loss = _divide(masked_sum(losses, mask), jnp.sum(mask), normaliser)
-  chosen_reward, rejected_reward = jax.lax.stop_gradient((chosen_reward, rejected_reward))
-  metrics = {
-      "loss/dpo": loss,
+  chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+  z = chosen_reward - rejected_reward  # beta h
+  if loss_type == "sigmoid":
+    terms = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+  elif loss_type == "ipo":
+    terms = jnp.square((pc - rc) - (pr - rr) - 1.0 / (2.0 * beta))
+  else:
+    terms = jax.nn.relu(1.0 - z)
+  loss = _divide(masked_sum(terms, mask), jnp.sum(mask), normaliser)
+  return loss, {"loss/dpo": loss, **_preference_metrics(chosen_reward, rejected_reward, pc, pr, mask)}
+
+
+def simpo(
+    policy_chosen_logp: Array,
+    policy_rejected_logp: Array,
+    chosen_length: Array,
+    rejected_length: Array,
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+    mask: Array | None = None,
+    normaliser: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """SimPO (Meng et al. 2024): reference-free, on length-averaged log-probabilities with a margin
+  (docs/algorithms.md, Offline preference optimisation).
+
+    z    = beta (logp_w / |y_w| - logp_l / |y_l|) - gamma
+    loss = -(1 - s) log sigma(z) - s log sigma(-z)
+
+  Args:
+    *_logp: [B] sequence log-probabilities; *_length: [B] response tokens (>= 1 where valid).
+    beta, gamma: the paper's reward scale (about 2) and target margin (about 1).
+    label_smoothing: s, as in `dpo`. mask: [B] bool valid pairs. normaliser: pair count.
+  Returns:
+    (loss, metrics) with the DPO metrics' names, the rewards being beta * logp / |y|.
+  """
+  _check_number(label_smoothing, lambda s: 0.0 <= s < 0.5, f"label_smoothing={label_smoothing}; needs 0 <= s < 0.5")
+  shape = policy_chosen_logp.shape
+  for name, x in (("policy_rejected_logp", policy_rejected_logp), ("chosen_length", chosen_length),
+                  ("rejected_length", rejected_length)):
+    _shape(name, x, shape)
+  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
+  _shape("mask", mask, shape)
+  pc = jnp.where(mask, policy_chosen_logp, 0.0)
+  pr = jnp.where(mask, policy_rejected_logp, 0.0)
+  chosen_reward = beta * pc / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
+  rejected_reward = beta * pr / jnp.where(mask, jnp.maximum(rejected_length, 1), 1)
+  z = chosen_reward - rejected_reward - gamma
+  terms = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+  loss = _divide(masked_sum(terms, mask), jnp.sum(mask), normaliser)
+  return loss, {"loss/simpo": loss, **_preference_metrics(chosen_reward, rejected_reward, pc, pr, mask)}
+
+
+def _preference_metrics(chosen_reward, rejected_reward, pc, pr, mask) -> dict[str, Array]:
+  """TRL's DPO metrics: the implicit rewards of each side, how often the chosen one's is higher,
+  their margin, and the policy's log-probabilities."""
+  chosen_reward, rejected_reward, pc, pr = jax.lax.stop_gradient((chosen_reward, rejected_reward, pc, pr))
+  return {
       "rewards/chosen": masked_mean(chosen_reward, mask),
       "rewards/rejected": masked_mean(rejected_reward, mask),
       "rewards/accuracies": masked_mean(chosen_reward > rejected_reward, mask),
       "rewards/margins": masked_mean(chosen_reward - rejected_reward, mask),
-      "logps/chosen": masked_mean(jax.lax.stop_gradient(pc), mask),
-      "logps/rejected": masked_mean(jax.lax.stop_gradient(pr), mask),
+      "logps/chosen": masked_mean(pc, mask),
+      "logps/rejected": masked_mean(pr, mask),
   }
-  return loss, metrics
 
 
 def bradley_terry(
@@ -677,6 +738,7 @@ LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
     "p3o": p3o,
     "ppo": ppo,
     "dpo": dpo,
+    "simpo": simpo,
     "bradley_terry": bradley_terry,
     "sft": sft,
 }

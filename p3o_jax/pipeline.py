@@ -3,7 +3,9 @@
     <workdir>/data/         the demo task's files and tokenizer (demo only)
     <workdir>/sft/hf/       SFT policy, Hugging Face format (also the RL reference)
     <workdir>/rm/hf/        reward model, *ForSequenceClassification format
-    <workdir>/rl/<algo>/hf/ trained policy per algorithm; metrics.jsonl holds the frontier
+    <workdir>/rm/preferences.jsonl   the pairs it trained on, when sampled (demo)
+    <workdir>/rl/<algo>/hf/ trained policy per algorithm (RL, or an offline one such as DPO
+                            on the reward model's pairs); metrics.jsonl holds the frontier
     <workdir>/eval/         report.md, frontier.png, win_rate.png
 
 A stage's input can also come from the config instead (model.hf for the policy,
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 from typing import Callable
@@ -28,11 +31,12 @@ from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
 from p3o_jax.models import decoder, hf, lora, policy as models
 from p3o_jax.models.policy import Policy
-from p3o_jax.rl import loop
+from p3o_jax.rl import algorithms, loop, offline
 from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller, reference_rewards
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "rl", "eval")
+PAIRS_FILE = "preferences.jsonl"  # under rm/: the pairs the rm stage sampled (demo)
 
 
 @dataclasses.dataclass
@@ -238,10 +242,28 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
   return out
 
 
+def preference_pairs(config, workdir: str, task: Task) -> dict:
+  """The pairs the reward model learns from, which offline algorithms (DPO) train on: the task's
+  preference dataset, else those the rm stage sampled and saved, else sampled now as it does."""
+  if task.preferences is not None:
+    return task.preferences
+  saved = paths.resolve(paths.join(workdir, "rm", PAIRS_FILE))
+  if saved.is_file():
+    rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
+    return {key: [row[key] for row in rows] for key in ("prompt", "chosen", "rejected")}
+  log.warning("no %s: sampling the preference pairs from the SFT policy, as the rm stage does", saved)
+  return sample_preferences(config, workdir, task)
+
+
 def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rm")
   tok = task.tokenizer
-  prefs = task.preferences if task.preferences is not None else sample_preferences(config, workdir, task)
+  prefs = task.preferences
+  if prefs is None:
+    prefs = sample_preferences(config, workdir, task)
+    if distributed.is_main():  # what the reward model learns from, for a look and for DPO
+      paths.write_text(paths.join(out, PAIRS_FILE), "".join(
+          json.dumps(dict(zip(prefs, row))) + "\n" for row in zip(*prefs.values())))
   model = models.with_scalar_head(load_policy(config, sft_policy_path(config, workdir), tok), _placement(config))
 
   def make_batch(idx):
@@ -289,15 +311,19 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   gold = TextReward(task.gold, tok) if task.gold else None
   roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
                        mesh=sharding.mesh_from_config(config.mesh))
-  train = _prompts(config, tok, task.rl_prompts,
-                   reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
   held_out = _prompts(config, tok, task.eval_prompts,
                       reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
   if adapters:
     policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
-    params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
-                                logger=logger, critic=rm, stop=stop)
+    if algorithms.get(config.rl.algo).offline:  # trains on the preference pairs; evaluated as RL is
+      params, record = offline.train(config, out, policy, roller, pairs=preference_pairs(config, workdir, task),
+                                     eval_prompts=held_out, logger=logger, stop=stop)
+    else:
+      train = _prompts(config, tok, task.rl_prompts,
+                       reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
+      params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
+                                  logger=logger, critic=rm, stop=stop)
     logger.summary(f"rl/{config.rl.algo}", record)
   if stop is not None and stop.requested:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage

@@ -49,23 +49,35 @@ def _count_tokens(batch):
   return sum(v.astype(jnp.int32).sum() for k, v in batch.items() if k.endswith("mask") and "loss" not in k)
 
 
+def make_train_step(loss_fn: Callable, stage_cfg, out_shardings=None) -> Callable:
+  """The jitted step (state, batch, lr, hyper) -> (state, metrics) of `loss_fn` under the
+  stage's optimizer; the state is donated. The learning rate and `hyper` (None, or the loss's
+  third argument) are inputs of the step, not constants in it: runs that differ only in them
+  share one compiled program (and its entry in the compilation cache)."""
+  def learn(state, batch, lr, hyper):
+    loss = loss_fn if hyper is None else (lambda p, b: loss_fn(p, b, hyper))
+    return train_state.make_step(loss, train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps, lr))(state, batch)
+  return jax.jit(learn, donate_argnums=0, out_shardings=out_shardings)
+
+
 def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray], dict], num_examples: int, *,
         params_axes, mesh_cfg, stage_cfg, seed: int, workdir: str, logger, ckpt_cfg, log_every: int = 1,
-        stop=None) -> tuple[dict, dict]:
+        stop=None, evaluate: Callable[[int, dict], None] | None = None, eval_every: int = 0,
+        metric_prefix: str | None = None, hyper=None) -> tuple[dict, dict]:
   """Train `params` for stage_cfg.steps steps of stage_cfg.batch_size examples.
 
-  Resumes from `<workdir>/ckpt` when it holds a checkpoint (`resume.start`). Returns (params,
-  last metrics).
+  Resumes from `<workdir>/ckpt` when it holds a checkpoint (`resume.start`). `evaluate(step,
+  params)`, when given, runs before the first step of a fresh run, every `eval_every` steps and
+  after the last. Metrics are logged as `<metric_prefix><name>` (default prefix: `<name>/`).
+  `hyper`, when given, is passed to the loss as `loss_fn(params, batch, hyper)`, an input of the
+  step (`make_train_step`). Returns (params, last metrics).
   """
+  prefix = f"{name}/" if metric_prefix is None else metric_prefix
   tx = train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps)
   order = EpochIterator(num_examples, stage_cfg.batch_size, seed=seed)
   run = resume.start(name, params, tx, params_axes, mesh_cfg=mesh_cfg, workdir=workdir, ckpt_cfg=ckpt_cfg,
                      order=order)
-  # The learning rate is an input of the step, not a constant in it: runs that differ only in
-  # optim.lr share one compiled program (and its entry in the compilation cache).
-  learn = lambda state, batch, lr: train_state.make_step(
-      loss_fn, train_state.make_optimizer(stage_cfg.optim, stage_cfg.steps, lr))(state, batch)
-  step_fn = jax.jit(learn, donate_argnums=0, out_shardings=(run.shardings, sharding.replicated(run.mesh)))
+  step_fn = make_train_step(loss_fn, stage_cfg, out_shardings=(run.shardings, sharding.replicated(run.mesh)))
   lr = float(stage_cfg.optim.lr)
   split = sharding.RowSplit(stage_cfg.batch_size, run.mesh)  # the rows of each batch this process feeds
 
@@ -82,18 +94,20 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
       if not np.isfinite(metrics["loss/total"]):
         raise FloatingPointError(f"{name}: non-finite loss at step {done}: {metrics}")
       elapsed = time.time() - t0
-      logger.log(done, {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/tokens_per_s": tokens / elapsed})
+      logger.log(done, {f"{prefix}{k}": v for k, v in metrics.items()} | {f"{prefix}tokens_per_s": tokens / elapsed})
       postfix = {"loss": metrics["loss/total"]}
     bar.advance(1, tokens=batch_tokens, **postfix)
     return metrics
 
   metrics, pending = {}, None
+  if evaluate is not None and run.start == 0:
+    evaluate(0, run.state.params)
   for step in range(run.start, stage_cfg.steps):
     rows = next(order)[split.rows]
     rows_read += len(rows)
     batch = split.to_global(make_batch(rows))
     batch_tokens = _count_tokens(batch)
-    run.state, step_metrics = step_fn(run.state, batch, lr)
+    run.state, step_metrics = step_fn(run.state, batch, lr, hyper)
     done = step + 1
     # A step is read once the next one is queued, so the host builds the next batch while the
     # device runs this one; a step is read before its checkpoint is written, so no saved step
@@ -101,7 +115,10 @@ def fit(name: str, loss_fn: Callable, params, make_batch: Callable[[np.ndarray],
     if pending is not None:
       metrics = record(*pending)
     pending = (done, step_metrics, batch_tokens)
-    if run.saves_at(done, stage_cfg.steps, stop):
+    if evaluate is not None and (done % eval_every == 0 or done == stage_cfg.steps):
+      metrics, pending = record(*pending), None
+      evaluate(done, run.state.params)  # read back before the next step donates these params
+    if pending is not None and run.saves_at(done, stage_cfg.steps, stop):
       metrics, pending = record(*pending), None
     if run.checkpoint(done, stage_cfg.steps, stop):
       break

@@ -30,8 +30,10 @@ def train_base(tmp_path_factory) -> str:
 
 
 def fresh(base_workdir, tmp_path) -> str:
-  """`tmp_path` as a workdir holding finished sft and rm stages (exports and completion markers)."""
+  """`tmp_path` as a workdir holding finished sft and rm stages (exports, the reward model's
+  sampled pairs, completion markers)."""
   for stage in ("sft", "rm"):
     shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
     workdir_lib.mark_complete(os.path.join(tmp_path, stage))
+  shutil.copy(os.path.join(base_workdir, "rm", pipeline.PAIRS_FILE), os.path.join(tmp_path, "rm", pipeline.PAIRS_FILE))
   return str(tmp_path)

@@ -223,14 +223,36 @@ def ppo(logp, old_logp, adv, mask, *, eps, values=None, old_values=None, returns
   return out
 
 
-def dpo(pc, pr, rc, rr, *, beta, label_smoothing=0.0):
+def dpo(pc, pr, rc, rr, *, beta, label_smoothing=0.0, loss_type="sigmoid"):
+  """DPO (Rafailov et al. 2023, eq. 7, with conservative label smoothing), IPO (Azar et al. 2023,
+  eq. 17) and SLiC-HF's hinge (Zhao et al. 2023) on h = log-ratio margin, one pair at a time."""
   losses, cr, rj = [], [], []
   for a, b_, c_, d in zip(pc, pr, rc, rr):
-    chosen, rejected = beta * (a - c_), beta * (b_ - d)
-    z = chosen - rejected
+    h = (a - c_) - (b_ - d)
+    if loss_type == "sigmoid":
+      losses.append(-(1 - label_smoothing) * _sigmoid_log(beta * h) - label_smoothing * _sigmoid_log(-beta * h))
+    elif loss_type == "ipo":
+      losses.append((h - 1 / (2 * beta)) ** 2)
+    else:
+      losses.append(max(0.0, 1 - beta * h))
+    cr.append(beta * (a - c_))
+    rj.append(beta * (b_ - d))
+  return _preference_out(losses, cr, rj, pc, pr)
+
+
+def simpo(pc, pr, len_c, len_r, *, beta, gamma, label_smoothing=0.0):
+  """SimPO (Meng et al. 2024, eq. 6): sigmoid loss on beta * average log-prob difference minus gamma."""
+  losses, cr, rj = [], [], []
+  for a, b_, n_c, n_r in zip(pc, pr, len_c, len_r):
+    chosen, rejected = beta * a / n_c, beta * b_ / n_r
+    z = chosen - rejected - gamma
     losses.append(-(1 - label_smoothing) * _sigmoid_log(z) - label_smoothing * _sigmoid_log(-z))
     cr.append(chosen)
     rj.append(rejected)
+  return _preference_out(losses, cr, rj, pc, pr)
+
+
+def _preference_out(losses, cr, rj, pc, pr):
   cr, rj = np.array(cr), np.array(rj)
   return {"loss": np.mean(losses), "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
           "rewards/accuracies": np.mean(cr > rj), "rewards/margins": np.mean(cr - rj),

@@ -415,19 +415,54 @@ def test_ppo_matches_numpy(normalise):
 # ---------------------------------------------------------------------------- DPO, RM, SFT
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_dpo_matches_numpy(label_smoothing):
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0),
+                                                       ("hinge", 0.0)])
+def test_dpo_matches_numpy(loss_type, label_smoothing):
   rng = np.random.default_rng(18)
   pc, pr, rc, rr = (rng.normal(-20, 5, 6) for _ in range(4))
-  loss, metrics = losses.dpo(f32(pc), f32(pr), f32(rc), f32(rr), beta=0.1, label_smoothing=label_smoothing)
-  want = ref.dpo(pc, pr, rc, rr, beta=0.1, label_smoothing=label_smoothing)
+  kw = dict(beta=0.1, label_smoothing=label_smoothing, loss_type=loss_type)
+  loss, metrics = losses.dpo(f32(pc), f32(pr), f32(rc), f32(rr), **kw)
+  want = ref.dpo(pc, pr, rc, rr, **kw)
   chex.assert_trees_all_close(loss, f32(want["loss"]), rtol=RTOL, atol=ATOL)
-  for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected"):
+  for name in PREFERENCE_METRICS:
     chex.assert_trees_all_close(metrics[name], f32(want[name]), rtol=RTOL, atol=ATOL, custom_message=name)
   assert 0 < metrics["rewards/accuracies"] < 1
   masked, _ = losses.dpo(f32(np.r_[pc, np.nan]), f32(np.r_[pr, 0]), f32(np.r_[rc, 0]), f32(np.r_[rr, 0]),
-                         beta=0.1, label_smoothing=label_smoothing, mask=jnp.arange(7) < 6)
+                         mask=jnp.arange(7) < 6, **kw)
+  np.testing.assert_allclose(masked, loss, rtol=RTOL)
+  # The gradient in the policy's chosen log-prob, against the formula's derivative in h.
+  h = (pc - rc) - (pr - rr)
+  want_grad = {"sigmoid": -0.1 * ((1 - label_smoothing) * (1 - 1 / (1 + np.exp(-0.1 * h)))
+                                  - label_smoothing / (1 + np.exp(-0.1 * h))),
+               "ipo": 2 * (h - 1 / 0.2), "hinge": np.where(1 - 0.1 * h > 0, -0.1, 0.0)}[loss_type] / len(h)
+  grad = jax.grad(lambda x: losses.dpo(x, f32(pr), f32(rc), f32(rr), **kw)[0])(f32(pc))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dpo_refuses_label_smoothing_outside_the_sigmoid_loss():
+  with pytest.raises(ValueError, match="label_smoothing=0.1 applies to the sigmoid loss only, not 'ipo'"):
+    losses.dpo(f32([0.0]), f32([0.0]), f32([0.0]), f32([0.0]), beta=0.1, loss_type="ipo", label_smoothing=0.1)
+  with pytest.raises(ValueError, match="loss_type='kto'"):
+    losses.dpo(f32([0.0]), f32([0.0]), f32([0.0]), f32([0.0]), beta=0.1, loss_type="kto")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_simpo_matches_numpy(label_smoothing):
+  rng = np.random.default_rng(20)
+  pc, pr = rng.normal(-20, 5, 6), rng.normal(-20, 5, 6)
+  len_c, len_r = rng.integers(1, 30, 6), rng.integers(1, 30, 6)
+  kw = dict(beta=2.0, gamma=1.0, label_smoothing=label_smoothing)
+  loss, metrics = losses.simpo(f32(pc), f32(pr), jnp.asarray(len_c), jnp.asarray(len_r), **kw)
+  want = ref.simpo(pc, pr, len_c, len_r, **kw)
+  chex.assert_trees_all_close(loss, f32(want["loss"]), rtol=RTOL, atol=ATOL)
+  for name in PREFERENCE_METRICS:
+    chex.assert_trees_all_close(metrics[name], f32(want[name]), rtol=RTOL, atol=ATOL, custom_message=name)
+  masked, _ = losses.simpo(f32(np.r_[pc, np.nan]), f32(np.r_[pr, 0]), jnp.asarray(np.r_[len_c, 0]),
+                           jnp.asarray(np.r_[len_r, 0]), mask=jnp.arange(7) < 6, **kw)
   np.testing.assert_allclose(masked, loss, rtol=RTOL)
 
 

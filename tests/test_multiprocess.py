@@ -18,21 +18,25 @@ EXPORTS = ("sft", "rm", "rl/p3o", "rl/ppo")
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_two_processes_match_one(mesh, tmp_path):
-  """data2_fsdp2 trains the RL policies with LoRA adapters, sharded like their kernels."""
+  """data2_fsdp2 trains the RL policies with LoRA adapters, sharded like their kernels, and
+  offline DPO beside them (its reference log-probs computed by both processes)."""
   lora = mesh == "data2_fsdp2"
-  config, args = mp.DEMO + ":runlocal,algos=p3o+ppo", MESHES[mesh] + (["--config.lora.rank=4"] if lora else [])
+  algos = ("p3o", "ppo", "dpo") if lora else ("p3o", "ppo")
+  config = mp.DEMO + ":runlocal,algos=" + "+".join(algos)
+  args = MESHES[mesh] + (["--config.lora.rank=4"] if lora else [])
   one = mp.run_main(str(tmp_path / "one"), processes=1, devices=4, args=args, config=config)
   two = mp.run_main(str(tmp_path / "two"), processes=2, devices=2, args=args, config=config)
+  offline = ("rl/dpo",) if lora else ()
 
-  for stage in STAGE_LOGS:  # written once (process 0), equal to one process's
+  for stage in STAGE_LOGS + offline:  # written once (process 0), equal to one process's
     rows = mp.assert_metrics_close(str(tmp_path / "one" / stage / "metrics.jsonl"),
                                    str(tmp_path / "two" / stage / "metrics.jsonl"))
     assert rows > 0, stage
-  for stage in EXPORTS:  # RL's Adam steps may lift a rounding difference on a ~0 gradient to ~lr / 10
+  for stage in EXPORTS + offline:  # RL's Adam steps may lift a rounding difference on a ~0 gradient to ~lr / 10
     mp.assert_exports_close(str(tmp_path / "one" / stage / "hf"), str(tmp_path / "two" / stage / "hf"),
                             outlier_tol=5e-5 if stage.startswith("rl") else None)
   assert os.path.isfile(tmp_path / "two" / "eval" / "report.md")
-  for algo in ("p3o", "ppo"):  # the adapters, gathered from both processes' shards
+  for algo in algos:  # the adapters, gathered from both processes' shards
     adapters = [tmp_path / run / "rl" / algo / "adapter" / "adapter_model.safetensors" for run in ("one", "two")]
     assert all(path.is_file() for path in adapters) == lora and any(path.is_file() for path in adapters) == lora
     if lora:
@@ -44,8 +48,9 @@ def test_two_processes_match_one(mesh, tmp_path):
   # Each process's loader read only its own rows: half of every batch, its half.
   for process, output in enumerate(two):
     read = mp.rows_read(output)
-    assert set(read) == {"sft", "rm", "rl"}, read
-    for stage, steps in (("sft", 4), ("rm", 4), ("rl", 3)):
+    stages = (("sft", 4), ("rm", 4), ("rl", 3)) + ((("dpo", 4),) if lora else ())
+    assert set(read) == {stage for stage, _ in stages}, read
+    for stage, steps in stages:
       who, count, rows, batch = read[stage]
       half = batch // 2
       assert who == process and rows == f"{process * half}:{(process + 1) * half}", (stage, read[stage])

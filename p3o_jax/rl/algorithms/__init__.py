@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from p3o_jax.rl.algorithms.base import REGISTRY, Algorithm, KLController, register  # noqa: F401
+from p3o_jax.rl.algorithms.base import REGISTRY, Algorithm, KLController, OfflineAlgorithm, register  # noqa: F401
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name != "base":

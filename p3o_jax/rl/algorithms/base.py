@@ -146,6 +146,7 @@ class Algorithm:
   exact_k: ClassVar[int | None] = None         # responses per prompt it requires (None: any K >= 2)
   reads_old_in_prepare: ClassVar[bool] = False  # its host `prepare` reads exp.logp_old (per-token KL rewards)
   order: ClassVar[int] = 10                    # where it is listed: the paper's algorithms first
+  offline: ClassVar[bool] = False              # trains on a preference dataset, not on rollouts (OfflineAlgorithm)
 
   def __init__(self, rl, graph, temperature: float, critic_graph=None):
     self.hp = hyperparameters(self.Hyper, rl)
@@ -211,12 +212,37 @@ class Algorithm:
     (`skips_old_pass`), the update's own `logp` detached."""
     return batch["logp_old"] if "logp_old" in batch else jax.lax.stop_gradient(logp)
 
+  def sequence_logprobs(self, params, batch: dict):
+    """Each response's log-prob [M, K]: its tokens' log-probs under `params` summed over its mask."""
+    logp, _, _ = self.token_logprobs(params, batch)
+    return (logp * batch["response_mask"]).sum(-1)
+
   def token_logprobs(self, params, batch: dict):
     """Per-token log-probs [M, K, R] of the batch's responses under `params`, the model and
     the hidden states [M * K, R, D]. Each group's prompt is computed once for its K responses."""
     logp, model, hidden = sequences.response_logprobs_and_hidden(
         self.graph, params, *group_rows(batch), self.temperature)
     return logp.reshape(batch["response_mask"].shape), model, hidden
+
+
+class OfflineAlgorithm(Algorithm):
+  """An algorithm trained on a fixed preference dataset instead of rollouts (the DPO family;
+  `p3o_jax/rl/offline.py` trains it, and the rl stage evaluates it on the frontier as any other).
+
+  Its batches hold B pairs laid out as the reward model's (`batching.preference_batch`): query /
+  query_mask [B, P], response / response_mask [B, 2, N] with the chosen response at [:, 0] and the
+  rejected one at [:, 1], and, when it `uses_reference`, `ref_logp` [B, 2]: the reference's
+  sequence log-probs, computed once before training. Log-probs are at temperature 1 (the
+  policy's own distribution over the dataset's responses), whatever the sampler's.
+  """
+
+  offline = True
+  weight_level = None
+  uses_reference: ClassVar[bool] = True
+
+  def count(self, batch: dict):
+    """One term per pair."""
+    return jnp.float32(batch["response"].shape[0])
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:

@@ -1,0 +1,99 @@
+"""Offline preference optimisation (the DPO family): train on a preference dataset, evaluate
+on the KL-reward frontier as the RL loop does.
+
+    pairs -> [reference log-probs, once] -> supervised.fit(algorithm's loss) -> frontier evals
+
+The algorithm (`OfflineAlgorithm` in `p3o_jax/rl/algorithms/`) supplies the loss; this module
+builds its batches, computes the reference's sequence log-probs of every pair once before
+training (so no reference model is held while training, as TRL's precompute_ref_log_probs), and
+every eval.every steps samples the held-out prompts to log the same frontier records the RL loop
+logs (`loop.evaluate`). Sizes and the optimizer come from `config.dpo`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from p3o_jax import sharding, supervised
+from p3o_jax.data import batching
+from p3o_jax.models import lora
+from p3o_jax.models.policy import Policy
+from p3o_jax.rl import algorithms, loop
+from p3o_jax.rl.rollout import Roller
+
+log = logging.getLogger(__name__)
+
+
+def pair_batches(config, tokenizer, pairs: dict):
+  """make_rows(indices) -> the preference batch of those pairs (`batching.preference_batch`)."""
+  def make_rows(idx):
+    pick = lambda key: [pairs[key][i] for i in idx]
+    return batching.preference_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"),
+                                     config.data.max_prompt_len, config.sampler.max_new_tokens,
+                                     config.data.truncate_prompts)
+  return make_rows
+
+
+def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
+  """[num_pairs, 2] sequence log-probs (chosen, rejected) under `params`, batch_size pairs at a
+  time (the last batch filled by wrapping round, so one program serves all), each process
+  computing its rows of each batch; every process gets all of them."""
+  score = jax.jit(algo.sequence_logprobs)
+  split = sharding.RowSplit(batch_size, mesh)
+  out = np.zeros((num_pairs, 2), np.float32)
+  for start in range(0, num_pairs, batch_size):
+    rows = np.arange(start, start + batch_size) % num_pairs
+    logp = split.gather(split.local(score(params, split.to_global(make_rows(rows[split.rows])))))
+    out[rows[: min(batch_size, num_pairs - start)]] = logp[: min(batch_size, num_pairs - start)]
+  if not np.all(np.isfinite(out)):
+    bad = np.flatnonzero(~np.isfinite(out).all(-1))
+    raise FloatingPointError(f"reference log-probs are not finite for pairs {bad[:10].tolist()}")
+  return out
+
+
+def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, eval_prompts: loop.Prompts,
+          logger, stop=None) -> tuple[dict, dict]:
+  """Trains `config.rl.algo` (an offline algorithm) on `pairs` ({'prompt', 'chosen', 'rejected'}
+  lists) for config.dpo.steps steps from `policy`, which is also the reference; returns (params,
+  the last eval record). A policy holding LoRA adapters trains them alone, as in `loop.train`."""
+  algo = algorithms.create(config.rl, policy.graph, temperature=1.0)
+  num_pairs = len(pairs["prompt"])
+  if num_pairs < config.dpo.batch_size:
+    raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference pairs, fewer than dpo.batch_size="
+                     f"{config.dpo.batch_size}")
+  make_rows = pair_batches(config, policy.tokenizer, pairs)
+  mesh = sharding.mesh_from_config(config.mesh)
+  adapters = lora.has_adapters(policy.params)
+  # The policy's own forward at the start: its adapters (B = 0) add nothing, so it is the reference.
+  ref = (reference_logprobs(algo, lora.without_adapters(policy.params), make_rows, num_pairs, config.dpo.batch_size,
+                            mesh) if algo.uses_reference else None)
+  log.info("%s: %d preference pairs%s", config.rl.algo, num_pairs,
+           "; reference log-probs computed" if ref is not None else "")
+
+  def make_batch(idx):
+    return make_rows(idx) | ({} if ref is None else {"ref_logp": ref[idx]})
+
+  view = jax.jit(lora.adapted) if adapters else (lambda p: p)
+  reference = (lambda p: lora.without_adapters(p)) if roller.ref_params is None else (lambda p: None)
+  eval_split = sharding.RowSplit(eval_prompts.count, mesh)
+  eval_queries = eval_prompts.tokenize(eval_split.rows)
+  last = {}
+
+  def evaluate(step, params):
+    last.clear()
+    last.update(loop.evaluate(roller, view(params), eval_prompts, eval_split, eval_queries,
+                              jax.random.key(config.seed + 1), step, config.rl.algo, config.rl.rollout_chunk,
+                              reference(params)))
+    logger.log(step, last)
+
+  # Its metrics are logged under TRL's DPO names (loss/total, rewards/*, logps/*) beside the eval
+  # records; its hyperparameters' floats are inputs of the step, so a beta sweep compiles it once.
+  params, metrics = supervised.fit(
+      f"rl/{config.rl.algo}", lambda p, batch, hp: algo.loss(p, batch, hp=hp), policy.params, make_batch, num_pairs,
+      params_axes=policy.logical_axes(), mesh_cfg=config.mesh, stage_cfg=config.dpo, seed=config.seed,
+      workdir=workdir, logger=logger, ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop,
+      evaluate=evaluate, eval_every=config.eval.every, metric_prefix="", hyper=algo.hp)
+  return params, {**metrics, **last}

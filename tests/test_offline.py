@@ -1,0 +1,178 @@
+"""Offline preference optimisation (rl.algo dpo / simpo; p3o_jax/rl/offline.py) against
+independent references: each pair's log-probs from a forward on its UNPADDED tokens
+(`test_rl.unpadded_logprobs`), the losses' NumPy transcriptions (`reference_losses`), and the
+reward model's own training pairs read back from disk."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+import demo_base
+import reference_losses as ref
+from demo_base import fresh
+from p3o_jax import config_checks, pipeline, train_state
+from p3o_jax.data import hub
+from p3o_jax.rl import algorithms
+from test_pipeline import assert_finite_iterations, iteration_rows, run_rl, tiny_config
+from test_rl import ROTARY, padded_rows, rl_config, tiny, unpadded_logprobs
+
+B = 6  # pairs
+
+
+def preference_batch(seed):
+  """B pairs in the layout `batching.preference_batch` gives: a query [B, P] and two responses
+  [B, 2, N] each, with random padding ids only the masks can tell apart."""
+  query, query_mask, response, response_mask = padded_rows(seed, n=2 * B)
+  return {"query": query[::2], "query_mask": query_mask[::2],
+          "response": response.reshape(B, 2, -1), "response_mask": response_mask.reshape(B, 2, -1)}
+
+
+def unpadded_pair_logprobs(graph, params, batch):
+  """[B, 2] sequence log-probs, each response on its own unpadded row (query, then response)."""
+  query = np.repeat(batch["query"], 2, axis=0)
+  query_mask = np.repeat(batch["query_mask"], 2, axis=0)
+  response, response_mask = batch["response"].reshape(2 * B, -1), batch["response_mask"].reshape(2 * B, -1)
+  token = unpadded_logprobs(graph, params, query, query_mask, response, response_mask)
+  return (token * response_mask).sum(-1).reshape(B, 2).astype(np.float64)
+
+
+@pytest.mark.parametrize("rl", [dict(algo="dpo"), dict(algo="dpo", dpo_loss="ipo"),
+                                dict(algo="dpo", dpo_label_smoothing=0.1), dict(algo="simpo")],
+                         ids=["dpo", "ipo", "cdpo", "simpo"])
+def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
+  graph, params = tiny(ROTARY, 0)
+  _, ref_params = tiny(ROTARY, 1)
+  batch = preference_batch(30)
+  algo = algorithms.create(rl_config(**rl), graph, 1.0)
+  policy = unpadded_pair_logprobs(graph, params, batch)
+  if rl["algo"] == "dpo":
+    reference = unpadded_pair_logprobs(graph, ref_params, batch)
+    batch["ref_logp"] = reference.astype(np.float32)
+    want = ref.dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1,
+                   loss_type=rl.get("dpo_loss", "sigmoid"), label_smoothing=rl.get("dpo_label_smoothing", 0.0))
+  else:
+    length = batch["response_mask"].sum(-1)
+    want = ref.simpo(policy[:, 0], policy[:, 1], length[:, 0], length[:, 1], beta=2.0, gamma=1.0)
+  loss, metrics = jax.jit(algo.loss)(params, batch)
+  np.testing.assert_allclose(loss, want["loss"], rtol=2e-5)
+  for name in ("rewards/margins", "logps/chosen", "logps/rejected"):
+    np.testing.assert_allclose(metrics[name], want[name], rtol=2e-5, atol=1e-5, err_msg=name)
+  assert 0 < want["rewards/accuracies"] < 1  # the pairs are not all ordered one way already
+  np.testing.assert_allclose(algo.count(batch), B)
+
+
+def test_dpo_steps_raise_the_chosen_margin():
+  """A few Adam steps on one batch: the policy's log-ratio margin of the chosen response over the
+  rejected one grows from 0 and the loss falls below log 2."""
+  graph, params = tiny(ROTARY, 0)
+  batch = preference_batch(31)
+  algo = algorithms.create(rl_config(algo="dpo", dpo_beta=0.5), graph, 1.0)
+  batch["ref_logp"] = np.asarray(jax.jit(algo.sequence_logprobs)(params, batch))
+  tx = optax.adam(1e-2)
+  state = train_state.create(jax.tree.map(jnp.copy, params), tx)
+  step = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss/total"]))
+  np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)  # the reference is the starting policy
+  after = unpadded_pair_logprobs(graph, state.params, batch) - batch["ref_logp"]
+  assert losses[-1] < 0.5 * np.log(2), losses
+  assert np.all(after[:, 0] - after[:, 1] > 0), after
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  return demo_base.train_base(tmp_path_factory)
+
+
+def test_rm_saves_its_sampled_pairs_and_dpo_reads_them(base_workdir):
+  """The demo's rm stage writes the pairs it trained on in the hub's preference schema; offline
+  algorithms read them back, and they are the pairs a fresh sampling gives."""
+  path = os.path.join(base_workdir, "rm", pipeline.PAIRS_FILE)
+  config = tiny_config()
+  task = pipeline.load_task(config, base_workdir)
+  pairs = pipeline.preference_pairs(config, base_workdir, task)
+  assert len(pairs["prompt"]) == config.rm.num_prompts * config.rm.pairs_per_prompt
+  as_dataset = hub.load_preferences(path, "train")  # usable as data.preference as it is
+  assert list(as_dataset["chosen"]) == pairs["chosen"] and list(as_dataset["rejected"]) == pairs["rejected"]
+  assert pairs == pipeline.sample_preferences(config, base_workdir, task)
+
+
+def test_dpo_stage_starts_at_the_reference_and_logs_the_frontier(base_workdir, tmp_path):
+  workdir = fresh(base_workdir, tmp_path)
+  export = run_rl(tiny_config(algo="dpo"), workdir)
+  rows = assert_finite_iterations(workdir, "dpo", [1, 2, 3])
+  # The reference log-probs were computed from the starting policy: every margin is 0 at step 1.
+  np.testing.assert_allclose(rows[0]["loss/total"], np.log(2), atol=1e-6)
+  np.testing.assert_allclose(rows[0]["rewards/margins"], 0.0, atol=1e-6)
+  log = [json.loads(line) for line in open(os.path.join(workdir, "rl", "dpo", "metrics.jsonl"))]
+  evals = [r for r in log if "eval/kl" in r]
+  assert [r["step"] for r in evals] == [0, 3] and all(r["algo"] == "dpo" for r in evals)
+  assert evals[0]["eval/kl"] == 0.0 and evals[1]["eval/kl"] != 0.0
+  sft = load_file(os.path.join(workdir, "sft", "hf", "model.safetensors"))
+  trained = load_file(os.path.join(export, "model.safetensors"))
+  assert any(not np.array_equal(sft[name], trained[name]) for name in sft)
+
+
+def test_dpo_with_lora_trains_only_the_targeted_kernels(base_workdir, tmp_path):
+  workdir = fresh(base_workdir, tmp_path)
+  config = tiny_config(algo="dpo")
+  config.lora.rank, config.lora.alpha, config.lora.targets = 4, 8.0, "q,v"
+  export = run_rl(config, workdir)
+  rows = iteration_rows(workdir, "dpo")
+  np.testing.assert_allclose(rows[0]["loss/total"], np.log(2), atol=1e-6)  # B = 0: the reference
+  sft = load_file(os.path.join(workdir, "sft", "hf", "model.safetensors"))
+  trained = load_file(os.path.join(export, "model.safetensors"))
+  changed = sorted(name for name in sft if not np.array_equal(sft[name], trained[name]))
+  assert changed and all("q_proj" in name or "v_proj" in name for name in changed), changed
+  assert os.path.isfile(os.path.join(workdir, "rl", "dpo", "adapter", "adapter_model.safetensors"))
+
+
+def test_offline_settings_are_checked_by_name(base_workdir, tmp_path):
+  config = tiny_config(algo="dpo", dpo_loss="kto")
+  config.dpo.batch_size = 0
+  with pytest.raises(config_checks.ConfigError) as info:
+    config_checks.validate(config)
+  assert "rl.dpo_loss must be one of 'sigmoid', 'ipo', 'hinge'; got 'kto'" in str(info.value)
+  assert "dpo.batch_size" in str(info.value)
+  workdir = fresh(base_workdir, tmp_path)
+  config = tiny_config(algo="dpo")
+  config.dpo.batch_size = 64
+  with pytest.raises(ValueError, match=r"32 preference pairs, fewer than dpo.batch_size=64"):
+    run_rl(config, workdir)
+
+
+def test_a_beta_sweep_compiles_the_step_once():
+  """rl.dpo_beta and optim.lr are inputs of the offline step (`supervised.make_train_step`), not
+  constants compiled into it: one program serves every value, each giving bitwise what a step
+  with the value as a constant gives; the loss form (a string) still chooses the program."""
+  from p3o_jax import supervised
+  graph, params = tiny(ROTARY, 0)
+  batch = preference_batch(32)
+  batch["ref_logp"] = np.asarray(jax.jit(algorithms.create(rl_config(algo="dpo"), graph, 1.0).sequence_logprobs)(
+      params, batch))
+  stage = tiny_config().dpo
+  swept = supervised.make_train_step(lambda p, b, hp: algo.loss(p, b, hp=hp), stage)
+  results = []
+  for lr, beta in ((1e-2, 0.1), (3e-3, 0.5)):
+    algo = algorithms.create(rl_config(algo="dpo", dpo_beta=beta), graph, 1.0)
+    tx = train_state.make_optimizer(stage.optim, stage.steps, lr)
+    state, metrics = swept(train_state.create(jax.tree.map(jnp.copy, params), tx), batch, lr, algo.hp)
+    constant = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
+    expected, expected_metrics = constant(train_state.create(jax.tree.map(jnp.copy, params), tx), batch)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params)):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(metrics["loss/total"], expected_metrics["loss/total"])
+    results.append(state.params)
+  assert swept._cache_size() == 1
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+  ipo = algorithms.create(rl_config(algo="dpo", dpo_loss="ipo"), graph, 1.0)
+  tx = train_state.make_optimizer(stage.optim, stage.steps, 1e-2)
+  swept(train_state.create(jax.tree.map(jnp.copy, params), tx), batch, 1e-2, ipo.hp)
+  assert swept._cache_size() == 2

@@ -251,6 +251,9 @@ def preference_pairs(config, workdir: str, task: Task) -> dict:
   if saved.is_file():
     rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
     return {key: [row[key] for row in rows] for key in ("prompt", "chosen", "rejected")}
+  if task.gold is None:
+    raise ValueError(f"rl.algo={config.rl.algo!r} trains on preference pairs: set data.preference (a dataset of "
+                     f"prompt, chosen, rejected), or run the rm stage that samples them in this workdir")
   log.warning("no %s: sampling the preference pairs from the SFT policy, as the rm stage does", saved)
   return sample_preferences(config, workdir, task)
 

@@ -106,6 +106,26 @@ def test_hh_rl_from_given_policy_and_reward_model(tmp_path):
     main.run(c, str(tmp_path / "run2"))
 
 
+def test_hh_offline_dpo_on_the_preference_dataset(tmp_path):
+  """rl.algo=dpo on configs/hh.py trains on Dahoas/rm-static's own pairs (prompt, chosen,
+  rejected) from the given SFT policy, and is evaluated with the given reward model."""
+  source = os.path.join(DATA, "rm_static")
+  tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "test"))
+  c = shrink(hh.get_config(), tmp_path)
+  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
+  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
+  c.data.sft = c.data.preference = c.data.prompts = source
+  c.rl.algo, c.dpo.steps, c.dpo.batch_size = "dpo", 2, 4
+  workdir = str(tmp_path / "run")
+  outputs = main.run(c, workdir)
+  log = read_jsonl(os.path.join(workdir, "rl", "dpo", "metrics.jsonl"))
+  rows = [r for r in log if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  np.testing.assert_allclose(rows[0]["loss/total"], np.log(2), atol=1e-6)  # the reference is the given policy
+  assert [r["step"] for r in log if "eval/kl" in r] == [0, 2]
+  transformers.AutoModelForCausalLM.from_pretrained(outputs["dpo policy (HF)"])
+
+
 def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):
   """configs/hh.py subtracts r(x, y_chosen) (P3O paper, HH): with a reward of the response's
   length in characters, each prompt's baseline is the length of its dataset chosen response."""

@@ -176,3 +176,10 @@ def test_a_beta_sweep_compiles_the_step_once():
   tx = train_state.make_optimizer(stage.optim, stage.steps, 1e-2)
   swept(train_state.create(jax.tree.map(jnp.copy, params), tx), batch, 1e-2, ipo.hp)
   assert swept._cache_size() == 2
+
+
+def test_without_preference_data_the_error_names_the_field(tmp_path):
+  """A hub task without data.preference and without an rm stage that sampled pairs."""
+  task = pipeline.Task(tokenizer=None, sft_prompts=[], sft_completions=[], rl_prompts=["a"], eval_prompts=["b"])
+  with pytest.raises(ValueError, match=r"rl.algo='dpo' trains on preference pairs: set data.preference"):
+    pipeline.preference_pairs(tiny_config(algo="dpo"), str(tmp_path), task)

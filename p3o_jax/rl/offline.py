@@ -5,7 +5,7 @@ on the KL-reward frontier as the RL loop does.
 
 The algorithm (`OfflineAlgorithm` in `p3o_jax/rl/algorithms/`) supplies the loss; this module
 builds its batches, computes the reference's sequence log-probs of every pair once before
-training (so no reference model is held while training, as TRL's precompute_ref_log_probs), and
+training (so a step runs no reference pass, as TRL's precompute_ref_log_probs), and
 every eval.every steps samples the held-out prompts to log the same frontier records the RL loop
 logs (`loop.evaluate`). Sizes and the optimizer come from `config.dpo`.
 """

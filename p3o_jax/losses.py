@@ -625,6 +625,26 @@ def dpo(
   return loss, {"loss/dpo": loss, **_preference_metrics(chosen_reward, rejected_reward, pc, pr, mask)}
 
 
+def chosen_nll(
+    policy_chosen_logp: Array,
+    chosen_length: Array,
+    *,
+    mask: Array | None = None,
+    normaliser: Array | float | None = None,
+) -> Array:
+  """RPO's term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the chosen
+  responses' negative log-likelihood per token, averaged over pairs, -mean logp_w / |y_w|.
+
+  Args:
+    policy_chosen_logp: [B] sequence log-probabilities; chosen_length: [B] response tokens.
+    mask: [B] bool valid pairs. normaliser: pair count.
+  """
+  _shape("chosen_length", chosen_length, policy_chosen_logp.shape)
+  mask = jnp.ones(policy_chosen_logp.shape, bool) if mask is None else mask.astype(bool)
+  per_token = jnp.where(mask, policy_chosen_logp, 0.0) / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
+  return _divide(-masked_sum(per_token, mask), jnp.sum(mask), normaliser)
+
+
 def simpo(
     policy_chosen_logp: Array,
     policy_rejected_logp: Array,

@@ -252,6 +252,11 @@ def simpo(pc, pr, len_c, len_r, *, beta, gamma, label_smoothing=0.0):
   return _preference_out(losses, cr, rj, pc, pr)
 
 
+def chosen_nll(pc, len_c):
+  """RPO's NLL term (Pang et al. 2024): mean over pairs of -logp_w / |y_w|."""
+  return float(np.mean([-a / n for a, n in zip(pc, len_c)]))
+
+
 def _preference_out(losses, cr, rj, pc, pr):
   cr, rj = np.array(cr), np.array(rj)
   return {"loss": np.mean(losses), "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),

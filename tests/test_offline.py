@@ -42,8 +42,9 @@ def unpadded_pair_logprobs(graph, params, batch):
 
 
 @pytest.mark.parametrize("rl", [dict(algo="dpo"), dict(algo="dpo", dpo_loss="ipo"),
-                                dict(algo="dpo", dpo_label_smoothing=0.1), dict(algo="simpo")],
-                         ids=["dpo", "ipo", "cdpo", "simpo"])
+                                dict(algo="dpo", dpo_label_smoothing=0.1), dict(algo="dpo", rpo_alpha=0.5),
+                                dict(algo="simpo")],
+                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo"])
 def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
   graph, params = tiny(ROTARY, 0)
   _, ref_params = tiny(ROTARY, 1)
@@ -55,6 +56,7 @@ def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
     batch["ref_logp"] = reference.astype(np.float32)
     want = ref.dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1,
                    loss_type=rl.get("dpo_loss", "sigmoid"), label_smoothing=rl.get("dpo_label_smoothing", 0.0))
+    want["loss"] += rl.get("rpo_alpha", 0.0) * ref.chosen_nll(policy[:, 0], batch["response_mask"][:, 0].sum(-1))
   else:
     length = batch["response_mask"].sum(-1)
     want = ref.simpo(policy[:, 0], policy[:, 1], length[:, 0], length[:, 1], beta=2.0, gamma=1.0)

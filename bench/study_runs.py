@@ -2,7 +2,7 @@
 model) per task, then many RL runs from it, each its own workdir and its own process.
 
   <out>/base/<task>/sft/hf, rm/hf        trained once, seed 0
-  <out>/runs/<name>/                     one RL run: sft/hf and rm/hf link to the base,
+  <out>/runs/<name>/                     one RL run: sft/hf, rm/hf, rm/preferences.jsonl link to the base,
                                          rl/<algo>/metrics.jsonl holds its eval records,
                                          log.txt its output, study_args.json what it was run with
 
@@ -172,10 +172,10 @@ def prepare_run(out: str, run: Run, args: list[str]):
   else:
     with open(record, "w") as f:
       json.dump(args, f, indent=1)
-  for stage in ("sft", "rm"):
-    source = os.path.join(base_dir(out, run.task), stage, "hf")
-    link = os.path.join(workdir, stage, "hf")
-    if os.path.isdir(source) and not os.path.lexists(link):
+  for stage, name in (("sft", "hf"), ("rm", "hf"), ("rm", "preferences.jsonl")):  # the pairs: offline DPO's data
+    source = os.path.join(base_dir(out, run.task), stage, name)
+    link = os.path.join(workdir, stage, name)
+    if os.path.exists(source) and not os.path.lexists(link):
       os.makedirs(os.path.dirname(link), exist_ok=True)
       os.symlink(source, link)
 

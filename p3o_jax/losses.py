@@ -1,7 +1,7 @@
 """Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), the DPO family (DPO,
-IPO, SLiC's hinge), SimPO, Bradley-Terry, SFT, and the pieces the other policy-gradient
-baselines share (clipped surrogate, k3 KL, group advantages; their losses live with each
-algorithm in `p3o_jax/rl/algorithms/`).
+IPO, SLiC's hinge, RPO's NLL term), SimPO, ORPO, Bradley-Terry, SFT, and the pieces the other
+policy-gradient baselines share (clipped surrogate, k3 KL, group advantages; their losses live
+with each algorithm in `p3o_jax/rl/algorithms/`).
 
 Every loss is a pure function of arrays that returns `(loss, metrics)`; none knows about
 models, meshes or optimizers. Equations are those of docs/algorithms.md (P3O: Wu et al. 2023,
@@ -687,6 +687,51 @@ def simpo(
   return loss, {"loss/simpo": loss, **_preference_metrics(chosen_reward, rejected_reward, pc, pr, mask)}
 
 
+def orpo(
+    policy_chosen_logp: Array,
+    policy_rejected_logp: Array,
+    chosen_length: Array,
+    rejected_length: Array,
+    *,
+    lam: float,
+    mask: Array | None = None,
+    normaliser: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """ORPO (Hong et al. 2024, "Monolithic Preference Optimization without Reference Model"): the
+  chosen responses' NLL plus an odds-ratio term, no reference model.
+
+    a_y  = logp_y / |y|                           (length-averaged log-prob, P_y = exp(a_y))
+    l_y  = a_y - log(1 - exp(a_y))                (log odds of y)
+    loss = -mean a_w  +  lam * mean[-log sigma(l_w - l_l)]
+
+  Args:
+    *_logp: [B] sequence log-probabilities; *_length: [B] response tokens (>= 1 where valid).
+    lam: the odds-ratio term's weight (the paper's lambda, 0.1). mask: [B] bool valid pairs.
+    normaliser: pair count.
+  Returns:
+    (loss, metrics) with 'loss/nll', 'orpo/log_odds_ratio' and the DPO metrics' names, the
+    rewards being lam * a_y (as TRL logs them).
+  """
+  shape = policy_chosen_logp.shape
+  for name, x in (("policy_rejected_logp", policy_rejected_logp), ("chosen_length", chosen_length),
+                  ("rejected_length", rejected_length)):
+    _shape(name, x, shape)
+  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
+  _shape("mask", mask, shape)
+  pc = jnp.where(mask, policy_chosen_logp, 0.0)
+  pr = jnp.where(mask, policy_rejected_logp, 0.0)
+  avg_c = pc / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
+  avg_r = pr / jnp.where(mask, jnp.maximum(rejected_length, 1), 1)
+  # log(1 - P) from expm1, exact as P -> 0; P -> 1 (an average log-prob of 0) is kept off the pole
+  log_odds = lambda a: a - jnp.log(-jnp.expm1(jnp.minimum(a, -1e-6)))
+  ratio = log_odds(avg_c) - log_odds(avg_r)
+  nll = chosen_nll(policy_chosen_logp, chosen_length, mask=mask, normaliser=normaliser)
+  odds_term = _divide(masked_sum(-jax.nn.log_sigmoid(ratio), mask), jnp.sum(mask), normaliser)
+  loss = nll + lam * odds_term
+  return loss, {"loss/orpo": loss, "loss/nll": nll, "orpo/log_odds_ratio": masked_mean(jax.lax.stop_gradient(ratio), mask),
+                **_preference_metrics(lam * avg_c, lam * avg_r, pc, pr, mask)}
+
+
 def _preference_metrics(chosen_reward, rejected_reward, pc, pr, mask) -> dict[str, Array]:
   """TRL's DPO metrics: the implicit rewards of each side, how often the chosen one's is higher,
   their margin, and the policy's log-probabilities."""
@@ -759,6 +804,7 @@ LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
     "ppo": ppo,
     "dpo": dpo,
     "simpo": simpo,
+    "orpo": orpo,
     "bradley_terry": bradley_terry,
     "sft": sft,
 }

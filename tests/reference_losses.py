@@ -257,6 +257,22 @@ def chosen_nll(pc, len_c):
   return float(np.mean([-a / n for a, n in zip(pc, len_c)]))
 
 
+def orpo(pc, pr, len_c, len_r, *, lam):
+  """ORPO (Hong et al. 2024, eqs. 6-7): NLL of the chosen response per token plus lam times
+  -log sigmoid of the log odds ratio, odds = P / (1 - P) with P the length-averaged probability."""
+  losses, cr, rj, ratios = [], [], [], []
+  for a, b_, n_c, n_r in zip(pc, pr, len_c, len_r):
+    p_w, p_l = np.exp(a / n_c), np.exp(b_ / n_r)
+    ratio = np.log(p_w / (1 - p_w)) - np.log(p_l / (1 - p_l))
+    losses.append(-a / n_c - lam * _sigmoid_log(ratio))
+    cr.append(lam * a / n_c)
+    rj.append(lam * b_ / n_r)
+    ratios.append(ratio)
+  out = _preference_out(losses, cr, rj, pc, pr)
+  out.update({"orpo/log_odds_ratio": np.mean(ratios), "loss/nll": chosen_nll(pc, len_c)})
+  return out
+
+
 def _preference_out(losses, cr, rj, pc, pr):
   cr, rj = np.array(cr), np.array(rj)
   return {"loss": np.mean(losses), "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),

@@ -466,6 +466,24 @@ def test_simpo_matches_numpy(label_smoothing):
   np.testing.assert_allclose(masked, loss, rtol=RTOL)
 
 
+def test_orpo_matches_numpy():
+  rng = np.random.default_rng(21)
+  len_c, len_r = rng.integers(1, 30, 6), rng.integers(1, 30, 6)
+  pc, pr = -len_c * rng.uniform(0.05, 3, 6), -len_r * rng.uniform(0.05, 3, 6)  # average log-probs in (-3, -0.05)
+  loss, metrics = losses.orpo(f32(pc), f32(pr), jnp.asarray(len_c), jnp.asarray(len_r), lam=0.1)
+  want = ref.orpo(pc, pr, len_c, len_r, lam=0.1)
+  chex.assert_trees_all_close(loss, f32(want["loss"]), rtol=RTOL, atol=ATOL)
+  for name in PREFERENCE_METRICS + ("orpo/log_odds_ratio", "loss/nll"):
+    chex.assert_trees_all_close(metrics[name], f32(want[name]), rtol=RTOL, atol=ATOL, custom_message=name)
+  masked, _ = losses.orpo(f32(np.r_[pc, np.nan]), f32(np.r_[pr, 0]), jnp.asarray(np.r_[len_c, 0]),
+                          jnp.asarray(np.r_[len_r, 0]), lam=0.1, mask=jnp.arange(7) < 6)
+  np.testing.assert_allclose(masked, loss, rtol=RTOL)
+  # A response the policy is certain of (average log-prob 0) keeps the loss and its gradient finite.
+  grad = jax.grad(lambda x: losses.orpo(x, f32(pr[:1]), jnp.asarray(len_c[:1]), jnp.asarray(len_r[:1]), lam=0.1)[0])(
+      f32([0.0]))
+  assert np.all(np.isfinite(grad))
+
+
 def test_bradley_terry_matches_numpy():
   rng = np.random.default_rng(19)
   chosen, rejected = rng.normal(0, 2, 8), rng.normal(0, 2, 8)
@@ -497,6 +515,6 @@ def test_sft_and_sequence_helpers_match_numpy():
 
 def test_registry_selects_by_name():
   assert losses.get_loss("p3o") is losses.p3o
-  assert set(losses.LOSSES) >= {"p3o", "ppo", "dpo", "bradley_terry", "sft"}
+  assert set(losses.LOSSES) >= {"p3o", "ppo", "dpo", "simpo", "orpo", "bradley_terry", "sft"}
   with pytest.raises(ValueError, match="grpo"):
     losses.get_loss("grpo")

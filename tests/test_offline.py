@@ -43,8 +43,8 @@ def unpadded_pair_logprobs(graph, params, batch):
 
 @pytest.mark.parametrize("rl", [dict(algo="dpo"), dict(algo="dpo", dpo_loss="ipo"),
                                 dict(algo="dpo", dpo_label_smoothing=0.1), dict(algo="dpo", rpo_alpha=0.5),
-                                dict(algo="simpo")],
-                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo"])
+                                dict(algo="simpo"), dict(algo="orpo")],
+                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo", "orpo"])
 def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
   graph, params = tiny(ROTARY, 0)
   _, ref_params = tiny(ROTARY, 1)
@@ -57,9 +57,12 @@ def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
     want = ref.dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1,
                    loss_type=rl.get("dpo_loss", "sigmoid"), label_smoothing=rl.get("dpo_label_smoothing", 0.0))
     want["loss"] += rl.get("rpo_alpha", 0.0) * ref.chosen_nll(policy[:, 0], batch["response_mask"][:, 0].sum(-1))
-  else:
+  elif rl["algo"] == "simpo":
     length = batch["response_mask"].sum(-1)
     want = ref.simpo(policy[:, 0], policy[:, 1], length[:, 0], length[:, 1], beta=2.0, gamma=1.0)
+  else:
+    length = batch["response_mask"].sum(-1)
+    want = ref.orpo(policy[:, 0], policy[:, 1], length[:, 0], length[:, 1], lam=0.1)
   loss, metrics = jax.jit(algo.loss)(params, batch)
   np.testing.assert_allclose(loss, want["loss"], rtol=2e-5)
   for name in ("rewards/margins", "logps/chosen", "logps/rejected"):

@@ -106,6 +106,13 @@ def test_every_algorithm_runs_checkpoints_and_resumes_bitwise(base_workdir, tmp_
   for name, value in rows_a[2].items():
     if name not in VOLATILE:
       assert rows_b[2][name] == value, name
+  evals = [r for r in read_jsonl(os.path.join(resumed, "rl", rl["algo"], "metrics.jsonl")) if "eval/kl" in r]
+  assert [r["step"] for r in evals] == [0, 3] and abs(evals[0]["eval/kl"]) < 1e-5 < abs(evals[1]["eval/kl"])
+  sft = _final_params(os.path.join(straight, "sft", "hf"))
+  assert any(not np.array_equal(sft[name], a[name]) for name in sft)
+  if rl["algo"] == "dpo":  # reference log-probs from the starting policy: every margin is 0 at step 1
+    np.testing.assert_allclose(rows_a[0]["loss/total"], np.log(2), atol=1e-6)
+    np.testing.assert_allclose(rows_a[0]["rewards/margins"], 0.0, atol=1e-6)
 
 
 class StopAfter:

@@ -641,8 +641,26 @@ def chosen_nll(
   """
   _shape("chosen_length", chosen_length, policy_chosen_logp.shape)
   mask = jnp.ones(policy_chosen_logp.shape, bool) if mask is None else mask.astype(bool)
-  per_token = jnp.where(mask, policy_chosen_logp, 0.0) / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
-  return _divide(-masked_sum(per_token, mask), jnp.sum(mask), normaliser)
+  _shape("mask", mask, policy_chosen_logp.shape)
+  return _divide(-masked_sum(_per_token(policy_chosen_logp, chosen_length, mask), mask), jnp.sum(mask), normaliser)
+
+
+def _per_token(logp: Array, length: Array, mask: Array) -> Array:
+  """logp / length where the pair is valid, 0 elsewhere (whatever masked entries hold)."""
+  return jnp.where(mask, logp, 0.0) / jnp.where(mask, jnp.maximum(length, 1), 1)
+
+
+def _length_averaged(policy_chosen_logp, policy_rejected_logp, chosen_length, rejected_length, mask):
+  """The [B] inputs of a length-normalised pair loss checked; returns (mask, the masked sequence
+  log-probs of each side, and their per-token averages)."""
+  shape = policy_chosen_logp.shape
+  for name, x in (("policy_rejected_logp", policy_rejected_logp), ("chosen_length", chosen_length),
+                  ("rejected_length", rejected_length)):
+    _shape(name, x, shape)
+  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
+  _shape("mask", mask, shape)
+  return (mask, jnp.where(mask, policy_chosen_logp, 0.0), jnp.where(mask, policy_rejected_logp, 0.0),
+          _per_token(policy_chosen_logp, chosen_length, mask), _per_token(policy_rejected_logp, rejected_length, mask))
 
 
 def simpo(
@@ -671,16 +689,9 @@ def simpo(
     (loss, metrics) with the DPO metrics' names, the rewards being beta * logp / |y|.
   """
   _check_number(label_smoothing, lambda s: 0.0 <= s < 0.5, f"label_smoothing={label_smoothing}; needs 0 <= s < 0.5")
-  shape = policy_chosen_logp.shape
-  for name, x in (("policy_rejected_logp", policy_rejected_logp), ("chosen_length", chosen_length),
-                  ("rejected_length", rejected_length)):
-    _shape(name, x, shape)
-  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
-  _shape("mask", mask, shape)
-  pc = jnp.where(mask, policy_chosen_logp, 0.0)
-  pr = jnp.where(mask, policy_rejected_logp, 0.0)
-  chosen_reward = beta * pc / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
-  rejected_reward = beta * pr / jnp.where(mask, jnp.maximum(rejected_length, 1), 1)
+  mask, pc, pr, avg_c, avg_r = _length_averaged(policy_chosen_logp, policy_rejected_logp, chosen_length,
+                                                rejected_length, mask)
+  chosen_reward, rejected_reward = beta * avg_c, beta * avg_r
   z = chosen_reward - rejected_reward - gamma
   terms = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   loss = _divide(masked_sum(terms, mask), jnp.sum(mask), normaliser)
@@ -712,16 +723,8 @@ def orpo(
     (loss, metrics) with 'loss/nll', 'orpo/log_odds_ratio' and the DPO metrics' names, the
     rewards being lam * a_y (as TRL logs them).
   """
-  shape = policy_chosen_logp.shape
-  for name, x in (("policy_rejected_logp", policy_rejected_logp), ("chosen_length", chosen_length),
-                  ("rejected_length", rejected_length)):
-    _shape(name, x, shape)
-  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
-  _shape("mask", mask, shape)
-  pc = jnp.where(mask, policy_chosen_logp, 0.0)
-  pr = jnp.where(mask, policy_rejected_logp, 0.0)
-  avg_c = pc / jnp.where(mask, jnp.maximum(chosen_length, 1), 1)
-  avg_r = pr / jnp.where(mask, jnp.maximum(rejected_length, 1), 1)
+  mask, pc, pr, avg_c, avg_r = _length_averaged(policy_chosen_logp, policy_rejected_logp, chosen_length,
+                                                rejected_length, mask)
   # log(1 - P) from expm1, exact as P -> 0; P -> 1 (an average log-prob of 0) is kept off the pole
   log_odds = lambda a: a - jnp.log(-jnp.expm1(jnp.minimum(a, -1e-6)))
   ratio = log_odds(avg_c) - log_odds(avg_r)

@@ -25,13 +25,13 @@ import jax
 import numpy as np
 from transformers import AutoTokenizer
 
-from p3o_jax import distributed, paths, sharding, supervised
+from p3o_jax import distributed, paths, preference, sharding, supervised
 from p3o_jax.data import batching, hub, synthetic
 from p3o_jax.eval import frontier, report, winrate
 from p3o_jax.metrics_log import MetricsLogger
 from p3o_jax.models import decoder, hf, lora, policy as models
 from p3o_jax.models.policy import Policy
-from p3o_jax.rl import algorithms, loop, offline
+from p3o_jax.rl import algorithms, loop
 from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller, reference_rewards
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
     policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
     if algorithms.get(config.rl.algo).offline:  # trains on the preference pairs; evaluated as RL is
-      params, record = offline.train(config, out, policy, roller, pairs=preference_pairs(config, workdir, task),
+      params, record = preference.train(config, out, policy, roller, pairs=preference_pairs(config, workdir, task),
                                      eval_prompts=held_out, logger=logger, stop=stop)
     else:
       train = _prompts(config, tok, task.rl_prompts,

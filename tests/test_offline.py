@@ -1,4 +1,4 @@
-"""Offline preference optimisation (rl.algo dpo / simpo; p3o_jax/rl/offline.py) against
+"""Offline preference optimisation (rl.algo dpo / simpo; p3o_jax/preference.py) against
 independent references: each pair's log-probs from a forward on its UNPADDED tokens
 (`test_rl.unpadded_logprobs`), the losses' NumPy transcriptions (`reference_losses`), and the
 reward model's own training pairs read back from disk."""

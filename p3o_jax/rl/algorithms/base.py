@@ -227,7 +227,7 @@ class Algorithm:
 
 class OfflineAlgorithm(Algorithm):
   """An algorithm trained on a fixed preference dataset instead of rollouts (the DPO family;
-  `p3o_jax/rl/offline.py` trains it, and the rl stage evaluates it on the frontier as any other).
+  `p3o_jax/preference.py` trains it, and the rl stage evaluates it on the frontier as any other).
 
   Its batches hold B pairs laid out as the reward model's (`batching.preference_batch`): query /
   query_mask [B, P], response / response_mask [B, 2, N] with the chosen response at [:, 0] and the

@@ -4,7 +4,7 @@ and SLiC's hinge (Zhao et al. 2023) losses by `rl.dpo_loss`, conservative DPO by
 `rl.dpo_label_smoothing` and RPO's NLL term on the chosen responses by `rl.rpo_alpha`. No
 sampling and no reward model in training: the policy learns from the pairs the reward model
 learns from, against the SFT policy as its reference. Its KL and reward on held-out prompts are
-measured as every RL algorithm's are (`rl/offline.py`)."""
+measured as every RL algorithm's are (`p3o_jax/preference.py`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"):
 SFT's NLL on the chosen responses plus an odds-ratio term that favours them over the rejected
 ones, with no reference model; meant to run from a base model as SFT and preference learning in
-one. Trained on the preference pairs as DPO is (`rl/offline.py`), here from the SFT policy."""
+one. Trained on the preference pairs as DPO is (`p3o_jax/preference.py`), here from the SFT
+policy."""
 
 from __future__ import annotations
 

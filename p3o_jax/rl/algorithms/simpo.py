@@ -1,7 +1,7 @@
 """SimPO (Meng et al. 2024, "Simple Preference Optimization with a Reference-Free Reward"): DPO's
 sigmoid loss on length-averaged log-probabilities, with a target margin and no reference model.
-Trained on the preference dataset as DPO is (`rl/offline.py`); its KL to the SFT policy is still
-what the frontier measures, since nothing in its loss holds the policy near it."""
+Trained on the preference dataset as DPO is (`p3o_jax/preference.py`); its KL to the SFT policy
+is still what the frontier measures, since nothing in its loss holds the policy near it."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ sys.path.insert(0, REPO)
 
 from p3o_jax import host_devices  # noqa: E402
 from p3o_jax.eval import frontier  # noqa: E402
+from p3o_jax.rl import algorithms  # noqa: E402
 
 BASE_SEED = 0  # the shared SFT, reward model and task prompts
 TASK_OPS = {"sort": ("sort",), "reverse": ("reverse",)}  # data.demo.ops per task name
@@ -85,13 +86,15 @@ def metrics_path(out: str, run: Run) -> str:
 
 
 def is_finished(out: str, run: Run) -> bool:
-  """Exported policy, and the log's last eval record is at the run's last iteration."""
+  """Exported policy, and the log's last eval record is at the run's last iteration (an offline
+  algorithm's: its last step)."""
   workdir = run_dir(out, run)
   if not _has_export(os.path.join(workdir, "rl", run.algo, "hf")):
     return False
   try:
     with open(os.path.join(workdir, "config.json")) as f:
-      iterations = json.load(f)["rl"]["iterations"]
+      saved = json.load(f)
+    iterations = saved["dpo"]["steps"] if algorithms.get(run.algo).offline else saved["rl"]["iterations"]
     points = frontier.load_frontier(metrics_path(out, run))
   except (OSError, ValueError, KeyError):
     return False

@@ -21,6 +21,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.data.sft = "Dahoas/rm-static"
   c.data.preference = "Dahoas/rm-static"
+  c.data.preference_eval_split = "test"
   c.data.prompts = "Dahoas/rm-static"
   c.data.max_prompt_len = 512
   c.sampler.max_new_tokens = 128

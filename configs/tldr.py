@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.data.sft = "trl-lib/tldr"
   c.data.preference = "trl-lib/tldr-preference"
+  c.data.preference_eval_split = "validation"
   c.data.prompts = "trl-lib/tldr"
   c.data.eval_split = "validation"
   c.data.max_prompt_len = 512

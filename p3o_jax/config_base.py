@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       sft="", preference="", prompts="",       # hub ids or local paths
       sft_split="train", preference_split="train", prompts_split="train", eval_split="test",
+      preference_eval_split="",  # held-out pairs (the reward model's and DPO's held-out accuracy; "": none)
       max_prompt_len=64,
       truncate_prompts="left"))  # a prompt over max_prompt_len: cut its start (left), its end (right), or error
   c.data.demo = ml_collections.ConfigDict()
@@ -97,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       every=50, num_prompts=256,
+      num_pairs=512,  # held-out preference pairs scored every eval.every steps (data.preference_eval_split;
+                      # the demo samples one per held-out prompt); 0: none
       judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
   # allow_changes: 'field,section.*' a resume may see changed beyond workdir.SAFE_TO_CHANGE

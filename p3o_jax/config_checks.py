@@ -184,6 +184,7 @@ SCHEMA: dict[str, Check] = {
     # eval, pipeline
     "eval.every": positive_int,
     "eval.num_prompts": positive_int,
+    "eval.num_pairs": non_negative_int,
     # checkpoints, logging, mesh
     "ckpt.every": positive_int,
     "ckpt.keep": positive_int,

@@ -3,7 +3,7 @@
     <workdir>/data/         the demo task's files and tokenizer (demo only)
     <workdir>/sft/hf/       SFT policy, Hugging Face format (also the RL reference)
     <workdir>/rm/hf/        reward model, *ForSequenceClassification format
-    <workdir>/rm/preferences.jsonl   the pairs it trained on, when sampled (demo)
+    <workdir>/rm/preferences*.jsonl  the pairs it trained on and its held-out ones, when sampled (demo)
     <workdir>/rl/<algo>/hf/ trained policy per algorithm (RL, or an offline one such as DPO
                             on the reward model's pairs); metrics.jsonl holds the frontier
     <workdir>/eval/         report.md, frontier.png, win_rate.png
@@ -37,6 +37,7 @@ from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "rl", "eval")
 PAIRS_FILE = "preferences.jsonl"  # under rm/: the pairs the rm stage sampled (demo)
+HELD_OUT_PAIRS_FILE = "preferences_held_out.jsonl"  # and one pair per held-out prompt
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class Task:
   rl_prompts: list[str]
   eval_prompts: list[str]
   preferences: dict | None = None           # {'prompt', 'chosen', 'rejected'} lists (hub tasks)
+  eval_preferences: dict | None = None      # held-out pairs, the same (data.preference_eval_split)
   gold: Callable | None = None              # gold(prompts, responses) -> [N] (demo)
   rl_references: list[str] | None = None    # each prompt's dataset response (rl.reward_baseline)
   eval_references: list[str] | None = None
@@ -74,6 +76,10 @@ def load_task(config, workdir: str) -> Task:
                   f"Hub or its local cache: {e}") from e
   sft = hub.load_sft(data.sft, data.sft_split) if data.sft else None
   prefs = hub.load_preferences(data.preference, data.preference_split) if data.preference else None
+  held_out = None
+  if data.preference and data.preference_eval_split and config.eval.num_pairs:
+    held_out = hub.load_preferences(data.preference, data.preference_eval_split)
+    held_out = held_out.select(range(min(len(held_out), config.eval.num_pairs)))
   prompts = hub.load_prompts(data.prompts, data.prompts_split)
   eval_prompts = hub.load_prompts(data.prompts, data.eval_split)
   references = {}
@@ -87,6 +93,7 @@ def load_task(config, workdir: str) -> Task:
   return Task(tokenizer, sft["prompt"] if sft else [], sft["completion"] if sft else [],
               list(prompts["prompt"]), list(eval_prompts["prompt"])[: config.eval.num_prompts],
               preferences=None if prefs is None else {k: list(prefs[k]) for k in ("prompt", "chosen", "rejected")},
+              eval_preferences=None if held_out is None else {k: list(held_out[k]) for k in ("prompt", "chosen", "rejected")},
               rl_references=references.get("rl"),
               eval_references=references.get("eval", [])[: config.eval.num_prompts] or None)
 
@@ -180,19 +187,27 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
 
 
 def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples,
-                    stop) -> str | None:
+                    stop, held_out=None) -> str | None:
   """A supervised stage (sft or rm): train with logging and checkpoints, export to <out>/hf
-  (with LoRA on this stage: the merged model, and an SFT policy's adapters under <out>/adapter)."""
+  (with LoRA on this stage: the merged model, and an SFT policy's adapters under <out>/adapter).
+  `held_out(params) -> metrics`, when given, is logged as `<name>/held_out/*` every eval.every steps."""
   if lora.applies(config.get("lora"), name):
     if name == "sft" and not config.model.hf:
       log.warning("sft: LoRA adapters on a freshly initialised model (model.hf is empty): only they train")
     model = with_lora(config, name, model)  # the step reads it through lora.adapted (train_state)
   with _logger(config, out) as logger:
+    last = {}
+
+    def evaluate(step, params):
+      last.update({f"held_out/{k}": v for k, v in held_out(params).items()})
+      logger.log(step, {f"{name}/{k}": v for k, v in last.items()})
+
     params, metrics = supervised.fit(
         name, loss_fn, model.params, make_batch, num_examples, params_axes=model.logical_axes(),
         mesh_cfg=config.mesh, stage_cfg=stage_cfg, seed=config.seed, workdir=out, logger=logger,
-        ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop)
-    logger.summary(name, metrics)
+        ckpt_cfg=config.ckpt, log_every=config.log.every, stop=stop,
+        evaluate=None if held_out is None else evaluate, eval_every=config.eval.every)
+    logger.summary(name, {**metrics, **last})
   if stop is not None and stop.requested:
     return None  # stopped: the checkpoint holds the state; the export is for a finished stage
   if name == "sft" and lora.has_adapters(params) and config.model.hf:
@@ -212,18 +227,22 @@ def with_lora(config, stage: str, model: Policy) -> Policy:
   return model
 
 
-def sample_preferences(config, workdir: str, task: Task) -> dict:
-  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip.
-  Each process samples its rows of every chunk; every process gets all pairs (the dataset)."""
+def sample_preferences(config, workdir: str, task: Task, held_out: bool = False) -> dict:
+  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip:
+  rm.pairs_per_prompt for each of rm.num_prompts RL prompts, or (`held_out`) one for each of the
+  first eval.num_pairs held-out prompts. Each process samples its rows of every chunk; every
+  process gets all pairs (the dataset)."""
   policy = load_policy(config, sft_policy_path(config, workdir))
   tok = task.tokenizer
-  n = config.rm.num_prompts or len(task.rl_prompts)
-  prompts = task.rl_prompts[:n]
-  k = 2 * config.rm.pairs_per_prompt
+  if held_out:
+    prompts, k = task.eval_prompts[: config.eval.num_pairs], 2
+  else:
+    prompts, k = task.rl_prompts[: config.rm.num_prompts or len(task.rl_prompts)], 2 * config.rm.pairs_per_prompt
+  n = len(prompts)
   mesh = sharding.mesh_from_config(config.mesh)
   roller = make_roller(config, policy.graph, policy.params, TextReward(task.gold, tok), tok, mesh=mesh,
                        penalise_missing_eos=False)
-  rng = np.random.default_rng(config.seed)
+  rng = np.random.default_rng([config.seed, 1] if held_out else config.seed)
   out = {"prompt": [], "chosen": [], "rejected": []}
   chunk = 64
   for start in range(0, n, chunk):
@@ -242,40 +261,53 @@ def sample_preferences(config, workdir: str, task: Task) -> dict:
   return out
 
 
-def preference_pairs(config, workdir: str, task: Task) -> dict:
-  """The pairs the reward model learns from, which offline algorithms (DPO) train on: the task's
-  preference dataset, else those the rm stage sampled and saved, else sampled now as it does."""
+def _write_pairs(path: str, pairs: dict) -> None:
+  """{'prompt', 'chosen', 'rejected'} lists as JSON lines, the hub's preference schema."""
+  paths.write_text(path, "".join(json.dumps(dict(zip(pairs, row))) + "\n" for row in zip(*pairs.values())))
+
+
+def _read_pairs(path) -> dict:
+  rows = [json.loads(line) for line in paths.resolve(path).read_text().splitlines() if line.strip()]
+  return {key: [row[key] for row in rows] for key in ("prompt", "chosen", "rejected")}
+
+
+def preference_pairs(config, workdir: str, task: Task) -> tuple[dict, dict | None]:
+  """(pairs, held-out pairs or None): the pairs the reward model learns from, which offline
+  algorithms (DPO) train on: the task's preference dataset, else those the rm stage sampled and
+  saved, else sampled now as it does."""
   if task.preferences is not None:
-    return task.preferences
-  saved = paths.resolve(paths.join(workdir, "rm", PAIRS_FILE))
+    return task.preferences, task.eval_preferences
+  saved, held = (paths.resolve(paths.join(workdir, "rm", name)) for name in (PAIRS_FILE, HELD_OUT_PAIRS_FILE))
   if saved.is_file():
-    rows = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
-    return {key: [row[key] for row in rows] for key in ("prompt", "chosen", "rejected")}
+    return _read_pairs(saved), _read_pairs(held) if held.is_file() and config.eval.num_pairs else None
   if task.gold is None:
     raise ValueError(f"rl.algo={config.rl.algo!r} trains on preference pairs: set data.preference (a dataset of "
                      f"prompt, chosen, rejected), or run the rm stage that samples them in this workdir")
   log.warning("no %s: sampling the preference pairs from the SFT policy, as the rm stage does", saved)
-  return sample_preferences(config, workdir, task)
+  held_out = sample_preferences(config, workdir, task, held_out=True) if config.eval.num_pairs else None
+  return sample_preferences(config, workdir, task), held_out
 
 
 def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rm")
   tok = task.tokenizer
-  prefs = task.preferences
+  prefs, held_out = task.preferences, task.eval_preferences
   if prefs is None:
     prefs = sample_preferences(config, workdir, task)
+    held_out = sample_preferences(config, workdir, task, held_out=True) if config.eval.num_pairs else None
     if distributed.is_main():  # what the reward model learns from, for a look and for DPO
-      paths.write_text(paths.join(out, PAIRS_FILE), "".join(
-          json.dumps(dict(zip(prefs, row))) + "\n" for row in zip(*prefs.values())))
+      _write_pairs(paths.join(out, PAIRS_FILE), prefs)
+      if held_out is not None:
+        _write_pairs(paths.join(out, HELD_OUT_PAIRS_FILE), held_out)
   model = models.with_scalar_head(load_policy(config, sft_policy_path(config, workdir), tok), _placement(config))
-
-  def make_batch(idx):
-    pick = lambda key: [prefs[key][i] for i in idx]
-    return batching.preference_batch(tok, pick("prompt"), pick("chosen"), pick("rejected"), config.data.max_prompt_len,
-                                     config.sampler.max_new_tokens, config.data.truncate_prompts)
-
-  return _fit_and_export("rm", config, out, config.rm, supervised.reward_loss_fn(model.graph), model,
-                         make_batch, len(prefs["prompt"]), stop)
+  loss_fn = supervised.reward_loss_fn(model.graph)
+  accuracy = None
+  if held_out is not None:  # the reward model's accuracy on pairs it does not train on
+    accuracy = supervised.held_out_metrics(loss_fn, preference.pair_batches(config, tok, held_out),
+                                           len(held_out["prompt"]), config.rm.batch_size,
+                                           sharding.mesh_from_config(config.mesh))
+  return _fit_and_export("rm", config, out, config.rm, loss_fn, model, preference.pair_batches(config, tok, prefs),
+                         len(prefs["prompt"]), stop, held_out=accuracy)
 
 
 def load_callable(spec: str, field: str) -> Callable:
@@ -320,8 +352,9 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
     policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
     if algorithms.get(config.rl.algo).offline:  # trains on the preference pairs; evaluated as RL is
-      params, record = preference.train(config, out, policy, roller, pairs=preference_pairs(config, workdir, task),
-                                     eval_prompts=held_out, logger=logger, stop=stop)
+      pairs, held_out_pairs = preference_pairs(config, workdir, task)
+      params, record = preference.train(config, out, policy, roller, pairs=pairs, held_out_pairs=held_out_pairs,
+                                        eval_prompts=held_out, logger=logger, stop=stop)
     else:
       train = _prompts(config, tok, task.rl_prompts,
                        reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))

@@ -55,26 +55,35 @@ def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int,
 
 
 def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, eval_prompts: loop.Prompts,
-          logger, stop=None) -> tuple[dict, dict]:
+          logger, held_out_pairs: dict | None = None, stop=None) -> tuple[dict, dict]:
   """Trains `config.rl.algo` (an offline algorithm) on `pairs` ({'prompt', 'chosen', 'rejected'}
   lists) for config.dpo.steps steps from `policy`, which is also the reference; returns (params,
-  the last eval record). A policy holding LoRA adapters trains them alone, as in `loop.train`."""
+  the last eval record). Each evaluation also scores the loss on `held_out_pairs`, when given
+  (`held_out/*`: the implicit reward's accuracy on pairs it does not train on). A policy holding
+  LoRA adapters trains them alone, as in `loop.train`."""
   algo = algorithms.create(config.rl, policy.graph, temperature=1.0)
   num_pairs = len(pairs["prompt"])
   if num_pairs < config.dpo.batch_size:
     raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference pairs, fewer than dpo.batch_size="
                      f"{config.dpo.batch_size}")
-  make_rows = pair_batches(config, policy.tokenizer, pairs)
   mesh = sharding.mesh_from_config(config.mesh)
   adapters = lora.has_adapters(policy.params)
-  # The policy's own forward at the start: its adapters (B = 0) add nothing, so it is the reference.
-  ref = (reference_logprobs(algo, lora.without_adapters(policy.params), make_rows, num_pairs, config.dpo.batch_size,
-                            mesh) if algo.uses_reference else None)
-  log.info("%s: %d preference pairs%s", config.rl.algo, num_pairs,
-           "; reference log-probs computed" if ref is not None else "")
 
-  def make_batch(idx):
-    return make_rows(idx) | ({} if ref is None else {"ref_logp": ref[idx]})
+  def batches_of(some_pairs):
+    """make_batch(indices) of `some_pairs`, with the reference's log-probs when the loss reads them:
+    the policy's own forward at the start (its adapters, B = 0, add nothing)."""
+    make_rows, count = pair_batches(config, policy.tokenizer, some_pairs), len(some_pairs["prompt"])
+    ref = (reference_logprobs(algo, lora.without_adapters(policy.params), make_rows, count, config.dpo.batch_size,
+                              mesh) if algo.uses_reference else None)
+    return lambda idx: make_rows(idx) | ({} if ref is None else {"ref_logp": ref[idx]})
+
+  make_batch = batches_of(pairs)
+  held_out = None
+  if held_out_pairs:
+    held_out = supervised.held_out_metrics(lambda p, batch: algo.loss(p, batch), batches_of(held_out_pairs),
+                                           len(held_out_pairs["prompt"]), config.dpo.batch_size, mesh)
+  log.info("%s: %d preference pairs, %d held out", config.rl.algo, num_pairs,
+           len(held_out_pairs["prompt"]) if held_out_pairs else 0)
 
   view = jax.jit(lora.adapted) if adapters else (lambda p: p)
   reference = (lambda p: lora.without_adapters(p)) if roller.ref_params is None else (lambda p: None)
@@ -87,6 +96,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
     last.update(loop.evaluate(roller, view(params), eval_prompts, eval_split, eval_queries,
                               jax.random.key(config.seed + 1), step, config.rl.algo, config.rl.rollout_chunk,
                               reference(params)))
+    if held_out is not None:
+      last.update({f"held_out/{k}": v for k, v in held_out(params).items()})
     logger.log(step, last)
 
   # Its metrics are logged under TRL's DPO names (loss/total, rewards/*, logps/*) beside the eval

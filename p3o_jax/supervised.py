@@ -20,7 +20,7 @@ import numpy as np
 
 from p3o_jax import losses, resume, sharding, train_state
 from p3o_jax.data.batching import EpochIterator
-from p3o_jax.models import decoder
+from p3o_jax.models import decoder, lora
 from p3o_jax.rl import algorithms, sequences
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,27 @@ def reward_loss_fn(graph):
     scores = sequences.response_scores(graph, params, *algorithms.base.group_rows(batch)).reshape(-1, 2)
     return losses.bradley_terry(scores[:, 0], scores[:, 1])
   return loss_fn
+
+
+def held_out_metrics(loss_fn: Callable, make_batch: Callable[[np.ndarray], dict], num_examples: int,
+                     batch_size: int, mesh) -> Callable[[dict], dict]:
+  """fn(params) -> `loss_fn`'s metrics averaged over `num_examples` held-out examples, weighted
+  by rows: the batches are built once (batch_size examples each, each process its rows), and a
+  model holding LoRA adapters is read as the train step reads it (`lora.adapted`)."""
+  score = jax.jit(lambda params, batch: loss_fn(lora.adapted(params), batch)[1])
+  batches = []
+  for start in range(0, num_examples, batch_size):
+    rows = np.arange(start, min(start + batch_size, num_examples))
+    split = sharding.RowSplit(len(rows), mesh)
+    batches.append((len(rows), split.to_global(make_batch(rows[split.rows]))))
+
+  def evaluate(params) -> dict:
+    totals = {}
+    for count, batch in batches:
+      for name, value in jax.device_get(score(params, batch)).items():
+        totals[name] = totals.get(name, 0.0) + float(value) * count
+    return {name: total / num_examples for name, total in totals.items()}
+  return evaluate
 
 
 @jax.jit

@@ -31,9 +31,10 @@ def train_base(tmp_path_factory) -> str:
 
 def fresh(base_workdir, tmp_path) -> str:
   """`tmp_path` as a workdir holding finished sft and rm stages (exports, the reward model's
-  sampled pairs, completion markers)."""
+  sampled and held-out pairs, completion markers)."""
   for stage in ("sft", "rm"):
     shutil.copytree(os.path.join(base_workdir, stage, "hf"), os.path.join(tmp_path, stage, "hf"))
     workdir_lib.mark_complete(os.path.join(tmp_path, stage))
-  shutil.copy(os.path.join(base_workdir, "rm", pipeline.PAIRS_FILE), os.path.join(tmp_path, "rm", pipeline.PAIRS_FILE))
+  for name in (pipeline.PAIRS_FILE, pipeline.HELD_OUT_PAIRS_FILE):
+    shutil.copy(os.path.join(base_workdir, "rm", name), os.path.join(tmp_path, "rm", name))
   return str(tmp_path)

@@ -96,16 +96,42 @@ def base_workdir(tmp_path_factory):
 
 
 def test_rm_saves_its_sampled_pairs_and_dpo_reads_them(base_workdir):
-  """The demo's rm stage writes the pairs it trained on in the hub's preference schema; offline
-  algorithms read them back, and they are the pairs a fresh sampling gives."""
-  path = os.path.join(base_workdir, "rm", pipeline.PAIRS_FILE)
-  config = tiny_config()
+  """The demo's rm stage writes the pairs it trained on, and one pair per held-out prompt, in the
+  hub's preference schema; offline algorithms read them back, and they are the pairs a fresh
+  sampling gives."""
+  config = demo_base.tiny_config()  # as the base was trained
   task = pipeline.load_task(config, base_workdir)
-  pairs = pipeline.preference_pairs(config, base_workdir, task)
+  pairs, held_out = pipeline.preference_pairs(config, base_workdir, task)
   assert len(pairs["prompt"]) == config.rm.num_prompts * config.rm.pairs_per_prompt
-  as_dataset = hub.load_preferences(path, "train")  # usable as data.preference as it is
-  assert list(as_dataset["chosen"]) == pairs["chosen"] and list(as_dataset["rejected"]) == pairs["rejected"]
+  assert held_out["prompt"] == task.eval_prompts  # one pair for each (eval.num_prompts < eval.num_pairs)
+  for name, got in ((pipeline.PAIRS_FILE, pairs), (pipeline.HELD_OUT_PAIRS_FILE, held_out)):
+    as_dataset = hub.load_preferences(os.path.join(base_workdir, "rm", name), "train")  # usable as data.preference
+    assert list(as_dataset["chosen"]) == got["chosen"] and list(as_dataset["rejected"]) == got["rejected"]
   assert pairs == pipeline.sample_preferences(config, base_workdir, task)
+  assert held_out == pipeline.sample_preferences(config, base_workdir, task, held_out=True)
+
+
+def test_reward_model_held_out_accuracy_is_what_its_scores_give(base_workdir):
+  """The rm stage's last held-out record against the exported reward model's own scores of the
+  held-out pairs, computed by the rollout's reward path (`rollout.reference_rewards`)."""
+  from p3o_jax.data import batching
+  from p3o_jax.metrics_log import read_jsonl
+  from p3o_jax.models import policy as models
+  from p3o_jax.rl.rollout import ModelReward, reference_rewards
+  config = demo_base.tiny_config()  # as the base was trained
+  task = pipeline.load_task(config, base_workdir)
+  _, held_out = pipeline.preference_pairs(config, base_workdir, task)
+  rm = models.load(os.path.join(base_workdir, "rm", "hf"), pipeline._placement(config), head="score")
+  query, query_mask = batching.tokenize_prompts(task.tokenizer, held_out["prompt"], config.data.max_prompt_len,
+                                                config.data.truncate_prompts)
+  scores = []
+  for side in ("chosen", "rejected"):
+    response, response_mask = batching.tokenize_responses(task.tokenizer, held_out[side], config.sampler.max_new_tokens)
+    scores.append(reference_rewards(ModelReward(rm.graph, rm.params), query, query_mask, response, response_mask))
+  last = [r for r in read_jsonl(os.path.join(base_workdir, "rm", "metrics.jsonl")) if "rm/held_out/rm/accuracy" in r][-1]
+  assert last["step"] == config.rm.steps
+  np.testing.assert_allclose(last["rm/held_out/rm/accuracy"], np.mean(scores[0] > scores[1]), atol=1e-6)
+  np.testing.assert_allclose(last["rm/held_out/rm/margin"], np.mean(scores[0] - scores[1]), rtol=1e-4, atol=1e-5)
 
 
 def test_dpo_with_lora_trains_only_the_targeted_kernels(base_workdir, tmp_path):

@@ -113,6 +113,9 @@ def test_every_algorithm_runs_checkpoints_and_resumes_bitwise(base_workdir, tmp_
   if rl["algo"] == "dpo":  # reference log-probs from the starting policy: every margin is 0 at step 1
     np.testing.assert_allclose(rows_a[0]["loss/total"], np.log(2), atol=1e-6)
     np.testing.assert_allclose(rows_a[0]["rewards/margins"], 0.0, atol=1e-6)
+    # and on the held-out pairs, scored at every evaluation
+    np.testing.assert_allclose(evals[0]["held_out/loss/dpo"], np.log(2), atol=1e-6)
+    assert np.isfinite(evals[1]["held_out/rewards/accuracies"]) and evals[1]["held_out/loss/dpo"] != evals[0]["held_out/loss/dpo"]
 
 
 class StopAfter:

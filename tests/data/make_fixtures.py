@@ -31,6 +31,7 @@ write("openai_summarize_tldr.jsonl", [{"prompt": tldr_prompt(s, t, p), "label": 
 
 # trl-lib/tldr-preference: prompt, chosen, rejected (strings).
 write("tldr_preference/train.jsonl", [{"prompt": tldr_prompt(s, t, p), "chosen": " " + good, "rejected": " " + bad} for s, t, p, good, bad in posts[:6]])
+write("tldr_preference/validation.jsonl", [{"prompt": tldr_prompt(s, t, p), "chosen": " " + good, "rejected": " " + bad} for s, t, p, good, bad in posts[6:]])
 
 # trl-internal-testing/tldr-preference-trl-style: prompt string; chosen/rejected as message lists; extra columns.
 def msgs(prompt, reply):

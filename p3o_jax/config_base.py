@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every=50, num_prompts=256,
       num_pairs=512,  # held-out preference pairs scored every eval.every steps (data.preference_eval_split;
-                      # the demo samples one per held-out prompt); 0: none
+                      # the demo samples rm.pairs_per_prompt for each held-out prompt); 0: none
       judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
   # allow_changes: 'field,section.*' a resume may see changed beyond workdir.SAFE_TO_CHANGE

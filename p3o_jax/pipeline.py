@@ -37,7 +37,7 @@ from p3o_jax.rl.rollout import ModelReward, TextReward, decode_rows, make_roller
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "rl", "eval")
 PAIRS_FILE = "preferences.jsonl"  # under rm/: the pairs the rm stage sampled (demo)
-HELD_OUT_PAIRS_FILE = "preferences_held_out.jsonl"  # and one pair per held-out prompt
+HELD_OUT_PAIRS_FILE = "preferences_held_out.jsonl"  # and the held-out prompts' pairs
 
 
 @dataclasses.dataclass
@@ -227,22 +227,23 @@ def with_lora(config, stage: str, model: Policy) -> Policy:
   return model
 
 
-def sample_preferences(config, workdir: str, task: Task, held_out: bool = False) -> dict:
-  """Demo: pairs sampled from the SFT policy, labelled by the gold reward via a BT coin flip:
-  rm.pairs_per_prompt for each of rm.num_prompts RL prompts, or (`held_out`) one for each of the
-  first eval.num_pairs held-out prompts. Each process samples its rows of every chunk; every
-  process gets all pairs (the dataset)."""
+def sample_preferences(config, workdir: str, task: Task) -> tuple[dict, dict | None]:
+  """Demo: (pairs, held-out pairs or None) sampled from the SFT policy, labelled by the gold
+  reward via a BT coin flip: rm.pairs_per_prompt for each of rm.num_prompts RL prompts, and as
+  many for each of the first held-out prompts, up to eval.num_pairs pairs. One pass over both
+  (the same sampler program); each process samples its rows of every chunk, and every process
+  gets all pairs (the dataset)."""
   policy = load_policy(config, sft_policy_path(config, workdir))
   tok = task.tokenizer
-  if held_out:
-    prompts, k = task.eval_prompts[: config.eval.num_pairs], 2
-  else:
-    prompts, k = task.rl_prompts[: config.rm.num_prompts or len(task.rl_prompts)], 2 * config.rm.pairs_per_prompt
+  per_prompt = config.rm.pairs_per_prompt
+  train = task.rl_prompts[: config.rm.num_prompts or len(task.rl_prompts)]
+  held_out = task.eval_prompts[: -(-config.eval.num_pairs // per_prompt)]  # ceil: 0 pairs, no prompts
+  prompts, k = train + held_out, 2 * per_prompt
   n = len(prompts)
   mesh = sharding.mesh_from_config(config.mesh)
   roller = make_roller(config, policy.graph, policy.params, TextReward(task.gold, tok), tok, mesh=mesh,
                        penalise_missing_eos=False)
-  rng = np.random.default_rng([config.seed, 1] if held_out else config.seed)
+  rng = np.random.default_rng(config.seed)
   out = {"prompt": [], "chosen": [], "rejected": []}
   chunk = 64
   for start in range(0, n, chunk):
@@ -258,7 +259,9 @@ def sample_preferences(config, workdir: str, task: Task, held_out: bool = False)
       out["prompt"].append(str(p))
       out["chosen"].append(ra if win else rb)
       out["rejected"].append(rb if win else ra)
-  return out
+  cut = len(train) * per_prompt
+  pairs = {key: rows[:cut] for key, rows in out.items()}
+  return pairs, ({key: rows[cut:cut + config.eval.num_pairs] for key, rows in out.items()} if held_out else None)
 
 
 def _write_pairs(path: str, pairs: dict) -> None:
@@ -284,8 +287,7 @@ def preference_pairs(config, workdir: str, task: Task) -> tuple[dict, dict | Non
     raise ValueError(f"rl.algo={config.rl.algo!r} trains on preference pairs: set data.preference (a dataset of "
                      f"prompt, chosen, rejected), or run the rm stage that samples them in this workdir")
   log.warning("no %s: sampling the preference pairs from the SFT policy, as the rm stage does", saved)
-  held_out = sample_preferences(config, workdir, task, held_out=True) if config.eval.num_pairs else None
-  return sample_preferences(config, workdir, task), held_out
+  return sample_preferences(config, workdir, task)
 
 
 def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
@@ -293,8 +295,7 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   tok = task.tokenizer
   prefs, held_out = task.preferences, task.eval_preferences
   if prefs is None:
-    prefs = sample_preferences(config, workdir, task)
-    held_out = sample_preferences(config, workdir, task, held_out=True) if config.eval.num_pairs else None
+    prefs, held_out = sample_preferences(config, workdir, task)
     if distributed.is_main():  # what the reward model learns from, for a look and for DPO
       _write_pairs(paths.join(out, PAIRS_FILE), prefs)
       if held_out is not None:

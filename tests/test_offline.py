@@ -96,19 +96,19 @@ def base_workdir(tmp_path_factory):
 
 
 def test_rm_saves_its_sampled_pairs_and_dpo_reads_them(base_workdir):
-  """The demo's rm stage writes the pairs it trained on, and one pair per held-out prompt, in the
-  hub's preference schema; offline algorithms read them back, and they are the pairs a fresh
-  sampling gives."""
+  """The demo's rm stage writes the pairs it trained on, and rm.pairs_per_prompt for each held-out
+  prompt, in the hub's preference schema; offline algorithms read them back, and they are the
+  pairs a fresh sampling gives."""
   config = demo_base.tiny_config()  # as the base was trained
   task = pipeline.load_task(config, base_workdir)
   pairs, held_out = pipeline.preference_pairs(config, base_workdir, task)
   assert len(pairs["prompt"]) == config.rm.num_prompts * config.rm.pairs_per_prompt
-  assert held_out["prompt"] == task.eval_prompts  # one pair for each (eval.num_prompts < eval.num_pairs)
+  per_prompt = config.rm.pairs_per_prompt  # every held-out prompt's pairs (eval.num_prompts < eval.num_pairs)
+  assert held_out["prompt"] == [p for p in task.eval_prompts for _ in range(per_prompt)]
   for name, got in ((pipeline.PAIRS_FILE, pairs), (pipeline.HELD_OUT_PAIRS_FILE, held_out)):
     as_dataset = hub.load_preferences(os.path.join(base_workdir, "rm", name), "train")  # usable as data.preference
     assert list(as_dataset["chosen"]) == got["chosen"] and list(as_dataset["rejected"]) == got["rejected"]
-  assert pairs == pipeline.sample_preferences(config, base_workdir, task)
-  assert held_out == pipeline.sample_preferences(config, base_workdir, task, held_out=True)
+  assert (pairs, held_out) == pipeline.sample_preferences(config, base_workdir, task)
 
 
 def test_reward_model_held_out_accuracy_is_what_its_scores_give(base_workdir):

@@ -1,7 +1,10 @@
-"""SFT and Bradley-Terry reward-model training: one plain loop, two pure losses.
+"""SFT and Bradley-Terry reward-model training: one plain loop, two pure losses. The loop also
+trains the offline preference algorithms (DPO, SimPO, ORPO) for `p3o_jax/preference.py`.
 
     loss_fn(params, batch) -> (loss, metrics)     pure, knows the model only through `graph`
-    fit(...)                                      jitted step, data order, logging, checkpoints
+    fit(...)                                      jitted step, data order, logging, checkpoints,
+                                                  evaluations every eval_every steps
+    held_out_metrics(...)                         a loss's metrics over held-out examples
 
 Batches are built on the host by a `make_batch(indices) -> dict of arrays` callable, so the
 loop knows nothing of tokenizers or datasets. The data order comes from `EpochIterator`,

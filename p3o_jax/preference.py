@@ -67,7 +67,6 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
     raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference pairs, fewer than dpo.batch_size="
                      f"{config.dpo.batch_size}")
   mesh = sharding.mesh_from_config(config.mesh)
-  adapters = lora.has_adapters(policy.params)
 
   def batches_of(some_pairs):
     """make_batch(indices) of `some_pairs`, with the reference's log-probs when the loss reads them:
@@ -85,17 +84,13 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
   log.info("%s: %d preference pairs, %d held out", config.rl.algo, num_pairs,
            len(held_out_pairs["prompt"]) if held_out_pairs else 0)
 
-  view = jax.jit(lora.adapted) if adapters else (lambda p: p)
-  reference = (lambda p: lora.without_adapters(p)) if roller.ref_params is None else (lambda p: None)
-  eval_split = sharding.RowSplit(eval_prompts.count, mesh)
-  eval_queries = eval_prompts.tokenize(eval_split.rows)
+  frontier_record = loop.frontier_evaluator(config, roller, eval_prompts, mesh,
+                                            *loop.policy_views(roller, policy.params))
   last = {}
 
   def evaluate(step, params):
     last.clear()
-    last.update(loop.evaluate(roller, view(params), eval_prompts, eval_split, eval_queries,
-                              jax.random.key(config.seed + 1), step, config.rl.algo, config.rl.rollout_chunk,
-                              reference(params)))
+    last.update(frontier_record(step, params))
     if held_out is not None:
       last.update({f"held_out/{k}": v for k, v in held_out(params).items()})
     logger.log(step, last)

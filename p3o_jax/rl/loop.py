@@ -70,6 +70,29 @@ def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step
   return {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
 
 
+def policy_views(roller: Roller, params, policy_params=lambda p: p) -> tuple[Callable, Callable]:
+  """(view, reference) of a run's trained params. `view(params)`: what the sampler and the
+  evaluations read, a policy holding LoRA adapters as the model's params with its targeted kernels
+  `lora.Adapted` (x W + (x A) s B in every matmul, decoding included: no merged copy of the
+  weights, and the sampler computes what the update does). `reference(params)`: for a roller
+  built without a reference, the one it reads at each call, the policy's frozen model; else None."""
+  view = jax.jit(lora.adapted) if lora.has_adapters(params) else (lambda p: p)
+  if roller.ref_params is None:
+    return view, lambda p: lora.without_adapters(policy_params(p))
+  return view, lambda p: None
+
+
+def frontier_evaluator(config, roller: Roller, prompts: Prompts, mesh, view: Callable, reference: Callable,
+                       policy_params=lambda p: p) -> Callable[[int, dict], dict]:
+  """fn(step, params) -> the frontier record of the trained `params` on the held-out prompts
+  (`evaluate`), each process tokenizing its rows once; the same sampling keys at every evaluation."""
+  split = sharding.RowSplit(prompts.count, mesh)
+  queries = prompts.tokenize(split.rows)
+  return lambda step, params: evaluate(roller, policy_params(view(params)), prompts, split, queries,
+                                       jax.random.key(config.seed + 1), step, config.rl.algo,
+                                       config.rl.rollout_chunk, reference(params))
+
+
 def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts: Prompts, eval_prompts: Prompts,
           logger, critic: Policy | None = None, stop=None) -> tuple[dict, dict]:
   """Runs config.rl.iterations RL iterations of `config.rl.algo`; returns (policy params, final
@@ -84,14 +107,8 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   algo = algorithms.create(rl, policy.graph, config.sampler.temperature)
   total_steps = rl.iterations * rl.inner_epochs * rl.num_minibatches
   tx = train_state.make_optimizer(config.optim, total_steps)
-  adapters = lora.has_adapters(policy.params)
   params, axes = algo.init_params(policy, critic)
-  # The rollout and the evaluation read the policy as the model's params with its targeted kernels
-  # `lora.Adapted` (x W + (x A) s B in every matmul, decoding included): no merged copy of the
-  # weights, and the sampler computes what the update does.
-  view = jax.jit(lora.adapted) if adapters else (lambda p: p)
-  # A roller built without a reference reads it from the state: a LoRA policy's frozen model.
-  reference = (lambda p: lora.without_adapters(algo.policy_params(p))) if roller.ref_params is None else (lambda p: None)
+  view, reference = policy_views(roller, policy.params, algo.policy_params)
   order = EpochIterator(train_prompts.count, rl.prompts_per_rollout, seed=config.seed)
   run = resume.start("rl", params, tx, axes, mesh_cfg=config.mesh, workdir=workdir, ckpt_cfg=config.ckpt,
                      order=order)
@@ -101,8 +118,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   value_fn = algo.value_fn()
   old_pass = not algo.skips_old_pass(rl)  # one epoch of one minibatch: the update's forward is pi_old's
   split = sharding.RowSplit(rl.prompts_per_rollout, run.mesh)      # this process's rows of each rollout
-  eval_split = sharding.RowSplit(eval_prompts.count, run.mesh)
-  eval_queries = eval_prompts.tokenize(eval_split.rows)
+  evaluator = frontier_evaluator(config, roller, eval_prompts, run.mesh, view, reference, algo.policy_params)
   moments = RunningMoments() if rl.reward_scaling else None
   kl = algo.kl_controller()
   if run.start:
@@ -112,9 +128,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
   key = jax.random.key(config.seed)
 
   def held_out(step):
-    record = evaluate(roller, algo.policy_params(view(run.state.params)), eval_prompts, eval_split, eval_queries,
-                      jax.random.key(config.seed + 1), step, rl.algo, rl.rollout_chunk,  # same keys at every eval
-                      reference(run.state.params))
+    record = evaluator(step, run.state.params)
     logger.log(step, record)
     return record
 

@@ -1,5 +1,5 @@
 """Loss functions for RLHF: P3O (V1, V2, K >= 2), PPO (+ GAE, whitening), the DPO family (DPO,
-IPO, SLiC's hinge, RPO's NLL term), SimPO, ORPO, Bradley-Terry, SFT, and the pieces the other
+IPO, SLiC's hinge, RPO's NLL term), SimPO, ORPO, KTO, Bradley-Terry, SFT, and the pieces the other
 policy-gradient baselines share (clipped surrogate, k3 KL, group advantages; their losses live
 with each algorithm in `p3o_jax/rl/algorithms/`).
 
@@ -735,6 +735,61 @@ def orpo(
                 **_preference_metrics(lam * avg_c, lam * avg_r, pc, pr, mask)}
 
 
+def kto(
+    policy_logp: Array,
+    ref_logp: Array,
+    desirable: Array,
+    policy_kl_logp: Array,
+    ref_kl_logp: Array,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    mask: Array | None = None,
+    normaliser: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """KTO (Ethayarajh et al. 2024, "Model Alignment as Prospect Theoretic Optimization", eq. 8) on
+  responses labelled desirable or undesirable, one at a time (no pairs).
+
+    r    = logp - ref_logp                                     (the implicit reward over beta)
+    z0   = max(0, mean over the batch of kl_logp - ref_kl_logp), no gradient: the KL reference
+           point, estimated on responses to OTHER prompts
+    loss = lam_D (1 - sigma(beta (r - z0)))   desirable
+           lam_U (1 - sigma(beta (z0 - r)))   undesirable
+    mean over responses
+
+  Args:
+    policy_logp, ref_logp: [B] sequence log-probabilities of the labelled responses.
+    desirable: [B] bool labels. policy_kl_logp, ref_kl_logp: [B] of the mismatched responses.
+    desirable_weight, undesirable_weight: lam_D, lam_U (the paper keeps
+      lam_D n_D / (lam_U n_U) in [1, 4/3]). mask: [B] bool valid rows. normaliser: response count.
+  Returns:
+    (loss, metrics) with TRL's KTO names: 'kl' (z0), 'rewards/chosen' and 'rewards/rejected'
+    (mean beta r of the desirable / undesirable responses), their difference 'rewards/margins',
+    and 'logps/chosen', 'logps/rejected'.
+  """
+  shape = policy_logp.shape
+  for name, x in (("ref_logp", ref_logp), ("desirable", desirable), ("policy_kl_logp", policy_kl_logp),
+                  ("ref_kl_logp", ref_kl_logp)):
+    _shape(name, x, shape)
+  mask = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
+  _shape("mask", mask, shape)
+  desirable = desirable.astype(bool)
+  kl_terms = jax.lax.stop_gradient(jnp.where(mask, policy_kl_logp - ref_kl_logp, 0.0))
+  z0 = jnp.maximum(masked_mean(kl_terms, mask), 0.0)
+  logp = jnp.where(mask, policy_logp, 0.0)
+  reward = beta * (logp - jax.lax.stop_gradient(jnp.where(mask, ref_logp, 0.0)))
+  terms = jnp.where(desirable, desirable_weight * (1.0 - jax.nn.sigmoid(reward - beta * z0)),
+                    undesirable_weight * (1.0 - jax.nn.sigmoid(beta * z0 - reward)))
+  loss = _divide(masked_sum(terms, mask), jnp.sum(mask), normaliser)
+  good, bad = mask & desirable, mask & ~desirable
+  reward, logp = jax.lax.stop_gradient((reward, logp))
+  chosen, rejected = masked_mean(reward, good), masked_mean(reward, bad)
+  return loss, {"loss/kto": loss, "kl": z0, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected, "logps/chosen": masked_mean(logp, good),
+                "logps/rejected": masked_mean(logp, bad)}
+
+
 def _preference_metrics(chosen_reward, rejected_reward, pc, pr, mask) -> dict[str, Array]:
   """TRL's DPO metrics: the implicit rewards of each side, how often the chosen one's is higher,
   their margin, and the policy's log-probabilities."""
@@ -808,6 +863,7 @@ LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
     "dpo": dpo,
     "simpo": simpo,
     "orpo": orpo,
+    "kto": kto,
     "bradley_terry": bradley_terry,
     "sft": sft,
 }

@@ -4,10 +4,11 @@ on the KL-reward frontier as the RL loop does.
     pairs -> [reference log-probs, once] -> supervised.fit(algorithm's loss) -> frontier evals
 
 The algorithm (`OfflineAlgorithm` in `p3o_jax/rl/algorithms/`) supplies the loss; this module
-builds its batches, computes the reference's sequence log-probs of every pair once before
-training (so a step runs no reference pass, as TRL's precompute_ref_log_probs), and
-every eval.every steps samples the held-out prompts to log the same frontier records the RL loop
-logs (`loop.evaluate`). Sizes and the optimizer come from `config.dpo`.
+builds its batches (of pairs, or for KTO of single labelled responses, `unpair`), computes the
+reference's sequence log-probs of every row once before training (so a step runs no reference
+pass, as TRL's precompute_ref_log_probs), and every eval.every steps samples the held-out prompts
+to log the same frontier records the RL loop logs (`loop.evaluate`). Sizes and the optimizer
+come from `config.dpo`.
 """
 
 from __future__ import annotations
@@ -28,17 +29,40 @@ log = logging.getLogger(__name__)
 
 
 def pair_batches(config, tokenizer, pairs: dict):
-  """make_rows(indices) -> the preference batch of those pairs (`batching.preference_batch`)."""
+  """make_rows(indices) -> the preference batch of those pairs (`batching.preference_batch`); of
+  `unpair`'s examples, each response and its mismatched one in the two slots, with its label."""
+  first, second = ("completion", "mismatched") if "label" in pairs else ("chosen", "rejected")
+
   def make_rows(idx):
     pick = lambda key: [pairs[key][i] for i in idx]
-    return batching.preference_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"),
+    rows = batching.preference_batch(tokenizer, pick("prompt"), pick(first), pick(second),
                                      config.data.max_prompt_len, config.sampler.max_new_tokens,
                                      config.data.truncate_prompts)
+    return rows | ({"label": np.asarray(pick("label"), np.float32)} if "label" in pairs else {})
   return make_rows
 
 
+def unpair(pairs: dict) -> dict:
+  """KTO's examples from preference pairs, as TRL unpairs a paired dataset: every chosen response
+  labelled desirable (1), then every rejected one undesirable (0). Each example also gets a
+  `mismatched` response for the KL reference point: the next example's (cyclically) whose prompt
+  differs from its own, so a prompt's several pairs never estimate it on themselves."""
+  n = len(pairs["prompt"])
+  prompts = list(pairs["prompt"]) * 2
+  completions = list(pairs["chosen"]) + list(pairs["rejected"])
+  mismatched = []
+  for i, prompt in enumerate(prompts):
+    j = next((j % (2 * n) for j in range(i + 1, i + 2 * n) if prompts[j % (2 * n)] != prompt), None)
+    if j is None:
+      raise ValueError(f"KTO's KL reference point needs responses to at least two prompts; all {n} pairs "
+                       f"share the prompt {prompt[:60]!r}")
+    mismatched.append(completions[j])
+  return {"prompt": prompts, "completion": completions, "mismatched": mismatched, "label": [1.0] * n + [0.0] * n}
+
+
 def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
-  """[num_pairs, 2] sequence log-probs (chosen, rejected) under `params`, batch_size pairs at a
+  """[num_pairs, 2] sequence log-probs (of both slots: chosen and rejected, or KTO's response and
+  its mismatched one) under `params`, batch_size pairs at a
   time (the last batch filled by wrapping round, so one program serves all), each process
   computing its rows of each batch; every process gets all of them."""
   score = jax.jit(algo.sequence_logprobs)
@@ -62,10 +86,12 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
   (`held_out/*`: the implicit reward's accuracy on pairs it does not train on). A policy holding
   LoRA adapters trains them alone, as in `loop.train`."""
   algo = algorithms.create(config.rl, policy.graph, temperature=1.0)
+  if algo.unpaired:
+    pairs, held_out_pairs = unpair(pairs), held_out_pairs and unpair(held_out_pairs)
   num_pairs = len(pairs["prompt"])
   if num_pairs < config.dpo.batch_size:
-    raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference pairs, fewer than dpo.batch_size="
-                     f"{config.dpo.batch_size}")
+    raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference {'examples' if algo.unpaired else 'pairs'}"
+                     f", fewer than dpo.batch_size={config.dpo.batch_size}")
   mesh = sharding.mesh_from_config(config.mesh)
 
   def batches_of(some_pairs):
@@ -81,7 +107,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
   if held_out_pairs:
     held_out = supervised.held_out_metrics(lambda p, batch: algo.loss(p, batch), batches_of(held_out_pairs),
                                            len(held_out_pairs["prompt"]), config.dpo.batch_size, mesh)
-  log.info("%s: %d preference pairs, %d held out", config.rl.algo, num_pairs,
+  log.info("%s: %d preference %s, %d held out", config.rl.algo, num_pairs, "examples" if algo.unpaired else "pairs",
            len(held_out_pairs["prompt"]) if held_out_pairs else 0)
 
   frontier_record = loop.frontier_evaluator(config, roller, eval_prompts, mesh,

@@ -273,6 +273,28 @@ def orpo(pc, pr, len_c, len_r, *, lam):
   return out
 
 
+def kto(logp, ref_logp, desirable, kl_logp, ref_kl_logp, *, beta, desirable_weight=1.0, undesirable_weight=1.0):
+  """KTO (Ethayarajh et al. 2024, eq. 8): E[lambda_y - v(x, y)] with v = lambda_D sigma(beta (r - z0))
+  for a desirable y and lambda_U sigma(beta (z0 - r)) for an undesirable one, r the log-ratio to the
+  reference and z0 = max(0, mean KL log-ratio over the mismatched responses)."""
+  sigmoid = lambda z: 1 / (1 + math.exp(-z))
+  z0 = max(0.0, float(np.mean([a - b for a, b in zip(kl_logp, ref_kl_logp)])))
+  losses, chosen, rejected, logp_chosen, logp_rejected = [], [], [], [], []
+  for a, b_, good in zip(logp, ref_logp, desirable):
+    r = a - b_
+    if good:
+      losses.append(desirable_weight - desirable_weight * sigmoid(beta * (r - z0)))
+      chosen.append(beta * r)
+      logp_chosen.append(a)
+    else:
+      losses.append(undesirable_weight - undesirable_weight * sigmoid(beta * (z0 - r)))
+      rejected.append(beta * r)
+      logp_rejected.append(a)
+  return {"loss": np.mean(losses), "kl": z0, "rewards/chosen": np.mean(chosen), "rewards/rejected": np.mean(rejected),
+          "rewards/margins": np.mean(chosen) - np.mean(rejected), "logps/chosen": np.mean(logp_chosen),
+          "logps/rejected": np.mean(logp_rejected)}
+
+
 def _preference_out(losses, cr, rj, pc, pr):
   cr, rj = np.array(cr), np.array(rj)
   return {"loss": np.mean(losses), "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),

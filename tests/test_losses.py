@@ -484,6 +484,38 @@ def test_orpo_matches_numpy():
   assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("kl_shift,weights", [(0.5, (1.0, 1.0)), (-0.5, (1.0, 1.0)), (0.5, (1.33, 0.7))],
+                         ids=["kl", "kl-clamped-at-0", "weighted"])
+def test_kto_matches_numpy(kl_shift, weights):
+  rng = np.random.default_rng(22)
+  logp, ref_logp = rng.normal(-20, 5, 8), rng.normal(-20, 5, 8)
+  kl_ref = rng.normal(-30, 5, 8)
+  kl_logp = kl_ref + kl_shift * 8 + rng.normal(0, 1, 8)  # a mean log-ratio near 4 (or -4: z0 is then 0)
+  desirable = np.array([1, 0, 1, 1, 0, 0, 1, 0], bool)
+  kw = dict(beta=0.1, desirable_weight=weights[0], undesirable_weight=weights[1])
+  loss, metrics = losses.kto(f32(logp), f32(ref_logp), jnp.asarray(desirable), f32(kl_logp), f32(kl_ref), **kw)
+  want = ref.kto(logp, ref_logp, desirable, kl_logp, kl_ref, **kw)
+  assert (want["kl"] > 1) == (kl_shift > 0)
+  chex.assert_trees_all_close(loss, f32(want["loss"]), rtol=RTOL, atol=ATOL)
+  for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+    chex.assert_trees_all_close(metrics[name], f32(want[name]), rtol=RTOL, atol=ATOL, custom_message=name)
+  # A masked row (NaN in every input) changes nothing, the KL estimate included.
+  pad = lambda x: f32(np.r_[x, np.nan])
+  masked, masked_metrics = losses.kto(pad(logp), pad(ref_logp), jnp.asarray(np.r_[desirable, True]), pad(kl_logp),
+                                      pad(kl_ref), mask=jnp.arange(9) < 8, **kw)
+  np.testing.assert_allclose(masked, loss, rtol=RTOL)
+  np.testing.assert_allclose(masked_metrics["kl"], metrics["kl"], rtol=RTOL)
+  # The gradient: d loss / d logp_i = -lam_D (desirable) or +lam_U times beta sigma'(beta (r - z0)) / B, and
+  # none through the reference point.
+  grad_logp, grad_kl = jax.grad(lambda x, k: losses.kto(x, f32(ref_logp), jnp.asarray(desirable), k, f32(kl_ref),
+                                                        **kw)[0], argnums=(0, 1))(f32(logp), f32(kl_logp))
+  z = 0.1 * (logp - ref_logp - want["kl"])
+  s = 1 / (1 + np.exp(-z))
+  want_grad = np.where(desirable, -weights[0], weights[1]) * 0.1 * s * (1 - s) / 8
+  np.testing.assert_allclose(grad_logp, want_grad, rtol=1e-4, atol=1e-9)
+  np.testing.assert_array_equal(grad_kl, 0.0)
+
+
 def test_bradley_terry_matches_numpy():
   rng = np.random.default_rng(19)
   chosen, rejected = rng.normal(0, 2, 8), rng.normal(0, 2, 8)
@@ -515,6 +547,6 @@ def test_sft_and_sequence_helpers_match_numpy():
 
 def test_registry_selects_by_name():
   assert losses.get_loss("p3o") is losses.p3o
-  assert set(losses.LOSSES) >= {"p3o", "ppo", "dpo", "simpo", "orpo", "bradley_terry", "sft"}
+  assert set(losses.LOSSES) >= {"p3o", "ppo", "dpo", "simpo", "orpo", "kto", "bradley_terry", "sft"}
   with pytest.raises(ValueError, match="grpo"):
     losses.get_loss("grpo")

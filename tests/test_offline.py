@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 import demo_base
 import reference_losses as ref
 from demo_base import fresh
-from p3o_jax import config_checks, pipeline, train_state
+from p3o_jax import config_checks, pipeline, preference, train_state
 from p3o_jax.data import hub
 from p3o_jax.rl import algorithms
 from test_pipeline import iteration_rows, run_rl, tiny_config
@@ -42,15 +42,23 @@ def unpadded_pair_logprobs(graph, params, batch):
 
 @pytest.mark.parametrize("rl", [dict(algo="dpo"), dict(algo="dpo", dpo_loss="ipo"),
                                 dict(algo="dpo", dpo_label_smoothing=0.1), dict(algo="dpo", rpo_alpha=0.5),
-                                dict(algo="simpo"), dict(algo="orpo")],
-                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo", "orpo"])
+                                dict(algo="simpo"), dict(algo="orpo"), dict(algo="kto"),
+                                dict(algo="kto", kto_desirable_weight=1.3, dpo_beta=0.5)],
+                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo", "orpo", "kto", "kto-weighted"])
 def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
   graph, params = tiny(ROTARY, 0)
-  _, ref_params = tiny(ROTARY, 1)
+  # for KTO a reference below the policy on the mismatched responses (z0 > 0, not clamped to 0)
+  _, ref_params = tiny(ROTARY, 2 if rl["algo"] == "kto" else 1)
   batch = preference_batch(30)
   algo = algorithms.create(rl_config(**rl), graph, 1.0)
   policy = unpadded_pair_logprobs(graph, params, batch)
-  if rl["algo"] == "dpo":
+  if rl["algo"] == "kto":  # slot 0 the labelled responses, slot 1 the mismatched ones
+    reference = unpadded_pair_logprobs(graph, ref_params, batch)
+    batch["ref_logp"], batch["label"] = reference.astype(np.float32), (np.arange(B) % 3 > 0).astype(np.float32)
+    want = ref.kto(policy[:, 0], reference[:, 0], batch["label"] > 0, policy[:, 1], reference[:, 1],
+                   beta=rl.get("dpo_beta", 0.1), desirable_weight=rl.get("kto_desirable_weight", 1.0))
+    assert want["kl"] > 0
+  elif rl["algo"] == "dpo":
     reference = unpadded_pair_logprobs(graph, ref_params, batch)
     batch["ref_logp"] = reference.astype(np.float32)
     want = ref.dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1,
@@ -66,7 +74,10 @@ def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
   np.testing.assert_allclose(loss, want["loss"], rtol=2e-5)
   for name in ("rewards/margins", "logps/chosen", "logps/rejected"):
     np.testing.assert_allclose(metrics[name], want[name], rtol=2e-5, atol=1e-5, err_msg=name)
-  assert 0 < want["rewards/accuracies"] < 1  # the pairs are not all ordered one way already
+  if "kl" in want:
+    np.testing.assert_allclose(metrics["kl"], want["kl"], rtol=2e-5)
+  else:
+    assert 0 < want["rewards/accuracies"] < 1  # the pairs are not all ordered one way already
   np.testing.assert_allclose(algo.count(batch), B)
 
 
@@ -88,6 +99,42 @@ def test_dpo_steps_raise_the_chosen_margin():
   after = unpadded_pair_logprobs(graph, state.params, batch) - batch["ref_logp"]
   assert losses[-1] < 0.5 * np.log(2), losses
   assert np.all(after[:, 0] - after[:, 1] > 0), after
+
+
+def test_kto_steps_separate_desirable_from_undesirable():
+  """KTO from the reference itself: every response's loss is 1 - sigma(0) = 0.5 and the KL
+  reference point 0; a few Adam steps raise every desirable response's log-ratio above every
+  undesirable one's, which fall."""
+  graph, params = tiny(ROTARY, 0)
+  batch = preference_batch(31)
+  batch["label"] = (np.arange(B) % 2).astype(np.float32)
+  algo = algorithms.create(rl_config(algo="kto", dpo_beta=0.5), graph, 1.0)
+  batch["ref_logp"] = np.asarray(jax.jit(algo.sequence_logprobs)(params, batch))
+  tx = optax.adam(1e-2)
+  state = train_state.create(jax.tree.map(jnp.copy, params), tx)
+  step = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
+  history = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    history.append((float(metrics["loss/total"]), float(metrics["kl"])))
+  np.testing.assert_allclose(history[0], (0.5, 0.0), atol=1e-6)
+  assert history[-1][0] < 0.4, history
+  ratio = (unpadded_pair_logprobs(graph, state.params, batch) - batch["ref_logp"])[:, 0]
+  good = batch["label"] > 0
+  assert ratio[good].min() > 0 > ratio[~good].max(), ratio
+
+
+def test_unpair_labels_each_response_and_mismatches_prompts():
+  pairs = {"prompt": ["a", "a", "b", "b", "c", "c"], "chosen": [f"w{i}" for i in range(6)],
+           "rejected": [f"l{i}" for i in range(6)]}
+  examples = preference.unpair(pairs)
+  assert examples["completion"] == pairs["chosen"] + pairs["rejected"]
+  assert examples["prompt"] == pairs["prompt"] * 2 and examples["label"] == [1.0] * 6 + [0.0] * 6
+  source = dict(zip(examples["completion"], examples["prompt"]))
+  assert all(source[m] != p for m, p in zip(examples["mismatched"], examples["prompt"]))
+  assert examples["mismatched"][:3] == ["w2", "w2", "w4"] and examples["mismatched"][-1] == "w0"
+  with pytest.raises(ValueError, match="at least two prompts; all 2 pairs share the prompt 'a'"):
+    preference.unpair({"prompt": ["a", "a"], "chosen": ["x", "y"], "rejected": ["z", "u"]})
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def assert_finite_iterations(workdir, algo, steps):
   from p3o_jax.rl import algorithms
   rows = iteration_rows(workdir, algo)
   assert [r["step"] for r in rows] == steps
-  names = (("loss/total", "rewards/margins", "rewards/accuracies", "logps/chosen", "optim/grad_norm")
+  names = (("loss/total", "rewards/margins", "logps/chosen", "optim/grad_norm")
            if algorithms.get(algo).offline else
            ("loss/total", "objective/kl", "objective/scores", "objective/rlhf_reward", "gold/reward", "optim/grad_norm"))
   for row in rows:
@@ -116,6 +116,10 @@ def test_every_algorithm_runs_checkpoints_and_resumes_bitwise(base_workdir, tmp_
     # and on the held-out pairs, scored at every evaluation
     np.testing.assert_allclose(evals[0]["held_out/loss/dpo"], np.log(2), atol=1e-6)
     assert np.isfinite(evals[1]["held_out/rewards/accuracies"]) and evals[1]["held_out/loss/dpo"] != evals[0]["held_out/loss/dpo"]
+  if rl["algo"] == "kto":  # from the reference: each response's loss 1 - sigma(0), the KL reference point 0
+    np.testing.assert_allclose((rows_a[0]["loss/total"], rows_a[0]["kl"]), (0.5, 0.0), atol=1e-6)
+    np.testing.assert_allclose((evals[0]["held_out/loss/kto"], evals[0]["held_out/kl"]), (0.5, 0.0), atol=1e-6)
+    assert evals[1]["held_out/loss/kto"] != 0.5
 
 
 class StopAfter:

@@ -239,9 +239,13 @@ class OfflineAlgorithm(Algorithm):
   offline = True
   weight_level = None
   uses_reference: ClassVar[bool] = True
+  # True: trains on single labelled responses (KTO). Its batches then hold B responses to their
+  # prompts at [:, 0], each one's `label` [B] (1 desirable, 0 undesirable), and at [:, 1] a
+  # response to another prompt (`preference.unpair`); `ref_logp` covers both.
+  unpaired: ClassVar[bool] = False
 
   def count(self, batch: dict):
-    """One term per pair."""
+    """One term per pair (per response when unpaired)."""
     return jnp.float32(batch["response"].shape[0])
 
 

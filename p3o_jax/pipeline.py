@@ -48,7 +48,8 @@ class Task:
   sft_completions: list[str]
   rl_prompts: list[str]
   eval_prompts: list[str]
-  preferences: dict | None = None           # {'prompt', 'chosen', 'rejected'} lists (hub tasks)
+  preferences: dict | None = None           # {'prompt', 'chosen', 'rejected'} lists (hub tasks), or
+                                            # unpaired {'prompt', 'completion', 'label'} (KTO alone)
   eval_preferences: dict | None = None      # held-out pairs, the same (data.preference_eval_split)
   gold: Callable | None = None              # gold(prompts, responses) -> [N] (demo)
   rl_references: list[str] | None = None    # each prompt's dataset response (rl.reward_baseline)
@@ -92,8 +93,8 @@ def load_task(config, workdir: str) -> Task:
                          f"data.prompts={data.prompts!r} ({split}): {e}") from e
   return Task(tokenizer, sft["prompt"] if sft else [], sft["completion"] if sft else [],
               list(prompts["prompt"]), list(eval_prompts["prompt"])[: config.eval.num_prompts],
-              preferences=None if prefs is None else {k: list(prefs[k]) for k in ("prompt", "chosen", "rejected")},
-              eval_preferences=None if held_out is None else {k: list(held_out[k]) for k in ("prompt", "chosen", "rejected")},
+              preferences=None if prefs is None else prefs.to_dict(),
+              eval_preferences=None if held_out is None else held_out.to_dict(),
               rl_references=references.get("rl"),
               eval_references=references.get("eval", [])[: config.eval.num_prompts] or None)
 
@@ -294,6 +295,10 @@ def run_rm(config, workdir: str, task: Task, stop=None) -> str | None:
   out = paths.join(workdir, "rm")
   tok = task.tokenizer
   prefs, held_out = task.preferences, task.eval_preferences
+  if prefs is not None and "label" in prefs:
+    raise ValueError(f"data.preference={config.data.preference!r} holds unpaired responses (prompt, completion, "
+                     "label), which train KTO alone; the reward model trains on pairs: drop the rm stage and give "
+                     "the rl stage's reward by model.reward_hf or model.reward_fn")
   if prefs is None:
     prefs, held_out = sample_preferences(config, workdir, task)
     if distributed.is_main():  # what the reward model learns from, for a look and for DPO

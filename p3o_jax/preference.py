@@ -43,21 +43,27 @@ def pair_batches(config, tokenizer, pairs: dict):
 
 
 def unpair(pairs: dict) -> dict:
-  """KTO's examples from preference pairs, as TRL unpairs a paired dataset: every chosen response
-  labelled desirable (1), then every rejected one undesirable (0). Each example also gets a
-  `mismatched` response for the KL reference point: the next example's (cyclically) whose prompt
-  differs from its own, so a prompt's several pairs never estimate it on themselves."""
-  n = len(pairs["prompt"])
-  prompts = list(pairs["prompt"]) * 2
-  completions = list(pairs["chosen"]) + list(pairs["rejected"])
+  """KTO's examples: of preference pairs, as TRL unpairs a paired dataset, every chosen response
+  labelled desirable (1), then every rejected one undesirable (0); of an unpaired dataset
+  ({prompt, completion, label}), its rows as they are. Each example also gets a `mismatched`
+  response for the KL reference point: the next example's (cyclically) whose prompt differs from
+  its own, so a prompt's other responses never estimate it."""
+  if "label" in pairs:
+    prompts, completions = list(pairs["prompt"]), list(pairs["completion"])
+    labels = [float(bool(label)) for label in pairs["label"]]
+  else:
+    n = len(pairs["prompt"])
+    prompts, completions = list(pairs["prompt"]) * 2, list(pairs["chosen"]) + list(pairs["rejected"])
+    labels = [1.0] * n + [0.0] * n
+  n = len(prompts)
   mismatched = []
   for i, prompt in enumerate(prompts):
-    j = next((j % (2 * n) for j in range(i + 1, i + 2 * n) if prompts[j % (2 * n)] != prompt), None)
+    j = next((j % n for j in range(i + 1, i + n) if prompts[j % n] != prompt), None)
     if j is None:
-      raise ValueError(f"KTO's KL reference point needs responses to at least two prompts; all {n} pairs "
-                       f"share the prompt {prompt[:60]!r}")
+      raise ValueError(f"KTO's KL reference point needs responses to at least two prompts; all {n} responses "
+                       f"answer the prompt {prompt[:60]!r}")
     mismatched.append(completions[j])
-  return {"prompt": prompts, "completion": completions, "mismatched": mismatched, "label": [1.0] * n + [0.0] * n}
+  return {"prompt": prompts, "completion": completions, "mismatched": mismatched, "label": labels}
 
 
 def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
@@ -88,6 +94,9 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
   algo = algorithms.create(config.rl, policy.graph, temperature=1.0)
   if algo.unpaired:
     pairs, held_out_pairs = unpair(pairs), held_out_pairs and unpair(held_out_pairs)
+  elif "label" in pairs:
+    raise ValueError(f"rl.algo={config.rl.algo!r} trains on pairs; data.preference={config.data.preference!r} holds "
+                     "unpaired responses (prompt, completion, label), which train rl.algo='kto' alone")
   num_pairs = len(pairs["prompt"])
   if num_pairs < config.dpo.batch_size:
     raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference {'examples' if algo.unpaired else 'pairs'}"

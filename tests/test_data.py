@@ -139,6 +139,21 @@ def test_tldr_preference_records(source):
   assert prefs["rejected"] == [text(r["rejected"]) for r in raw]
 
 
+def test_unpaired_preference_records():
+  """TRL's unpaired (KTO) format: each response with its label; SFT reads the desirable ones."""
+  source = os.path.join(DATA, "tldr_unpaired")
+  raw = read_jsonl(os.path.join(source, "train.jsonl"))
+  prefs = hub.load_preferences(source, "train")
+  assert prefs.column_names == ["prompt", "completion", "label"]
+  assert prefs.to_list() == raw and 0 < sum(prefs["label"]) < len(raw)
+  sft = hub.load_sft(source, "train")
+  assert sft["completion"] == [r["completion"] for r in raw if r["label"]]
+  as_ints = hub.preference_records(datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": 1}]))
+  assert as_ints["label"] == [True]
+  with pytest.raises(ValueError, match="row 1: label is int '2'; expected true"):
+    hub.preference_records(datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": v} for v in (0, 2)]))
+
+
 def test_hh_rlhf_transcripts_split_at_last_shared_assistant_turn():
   raw = read_jsonl(os.path.join(DATA, "hh_rlhf", "train.jsonl"))
   prefs = hub.load_preferences(os.path.join(DATA, "hh_rlhf"), "train")

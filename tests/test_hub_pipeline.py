@@ -126,6 +126,35 @@ def test_hh_offline_dpo_on_the_preference_dataset(tmp_path):
   transformers.AutoModelForCausalLM.from_pretrained(outputs["dpo policy (HF)"])
 
 
+def test_tldr_kto_on_unpaired_responses(tmp_path):
+  """rl.algo=kto on configs/tldr.py trains on a dataset of single labelled responses (TRL's
+  unpaired format), evaluated on its validation split; the reward model and DPO refuse it by name."""
+  source = os.path.join(DATA, "tldr_unpaired")
+  tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "validation"))
+  c = shrink(tldr.get_config(), tmp_path)
+  c.stage = "rl"
+  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
+  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
+  c.data.sft = c.data.preference = c.data.prompts = source
+  c.rl.algo, c.dpo.steps, c.dpo.batch_size = "kto", 2, 4
+  workdir = str(tmp_path / "run")
+  outputs = main.run(c, workdir)
+  log = read_jsonl(os.path.join(workdir, "rl", "kto", "metrics.jsonl"))
+  rows = [r for r in log if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  np.testing.assert_allclose((rows[0]["loss/total"], rows[0]["kl"]), (0.5, 0.0), atol=1e-6)  # from the reference
+  evals = [r for r in log if "eval/kl" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  np.testing.assert_allclose(evals[0]["held_out/loss/kto"], 0.5, atol=1e-6)  # the 4 validation responses
+  transformers.AutoModelForCausalLM.from_pretrained(outputs["kto policy (HF)"])
+  task = pipeline.load_task(c, workdir)
+  with pytest.raises(ValueError, match="data.preference=.*tldr_unpaired.* holds unpaired responses"):
+    pipeline.run_rm(c, workdir, task)
+  c.rl.algo = "dpo"
+  with pytest.raises(ValueError, match="rl.algo='dpo' trains on pairs; data.preference=.*unpaired"):
+    pipeline.run_rl(c, workdir, task)
+
+
 def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):
   """configs/hh.py subtracts r(x, y_chosen) (P3O paper, HH): with a reward of the response's
   length in characters, each prompt's baseline is the length of its dataset chosen response."""

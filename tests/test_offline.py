@@ -133,7 +133,7 @@ def test_unpair_labels_each_response_and_mismatches_prompts():
   source = dict(zip(examples["completion"], examples["prompt"]))
   assert all(source[m] != p for m, p in zip(examples["mismatched"], examples["prompt"]))
   assert examples["mismatched"][:3] == ["w2", "w2", "w4"] and examples["mismatched"][-1] == "w0"
-  with pytest.raises(ValueError, match="at least two prompts; all 2 pairs share the prompt 'a'"):
+  with pytest.raises(ValueError, match="at least two prompts; all 4 responses answer the prompt 'a'"):
     preference.unpair({"prompt": ["a", "a"], "chosen": ["x", "y"], "rejected": ["z", "u"]})
 
 
@@ -202,6 +202,9 @@ def test_offline_settings_are_checked_by_name(base_workdir, tmp_path):
     config_checks.validate(config)
   assert "rl.dpo_loss must be one of 'sigmoid', 'ipo', 'hinge'; got 'kto'" in str(info.value)
   assert "dpo.batch_size" in str(info.value)
+  config = tiny_config(algo="kto", kto_undesirable_weight=-1.0)
+  with pytest.raises(config_checks.ConfigError, match="rl.kto_undesirable_weight"):
+    config_checks.validate(config)
   workdir = fresh(base_workdir, tmp_path)
   config = tiny_config(algo="dpo")
   config.dpo.batch_size = 64

@@ -19,10 +19,14 @@ Supported schemas (detected from the column names; extra columns are dropped):
 | trl-internal-testing/tldr-preference-trl-style | prompt (string), chosen/rejected as message lists; the last assistant message is the response |
 | Dahoas/rm-static                   | prompt, response, chosen, rejected | chosen         | yes   |
 | Anthropic/hh-rlhf                  | chosen, rejected (full transcripts)| chosen         | yes   |
+| unpaired (TRL's KTO format)        | prompt, completion, label (bool)   | desirable ones | KTO   |
 
 * CarperAI's labels do not start with a space while the prompt ends in "TL;DR:"; a space is
   added where neither side has one, so that a BPE tokenizer sees the usual " word" tokens when
   prompt and completion are tokenized apart (as `batching.sft_batch` does).
+
+Unpaired preferences, a response at a time labelled desirable or not, train KTO alone
+(`rl.algo=kto`); the reward model and the other offline algorithms need pairs.
 
 Anthropic/hh-rlhf has no prompt column: the prompt is the shared prefix of `chosen` and
 `rejected` up to and including its last "\\n\\nAssistant:"; the responses are what follows.
@@ -32,17 +36,20 @@ render such datasets to text first.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import datasets
+
+log = logging.getLogger(__name__)
 
 ASSISTANT_TURN = "\n\nAssistant:"
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _SFT_SCHEMAS = ("{prompt, completion} (trl-lib/tldr)", "{prompt, label} (CarperAI/openai_summarize_tldr)",
                 "{prompt, chosen, rejected} (use chosen)", "{chosen, rejected} (Anthropic/hh-rlhf)")
 _PREF_SCHEMAS = ("{prompt, chosen, rejected} (trl-lib/tldr-preference, Dahoas/rm-static)",
-                 "{chosen, rejected} (Anthropic/hh-rlhf)")
+                 "{chosen, rejected} (Anthropic/hh-rlhf)", "{prompt, completion, label} (unpaired, KTO's)")
 _PROMPT_SCHEMAS = ("{prompt, ...}", "{chosen, rejected} (Anthropic/hh-rlhf)")
 
 
@@ -92,6 +99,14 @@ def _prompt_text(value: Any) -> str:
                    "a chat template: render them to text before loading")
 
 
+def _label(value: Any) -> bool:
+  """An unpaired preference's label: True (desirable) or False; 0 and 1 are read as those."""
+  if isinstance(value, bool) or value in (0, 1):
+    return bool(value)
+  raise ValueError(f"label is {type(value).__name__} {str(value)[:80]!r}; expected true (a desirable "
+                   "response) or false")
+
+
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
   """(prompt, chosen, rejected) from two HH transcripts that share the conversation so far."""
   common = os.path.commonprefix([chosen, rejected])
@@ -125,6 +140,10 @@ def _convert(ds: datasets.Dataset, fn, columns: list[str]) -> datasets.Dataset:
 def sft_records(ds: datasets.Dataset) -> datasets.Dataset:
   """Dataset{prompt, completion} from any supported SFT or preference schema (see module table)."""
   cols = set(ds.column_names)
+  if {"prompt", "completion", "label"} <= cols and getattr(ds.features["label"], "dtype", None) == "bool":
+    kept = ds.filter(lambda r: r["label"])  # unpaired preferences: SFT on the desirable responses alone
+    log.info("SFT on %d desirable of %d labelled responses", len(kept), len(ds))
+    ds = kept
   if {"prompt", "completion"} <= cols:
     fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "completion": _text(r["completion"], "completion")}
   elif {"prompt", "label"} <= cols:
@@ -139,8 +158,13 @@ def sft_records(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def preference_records(ds: datasets.Dataset) -> datasets.Dataset:
-  """Dataset{prompt, chosen, rejected} (texts; chosen is the preferred response)."""
+  """Dataset{prompt, chosen, rejected} (texts; chosen is the preferred response), or of an unpaired
+  dataset Dataset{prompt, completion, label} (label True: a desirable response)."""
   cols = set(ds.column_names)
+  if {"prompt", "completion", "label"} <= cols:
+    fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "completion": _text(r["completion"], "completion"),
+                    "label": _label(r["label"])}
+    return _convert(ds, fn, ["prompt", "completion", "label"])
   if {"prompt", "chosen", "rejected"} <= cols:
     fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "chosen": _text(r["chosen"], "chosen"),
                     "rejected": _text(r["rejected"], "rejected")}

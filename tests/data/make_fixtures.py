@@ -64,3 +64,9 @@ rows = [{"prompt": transcript(t, ""), "response": c, "chosen": c, "rejected": r}
 os.makedirs("rm_static/data", exist_ok=True)
 datasets.Dataset.from_list(rows[:4]).to_parquet("rm_static/data/train-00000-of-00001.parquet")
 datasets.Dataset.from_list(rows[4:]).to_parquet("rm_static/data/test-00000-of-00001.parquet")
+
+# Unpaired preferences in TRL's KTO format: prompt, completion, label (bool); a post's responses not adjacent.
+unpaired = lambda ps: [{"prompt": tldr_prompt(s, t, p), "completion": " " + text, "label": label}
+                       for label in (True, False) for s, t, p, good, bad in ps for text in [good if label else bad]]
+write("tldr_unpaired/train.jsonl", unpaired(posts[:6]))
+write("tldr_unpaired/validation.jsonl", unpaired(posts[6:]))

@@ -13,7 +13,8 @@ runs and only recomputes the outputs.
 
 The KL coefficient each algorithm sweeps (`--betas`): rl.beta (in the reward for P3O, RLOO and
 REINFORCE++, on the k3 loss term for GRPO and GSPO), PPO's initial coefficient with the adaptive
-controller off (a fixed beta per run, as the other methods have), online DPO's dpo_beta.
+controller off (a fixed beta per run, as the other methods have), dpo_beta for online DPO, DPO and
+KTO.
 
 Outputs in --out:
   frontier.png         gold and proxy reward against KL per algorithm: the frontier of each seed
@@ -53,6 +54,7 @@ ALGORITHMS = {
     "PPO": ("ppo", "ppo", {}),
     "online DPO": ("online_dpo", "online_dpo", {}),
     "DPO": ("dpo", "dpo", {}),
+    "KTO": ("kto", "kto", {}),
     "RLOO": ("rloo", "rloo", {}),
     "GRPO": ("grpo", "grpo", {"loss_type": "grpo"}),
     "Dr. GRPO": ("dr_grpo", "grpo", {"loss_type": "dr_grpo"}),
@@ -73,7 +75,7 @@ KL_LEVELS = 3
 def beta_options(algo: str, beta: float) -> dict:
   if algo == "ppo":
     return {"kl_init": beta, "adaptive_kl": False}
-  if algo in ("online_dpo", "dpo"):
+  if algo in ("online_dpo", "dpo", "kto"):
     return {"dpo_beta": beta}
   return {"beta": beta}
 

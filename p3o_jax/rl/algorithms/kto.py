@@ -1,8 +1,9 @@
 """KTO (Ethayarajh et al. 2024, "Model Alignment as Prospect Theoretic Optimization"): each
 response on its own, labelled desirable or undesirable, against a KL reference point estimated
-on responses to other prompts. It needs no pairs: trained on the preference pairs, each pair
-gives its chosen response as desirable and its rejected one as undesirable, as TRL unpairs a
-paired dataset (`p3o_jax/preference.py`, `unpair`). Its beta is rl.dpo_beta, as DPO's."""
+on responses to other prompts. It needs no pairs: it trains on a dataset of labelled responses
+(`data.preference` with prompt, completion, label) or on the preference pairs, each giving its
+chosen response as desirable and its rejected one as undesirable, as TRL unpairs a paired
+dataset (`p3o_jax/preference.py`, `unpair`). Its beta is rl.dpo_beta, as DPO's."""
 
 from __future__ import annotations
 

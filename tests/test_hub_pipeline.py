@@ -61,6 +61,13 @@ def shrink(c, tmp_path):
   return c
 
 
+def given_models(c, tmp_path, tokenizer, source):
+  """The policy and reward model as given HF checkpoints (tiny, made here); every dataset `source`."""
+  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
+  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
+  c.data.sft = c.data.preference = c.data.prompts = source
+
+
 def test_tldr_pipeline_on_hub_schema_files(tmp_path):
   """sft on trl-lib/tldr rows, reward model on trl-lib/tldr-preference rows, P3O on the prompts,
   eval on the validation split; activations in bfloat16 as the config ships."""
@@ -90,9 +97,7 @@ def test_hh_rl_from_given_policy_and_reward_model(tmp_path):
   tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "test"))
   c = shrink(hh.get_config(), tmp_path)
   assert c.stage == "rl"
-  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
-  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
-  c.data.sft = c.data.preference = c.data.prompts = source
+  given_models(c, tmp_path, tokenizer, source)
   c.rl.algo = "ppo"
   c.rl.critic = "separate"  # critic initialised from the reward model
   workdir = str(tmp_path / "run")
@@ -112,9 +117,7 @@ def test_hh_offline_dpo_on_the_preference_dataset(tmp_path):
   source = os.path.join(DATA, "rm_static")
   tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "test"))
   c = shrink(hh.get_config(), tmp_path)
-  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
-  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
-  c.data.sft = c.data.preference = c.data.prompts = source
+  given_models(c, tmp_path, tokenizer, source)
   c.rl.algo, c.dpo.steps, c.dpo.batch_size = "dpo", 2, 4
   workdir = str(tmp_path / "run")
   outputs = main.run(c, workdir)
@@ -133,9 +136,7 @@ def test_tldr_kto_on_unpaired_responses(tmp_path):
   tokenizer = train_tokenizer(fixture_texts(source) + fixture_texts(source, "validation"))
   c = shrink(tldr.get_config(), tmp_path)
   c.stage = "rl"
-  c.model.hf = save_neox(tmp_path / "policy", tokenizer)
-  c.model.reward_hf = save_neox(tmp_path / "rm", tokenizer, seq_cls=True)
-  c.data.sft = c.data.preference = c.data.prompts = source
+  given_models(c, tmp_path, tokenizer, source)
   c.rl.algo, c.dpo.steps, c.dpo.batch_size = "kto", 2, 4
   workdir = str(tmp_path / "run")
   outputs = main.run(c, workdir)

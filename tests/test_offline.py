@@ -81,22 +81,30 @@ def test_loss_on_a_batch_is_the_formula_of_unpadded_logprobs(rl):
   np.testing.assert_allclose(algo.count(batch), B)
 
 
+def adam_steps(graph, params, algo, batch, steps=8):
+  """`steps` Adam steps of the algorithm's loss on one batch whose reference is the starting
+  policy; returns the final params and each step's metrics."""
+  batch["ref_logp"] = np.asarray(jax.jit(algo.sequence_logprobs)(params, batch))
+  tx = optax.adam(1e-2)
+  state = train_state.create(jax.tree.map(jnp.copy, params), tx)
+  step = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return state.params, history
+
+
 def test_dpo_steps_raise_the_chosen_margin():
   """A few Adam steps on one batch: the policy's log-ratio margin of the chosen response over the
   rejected one grows from 0 and the loss falls below log 2."""
   graph, params = tiny(ROTARY, 0)
   batch = preference_batch(31)
   algo = algorithms.create(rl_config(algo="dpo", dpo_beta=0.5), graph, 1.0)
-  batch["ref_logp"] = np.asarray(jax.jit(algo.sequence_logprobs)(params, batch))
-  tx = optax.adam(1e-2)
-  state = train_state.create(jax.tree.map(jnp.copy, params), tx)
-  step = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
-  losses = []
-  for _ in range(8):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss/total"]))
+  params, history = adam_steps(graph, params, algo, batch)
+  losses = [m["loss/total"] for m in history]
   np.testing.assert_allclose(losses[0], np.log(2), atol=1e-6)  # the reference is the starting policy
-  after = unpadded_pair_logprobs(graph, state.params, batch) - batch["ref_logp"]
+  after = unpadded_pair_logprobs(graph, params, batch) - batch["ref_logp"]
   assert losses[-1] < 0.5 * np.log(2), losses
   assert np.all(after[:, 0] - after[:, 1] > 0), after
 
@@ -109,17 +117,10 @@ def test_kto_steps_separate_desirable_from_undesirable():
   batch = preference_batch(31)
   batch["label"] = (np.arange(B) % 2).astype(np.float32)
   algo = algorithms.create(rl_config(algo="kto", dpo_beta=0.5), graph, 1.0)
-  batch["ref_logp"] = np.asarray(jax.jit(algo.sequence_logprobs)(params, batch))
-  tx = optax.adam(1e-2)
-  state = train_state.create(jax.tree.map(jnp.copy, params), tx)
-  step = jax.jit(train_state.make_step(lambda p, b: algo.loss(p, b), tx))
-  history = []
-  for _ in range(8):
-    state, metrics = step(state, batch)
-    history.append((float(metrics["loss/total"]), float(metrics["kl"])))
-  np.testing.assert_allclose(history[0], (0.5, 0.0), atol=1e-6)
-  assert history[-1][0] < 0.4, history
-  ratio = (unpadded_pair_logprobs(graph, state.params, batch) - batch["ref_logp"])[:, 0]
+  params, history = adam_steps(graph, params, algo, batch)
+  np.testing.assert_allclose((history[0]["loss/total"], history[0]["kl"]), (0.5, 0.0), atol=1e-6)
+  assert history[-1]["loss/total"] < 0.4, history
+  ratio = (unpadded_pair_logprobs(graph, params, batch) - batch["ref_logp"])[:, 0]
   good = batch["label"] > 0
   assert ratio[good].min() > 0 > ratio[~good].max(), ratio
 

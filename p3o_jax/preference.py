@@ -67,10 +67,10 @@ def unpair(pairs: dict) -> dict:
 
 
 def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
-  """[num_pairs, 2] sequence log-probs (of both slots: chosen and rejected, or KTO's response and
-  its mismatched one) under `params`, batch_size pairs at a
-  time (the last batch filled by wrapping round, so one program serves all), each process
-  computing its rows of each batch; every process gets all of them."""
+  """[num_pairs, 2] sequence log-probs of both slots (chosen and rejected, or KTO's response and
+  its mismatched one) under `params`, batch_size pairs at a time (the last batch filled by
+  wrapping round, so one program serves all), each process computing its rows of each batch;
+  every process gets all of them."""
   score = jax.jit(algo.sequence_logprobs)
   split = sharding.RowSplit(batch_size, mesh)
   out = np.zeros((num_pairs, 2), np.float32)

@@ -58,9 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rm = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, pairs_per_prompt=1, num_prompts=0,
                                         optim=optim(1e-5)))
   c.optim = optim(6e-6)  # the RL optimizer
-  # Offline preference optimisation (rl.algo dpo, simpo, orpo; p3o_jax/preference.py): steps of
-  # batch_size pairs from the reward model's data (data.preference, or the demo's sampled pairs),
-  # evaluated on the frontier every eval.every steps. DPO's beta is rl.dpo_beta, as online DPO's.
+  # Offline preference optimisation (rl.algo dpo, simpo, orpo, kto; p3o_jax/preference.py): steps
+  # of batch_size pairs (KTO: responses) from the reward model's data (data.preference, or the
+  # demo's sampled pairs), evaluated on the frontier every eval.every steps. DPO's and KTO's beta
+  # is rl.dpo_beta, as online DPO's.
   c.dpo = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, optim=optim(1e-6)))
 
   c.rl = ml_collections.ConfigDict(dict(

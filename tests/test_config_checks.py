@@ -43,7 +43,7 @@ def test_valid_config_passes():
     (dict(optim__lr=-1.0), "optim.lr must be > 0, got -1"),
     (dict(optim__lr=0.0), "optim.lr must be > 0, got 0"),
     (dict(rl__k=1), "rl.k must be >= 2, got 1"),
-    (dict(rl__algo="gpro"), "rl.algo must be one of 'p3o', 'ppo', 'online_dpo', 'dpo', 'simpo', 'orpo', 'grpo', 'gspo', 'reinforce_pp', 'rloo'; got 'gpro'"),
+    (dict(rl__algo="gpro"), "rl.algo must be one of 'p3o', 'ppo', 'online_dpo', 'dpo', 'simpo', 'orpo', 'kto', 'grpo', 'gspo', 'reinforce_pp', 'rloo'; got 'gpro'"),
     (dict(rl__variant="v3"), "rl.variant must be one of 'v1', 'v2'; got 'v3'"),
     (dict(rl__eps=0.0), "rl.eps must be > 0, got 0"),
     (dict(rl__c=0.5), "rl.c must be >= 1, got 0.5"),

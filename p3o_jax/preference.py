@@ -66,12 +66,12 @@ def unpair(pairs: dict) -> dict:
   return {"prompt": prompts, "completion": completions, "mismatched": mismatched, "label": labels}
 
 
-def reference_logprobs(algo, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
+def reference_logprobs(score, params, make_rows, num_pairs: int, batch_size: int, mesh) -> np.ndarray:
   """[num_pairs, 2] sequence log-probs of both slots (chosen and rejected, or KTO's response and
-  its mismatched one) under `params`, batch_size pairs at a time (the last batch filled by
-  wrapping round, so one program serves all), each process computing its rows of each batch;
-  every process gets all of them."""
-  score = jax.jit(algo.sequence_logprobs)
+  its mismatched one) under `params` by `score` (the jitted `algo.sequence_logprobs`, made once
+  by the caller so that every call reuses its program), batch_size pairs at a time (the last
+  batch filled by wrapping round, so one program serves all), each process computing its rows of
+  each batch; every process gets all of them."""
   split = sharding.RowSplit(batch_size, mesh)
   out = np.zeros((num_pairs, 2), np.float32)
   for start in range(0, num_pairs, batch_size):
@@ -102,12 +102,13 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, pairs: dict, 
     raise ValueError(f"rl.algo={config.rl.algo!r}: {num_pairs} preference {'examples' if algo.unpaired else 'pairs'}"
                      f", fewer than dpo.batch_size={config.dpo.batch_size}")
   mesh = sharding.mesh_from_config(config.mesh)
+  score = jax.jit(algo.sequence_logprobs)  # one program for the training pairs' and the held-out ones
 
   def batches_of(some_pairs):
     """make_batch(indices) of `some_pairs`, with the reference's log-probs when the loss reads them:
     the policy's own forward at the start (its adapters, B = 0, add nothing)."""
     make_rows, count = pair_batches(config, policy.tokenizer, some_pairs), len(some_pairs["prompt"])
-    ref = (reference_logprobs(algo, lora.without_adapters(policy.params), make_rows, count, config.dpo.batch_size,
+    ref = (reference_logprobs(score, lora.without_adapters(policy.params), make_rows, count, config.dpo.batch_size,
                               mesh) if algo.uses_reference else None)
     return lambda idx: make_rows(idx) | ({} if ref is None else {"ref_logp": ref[idx]})
 

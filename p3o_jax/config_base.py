@@ -15,7 +15,7 @@ from p3o_jax.rl import algorithms
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"   # sft | rm | rl | eval | pipeline
-  c.task = "demo"        # demo | tldr | hh
+  c.task = "demo"        # demo (the embedded task), or any name for hub data: tldr | hh | ultrafeedback
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
       sft="", preference="", prompts="",       # hub ids or local paths
       sft_split="train", preference_split="train", prompts_split="train", eval_split="test",
       preference_eval_split="",  # held-out pairs (the reward model's and DPO's held-out accuracy; "": none)
+      # renders conversational (message-list) rows to text: a Jinja template or a file holding one;
+      # "": the tokenizer's own. Set, it is saved with every exported policy's tokenizer.
+      chat_template="",
       max_prompt_len=64,
       truncate_prompts="left"))  # a prompt over max_prompt_len: cut its start (left), its end (right), or error
   c.data.demo = ml_collections.ConfigDict()

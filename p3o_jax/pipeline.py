@@ -56,6 +56,19 @@ class Task:
   eval_references: list[str] | None = None
 
 
+def chat_template(template: str, tokenizer) -> hub.ChatTemplate | None:
+  """What renders conversational data: data.chat_template (a Jinja template, or a file holding one)
+  set on `tokenizer`, so that the policies the stages export carry it, or else the tokenizer's
+  own template; None when neither is there (text data needs none)."""
+  if template and "{" not in template:
+    if not paths.resolve(template).is_file():
+      raise FileNotFoundError(f"data.chat_template={template!r}: no such file, and not a Jinja template")
+    template = paths.resolve(template).read_text()
+  if template:
+    tokenizer.chat_template = template
+  return hub.ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+
+
 def load_task(config, workdir: str) -> Task:
   if config.task == "demo":
     d = config.data.demo
@@ -75,19 +88,20 @@ def load_task(config, workdir: str) -> Task:
   except OSError as e:  # transformers' message names no id when the hub and its cache fail
     raise OSError(f"model.{field}={config.model[field]!r}: no tokenizer in that folder, the Hugging Face "
                   f"Hub or its local cache: {e}") from e
-  sft = hub.load_sft(data.sft, data.sft_split) if data.sft else None
-  prefs = hub.load_preferences(data.preference, data.preference_split) if data.preference else None
+  chat = chat_template(data.chat_template, tokenizer)
+  sft = hub.load_sft(data.sft, data.sft_split, chat) if data.sft else None
+  prefs = hub.load_preferences(data.preference, data.preference_split, chat) if data.preference else None
   held_out = None
   if data.preference and data.preference_eval_split and config.eval.num_pairs:
-    held_out = hub.load_preferences(data.preference, data.preference_eval_split)
+    held_out = hub.load_preferences(data.preference, data.preference_eval_split, chat)
     held_out = held_out.select(range(min(len(held_out), config.eval.num_pairs)))
-  prompts = hub.load_prompts(data.prompts, data.prompts_split)
-  eval_prompts = hub.load_prompts(data.prompts, data.eval_split)
+  prompts = hub.load_prompts(data.prompts, data.prompts_split, chat)
+  eval_prompts = hub.load_prompts(data.prompts, data.eval_split, chat)
   references = {}
   if config.rl.reward_baseline == "reference":
     for name, split in (("rl", data.prompts_split), ("eval", data.eval_split)):
       try:  # the dataset's own response to each prompt: what SFT would train on
-        references[name] = list(hub.load_sft(data.prompts, split)["completion"])
+        references[name] = list(hub.load_sft(data.prompts, split, chat)["completion"])
       except ValueError as e:
         raise ValueError(f"rl.reward_baseline='reference' needs a response for every prompt in "
                          f"data.prompts={data.prompts!r} ({split}): {e}") from e

@@ -1,4 +1,5 @@
 """Data layer: demo task and gold reward, hub-schema loaders on local fixtures, batching, resume."""
+import copy
 import json
 import os
 
@@ -191,10 +192,106 @@ def test_unknown_schema_errors_name_found_and_expected_columns():
     with pytest.raises(ValueError, match=r"columns found \['answer', 'question'\]; expected one of .*prompt"):
       fn(ds)
   chat = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}])
-  with pytest.raises(ValueError, match="row 0: prompt is list.*chat template"):
+  with pytest.raises(ValueError, match="row 0: column .prompt. holds chat messages and the tokenizer has no chat template"):
     hub.sft_records(chat)
   with pytest.raises(ValueError, match="expected a file ending"):
     hub.load_split(os.path.join(DATA, "make_fixtures.py"), "train")
+
+
+# ----------------------------------------------------------------------------- conversational rows
+
+CHATML = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml(messages, generation=True):
+  """ChatML written out by hand: the reference the template's rendering is checked against."""
+  text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+  return text + ("<|im_start|>assistant\n" if generation else "")
+
+
+@pytest.fixture(scope="module")
+def chat(bpe_tok):
+  tok = copy.deepcopy(bpe_tok)
+  tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+  tok.chat_template = CHATML
+  return hub.ChatTemplate(tok), tok
+
+
+def test_conversational_preferences_render_with_the_chat_template(chat):
+  """HuggingFaceH4/ultrafeedback_binarized (a text prompt beside chosen/rejected conversations),
+  trl-lib/ultrafeedback_binarized (the prompt implicit in them) and TRL's explicit conversational
+  format all read as the same texts: the shared messages rendered with the generation prompt, each
+  reply as the text it adds, end of turn included; the prompt once with the tokenizer's BOS."""
+  renderer, tok = chat
+  source = os.path.join(DATA, "ultrafeedback_binarized")
+  raw = hub.load_split(source, "train_prefs")
+  shared = [r["chosen"][:-1] for r in raw]
+  expected = {"prompt": [chatml(m) for m in shared],
+              "chosen": [r["chosen"][-1]["content"] + "<|im_end|>\n" for r in raw],
+              "rejected": [r["rejected"][-1]["content"] + "<|im_end|>\n" for r in raw]}
+  assert any(len(m) == 3 for m in shared)  # a multi-turn row: the earlier reply is the prompt's
+  assert hub.load_preferences(source, "train_prefs", renderer).to_dict() == expected
+  implicit = raw.remove_columns(["prompt", "prompt_id", "messages"])  # trl-lib's columns
+  assert hub.preference_records(implicit, renderer).to_dict() == expected
+  explicit = datasets.Dataset.from_list([{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:],
+                                          "rejected": r["rejected"][-1:]} for r in raw])
+  assert hub.preference_records(explicit, renderer).to_dict() == expected
+  sft = hub.load_sft(source, "train_prefs", renderer)
+  assert sft["prompt"] == expected["prompt"] and sft["completion"] == expected["chosen"]
+  assert hub.load_prompts(source, "train_prefs", renderer)["prompt"] == expected["prompt"]
+  messages = datasets.Dataset.from_list([{"messages": r["messages"]} for r in raw])  # trl-lib/Capybara's column
+  assert hub.sft_records(messages, renderer).to_dict() == {"prompt": expected["prompt"], "completion": expected["chosen"]}
+  assert hub.prompt_records(messages, renderer)["prompt"] == expected["prompt"]
+  unpaired = datasets.Dataset.from_list([{"prompt": r["chosen"][:-1], "completion": r["rejected"][-1:], "label": False}
+                                         for r in raw])  # trl-lib/kto-mix-14k's columns
+  assert hub.preference_records(unpaired, renderer)["completion"] == expected["rejected"]
+  tokens, mask = batching.tokenize_prompts(tok, expected["prompt"][:2], 64)
+  assert [int((row[m] == tok.bos_token_id).sum()) for row, m in zip(tokens, mask)] == [1, 1]
+  assert tok.decode(tokens[0][mask[0]]) == tok.bos_token + expected["prompt"][0]
+
+
+def test_conversational_rows_without_a_template_or_a_prompt_fail_naming_the_row(chat):
+  renderer, _ = chat
+  source = os.path.join(DATA, "ultrafeedback_binarized")
+  # A text prompt and no template: the replies are the last assistant messages' content, as for
+  # trl-internal-testing/tldr-preference-trl-style.
+  raw = hub.load_split(source, "test_prefs")
+  prefs = hub.load_preferences(source, "test_prefs")
+  assert prefs["prompt"] == raw["prompt"] and prefs["chosen"] == [r[-1]["content"] for r in raw["chosen"]]
+  implicit = raw.remove_columns(["prompt"])
+  with pytest.raises(ValueError, match="row 0: column 'chosen' holds chat messages and the tokenizer has no chat "
+                                       "template: set data.chat_template"):
+    hub.preference_records(implicit)
+  parted = datasets.Dataset.from_list([
+      {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+       "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
+  with pytest.raises(ValueError, match="row 0: chosen and rejected share no leading messages"):
+    hub.preference_records(parted, renderer)
+  with pytest.raises(ValueError, match="row 0: column 'messages' needs an assistant message after"):
+    hub.sft_records(datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}]), renderer)
+  with pytest.raises(ValueError, match="row 0: column 'prompt' holds list"):
+    hub.prompt_records(datasets.Dataset.from_list([{"prompt": [{"content": "no role"}]}]), renderer)
+
+
+def test_a_prompt_ending_in_an_assistant_message_is_continued(chat):
+  renderer, _ = chat
+  prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure: "}]
+  assert renderer.prompt(prefill) == chatml(prefill[:1], generation=False) + "<|im_start|>assistant\nSure: "
+
+
+def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):
+  """A chat model whose EOS ends each turn (Qwen's <|im_end|>): the reply loses its end of turn and
+  the newline after it, so the tokenized response ends in one EOS, as a sample does."""
+  _, tok = chat
+  chat_model = copy.deepcopy(tok)
+  chat_model.eos_token = "<|im_end|>"
+  renderer = hub.ChatTemplate(chat_model)
+  question = [{"role": "user", "content": "Name a colour."}]
+  assert renderer.reply(question, [{"role": "assistant", "content": "Blue."}]) == "Blue."
+  tokens, mask = batching.tokenize_responses(chat_model, ["Blue."], 8)
+  assert chat_model.decode(tokens[0][mask[0] == 1]) == "Blue.<|im_end|>"
+  assert hub.ChatTemplate(tok).reply(question, [{"role": "assistant", "content": "Blue."}]) == "Blue.<|im_end|>\n"
 
 
 # ----------------------------------------------------------------------------- batching

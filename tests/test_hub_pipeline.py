@@ -10,7 +10,7 @@ import torch
 import transformers
 from tokenizers import models, pre_tokenizers, trainers
 
-from configs import hh, tldr
+from configs import hh, tldr, ultrafeedback
 from p3o_jax import main, pipeline
 from p3o_jax.data import hub
 from p3o_jax.models import hf
@@ -20,16 +20,17 @@ from p3o_jax.metrics_log import read_jsonl
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
-def train_tokenizer(texts) -> transformers.PreTrainedTokenizerFast:
+def train_tokenizer(texts, specials=()) -> transformers.PreTrainedTokenizerFast:
   """A small byte-level BPE tokenizer trained on the fixture texts, with GPT-NeoX's specials."""
   core = tokenizers.Tokenizer(models.BPE(unk_token=None))
   core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   core.decoder = tokenizers.decoders.ByteLevel()
   core.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
+      vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>", *specials],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
-                                              pad_token="<|padding|>", padding_side="left")
+                                              pad_token="<|padding|>", padding_side="left",
+                                              additional_special_tokens=list(specials))
 
 
 def save_neox(directory, tokenizer, seq_cls=False):
@@ -154,6 +155,46 @@ def test_tldr_kto_on_unpaired_responses(tmp_path):
   c.rl.algo = "dpo"
   with pytest.raises(ValueError, match="rl.algo='dpo' trains on pairs; data.preference=.*unpaired"):
     pipeline.run_rl(c, workdir, task)
+
+
+def test_chat_preferences_train_and_every_export_carries_the_template(tmp_path):
+  """configs/ultrafeedback.py with a base model that has no chat template, on
+  HuggingFaceH4/ultrafeedback_binarized's layout: data.chat_template (a file) renders its
+  conversations; SFT on the chosen replies, then offline DPO; each exported policy's tokenizer
+  renders a conversation as the training data were."""
+  source = os.path.join(DATA, "ultrafeedback_binarized")
+  raw = hub.load_split(source, "train_prefs")
+  tokenizer = train_tokenizer([m["content"] for r in raw for m in r["chosen"] + r["rejected"]],
+                              specials=("<|im_start|>", "<|im_end|>"))
+  template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+  (tmp_path / "chatml.jinja").write_text(template)
+  c = shrink(ultrafeedback.get_config(), tmp_path)
+  given_models(c, tmp_path, tokenizer, source)
+  c.model.reward_hf = ""  # the reward is the reply's length, not a model's
+  c.model.reward_fn = "test_hub_pipeline:reply_length"
+  c.data.chat_template = str(tmp_path / "chatml.jinja")
+  c.data.max_prompt_len = 96
+  c.pipeline.algos, c.dpo.steps, c.dpo.batch_size = ("dpo",), 2, 4
+  workdir = str(tmp_path / "run")
+  outputs = main.run(c, workdir)
+  rows = [r for r in read_jsonl(os.path.join(workdir, "rl", "dpo", "metrics.jsonl")) if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  np.testing.assert_allclose(rows[0]["loss/total"], np.log(2), atol=1e-6)  # the reference is the SFT policy
+  conversation = raw[4]["chosen"][:-1]
+  rendered = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n"
+              "<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
+  assert pipeline.load_task(c, workdir).rl_prompts[4] == rendered
+  for name in ("sft policy (HF)", "dpo policy (HF)"):
+    exported = transformers.AutoTokenizer.from_pretrained(outputs[name])
+    assert exported.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == rendered, name
+  c.data.chat_template = str(tmp_path / "missing.jinja")
+  with pytest.raises(FileNotFoundError, match="data.chat_template=.*missing.jinja.: no such file"):
+    pipeline.load_task(c, workdir)
+
+
+def reply_length(prompts, responses):
+  return [float(len(r)) for r in responses]
 
 
 def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):

@@ -1,9 +1,11 @@
-"""Read the TL;DR and HH datasets as they are on the hub (or local copies) into uniform records.
+"""Read the TL;DR, HH and chat datasets as they are on the hub (or local copies) into uniform records.
 
     ds = load_split("trl-lib/tldr", "train")             # hub id, offline cache, or local path
     sft = sft_records(ds)                                 # Dataset{prompt, completion}
     prefs = preference_records(load_split("Anthropic/hh-rlhf", "test"))  # {prompt, chosen, rejected}
     prompts = prompt_records(ds)                          # Dataset{prompt}
+    chat = ChatTemplate(tokenizer)                        # conversational rows as the tokenizer renders them
+    prefs = load_preferences("trl-lib/ultrafeedback_binarized", "train", chat)
 
 Extra keyword arguments go to `datasets.load_dataset`, e.g. `data_dir="helpful-base"` for one
 subset of Anthropic/hh-rlhf.
@@ -20,6 +22,8 @@ Supported schemas (detected from the column names; extra columns are dropped):
 | Dahoas/rm-static                   | prompt, response, chosen, rejected | chosen         | yes   |
 | Anthropic/hh-rlhf                  | chosen, rejected (full transcripts)| chosen         | yes   |
 | unpaired (TRL's KTO format)        | prompt, completion, label (bool)   | desirable ones | KTO   |
+| conversational, e.g. trl-lib/ultrafeedback_binarized (chosen, rejected message lists), trl-lib/Capybara (messages), |
+|  trl-lib/kto-mix-14k (prompt, completion message lists, label): rendered with the chat template, see below        |
 
 * CarperAI's labels do not start with a space while the prompt ends in "TL;DR:"; a space is
   added where neither side has one, so that a BPE tokenizer sees the usual " word" tokens when
@@ -30,8 +34,16 @@ Unpaired preferences, a response at a time labelled desirable or not, train KTO 
 
 Anthropic/hh-rlhf has no prompt column: the prompt is the shared prefix of `chosen` and
 `rejected` up to and including its last "\\n\\nAssistant:"; the responses are what follows.
-A prompt given as a list of chat messages needs a chat template and is refused with an error;
-render such datasets to text first.
+Conversational rows (TRL's conversational format: lists of {role, content} messages) are
+rendered to text with the tokenizer's chat template (`ChatTemplate`, the pipeline's
+data.chat_template), as TRL's `maybe_apply_chat_template` does: the prompt ends with the
+template's generation prompt (the assistant header), and a response is what rendering the
+prompt's messages followed by the reply adds after the prompt (its end-of-turn marker
+included). Where the prompt is implicit (chosen and rejected hold whole conversations), it is
+their shared leading messages; in a `messages` column it is every message before the last
+assistant turn, which is the completion. Without a chat template a conversational prompt is
+refused with an error naming the row. A prompt given as text keeps responses given as message
+lists to the last assistant message's content (trl-internal-testing/tldr-preference-trl-style).
 """
 
 from __future__ import annotations
@@ -47,10 +59,11 @@ log = logging.getLogger(__name__)
 ASSISTANT_TURN = "\n\nAssistant:"
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _SFT_SCHEMAS = ("{prompt, completion} (trl-lib/tldr)", "{prompt, label} (CarperAI/openai_summarize_tldr)",
-                "{prompt, chosen, rejected} (use chosen)", "{chosen, rejected} (Anthropic/hh-rlhf)")
+                "{prompt, chosen, rejected} (use chosen)", "{chosen, rejected} (Anthropic/hh-rlhf)",
+                "{messages} (conversational)")
 _PREF_SCHEMAS = ("{prompt, chosen, rejected} (trl-lib/tldr-preference, Dahoas/rm-static)",
                  "{chosen, rejected} (Anthropic/hh-rlhf)", "{prompt, completion, label} (unpaired, KTO's)")
-_PROMPT_SCHEMAS = ("{prompt, ...}", "{chosen, rejected} (Anthropic/hh-rlhf)")
+_PROMPT_SCHEMAS = ("{prompt, ...}", "{chosen, rejected} (Anthropic/hh-rlhf)", "{messages} (conversational)")
 
 
 def load_split(source: str, split: str, **kwargs) -> datasets.Dataset:
@@ -80,23 +93,113 @@ def _schema_error(kind: str, columns, expected) -> ValueError:
                     + "; ".join(expected))
 
 
-def _text(value: Any, column: str) -> str:
-  """A response as text: a string, or the content of the last assistant message of a chat list."""
+class ChatTemplate:
+  """Chat messages as text, rendered with `tokenizer`'s chat template.
+
+  A prompt ends with the generation prompt (or continues its last message when that is the
+  assistant's, a prefill); a reply is the text that rendering prompt + reply adds after the
+  rendered prompt. `batching` adds the special tokens both ends need, so they are not doubled:
+  a leading BOS the template writes is dropped when the tokenizer adds one itself, and a reply
+  that ends with the EOS token (a chat model's end of turn, Qwen's <|im_end|>, Llama 3's
+  <|eot_id|>) loses it and what follows, since EOS is appended to every response; the training
+  replies then end exactly as the sampler's, which stop at EOS.
+  """
+
+  def __init__(self, tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+      raise ValueError(f"{type(tokenizer).__name__} has no chat template")
+    self._tokenizer = tokenizer
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer.bos_token_id in tokenizer("x")["input_ids"][:1]
+    self._bos_to_drop = bos if adds_bos else None
+    self._eos = tokenizer.eos_token
+
+  def _render(self, messages: list, generation: bool) -> str:
+    prefill = bool(messages) and messages[-1]["role"] == "assistant"
+    return self._tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation and not prefill,
+        continue_final_message=generation and prefill)
+
+  def prompt(self, messages: list) -> str:
+    text = self._render(messages, generation=True)
+    if self._bos_to_drop and text.startswith(self._bos_to_drop):
+      text = text[len(self._bos_to_drop):]
+    return text
+
+  def reply(self, prompt: list, reply: list) -> str:
+    head, whole = self._render(prompt, generation=True), self._render(prompt + reply, generation=False)
+    if not whole.startswith(head):
+      raise ValueError("the chat template renders the prompt followed by the reply with a different "
+                       f"beginning than the prompt alone ({head[-40:]!r} against "
+                       f"{whole[len(head) - 40:len(head)]!r}), so the reply cannot be cut from it")
+    text = whole[len(head):]
+    if self._eos and text.rstrip().endswith(self._eos):
+      text = text.rstrip()[:-len(self._eos)]
+    return text
+
+
+def _messages(value: Any, column: str) -> list | None:
+  """`value` as a list of {role, content} messages, or None when it is text."""
   if isinstance(value, str):
-    return value
-  if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-    replies = [m["content"] for m in value if m.get("role") == "assistant"]
-    if replies:
-      return replies[-1]
+    return None
+  if (isinstance(value, list) and value
+      and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)):
+    return [dict(m) for m in value]
   raise ValueError(f"column {column!r} holds {type(value).__name__} {str(value)[:80]!r}; expected a "
-                   "string or a list of chat messages ending with an assistant turn")
+                   "string or a non-empty list of chat messages with role and content")
 
 
-def _prompt_text(value: Any) -> str:
-  if isinstance(value, str):
+def _needs_template(column: str) -> ValueError:
+  return ValueError(f"column {column!r} holds chat messages and the tokenizer has no chat template: set "
+                    "data.chat_template (a Jinja template, or a file holding one)")
+
+
+def _prompt_text(value: Any, chat: ChatTemplate | None, column: str = "prompt") -> str:
+  messages = _messages(value, column)
+  if messages is None:
     return value
-  raise ValueError(f"prompt is {type(value).__name__} {str(value)[:80]!r}; conversational prompts need "
-                   "a chat template: render them to text before loading")
+  if chat is None:
+    raise _needs_template(column)
+  return chat.prompt(messages)
+
+
+def _text(value: Any, column: str, prompt: Any = "", chat: ChatTemplate | None = None) -> str:
+  """A response as text: a string; a reply to a conversational prompt, rendered; or, after a
+  text prompt, the content of the last assistant message of a chat list."""
+  messages = _messages(value, column)
+  if messages is None:
+    return value
+  prompt_messages = _messages(prompt, "prompt")
+  if prompt_messages is not None:
+    if chat is None:
+      raise _needs_template("prompt")
+    return chat.reply(prompt_messages, messages)
+  replies = [m["content"] for m in messages if m["role"] == "assistant"]
+  if not replies:
+    raise ValueError(f"column {column!r} holds chat messages without an assistant turn")
+  return replies[-1]
+
+
+def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]:
+  """(prompt, chosen, rejected) messages of two conversations that share their first messages;
+  the prompt stops before the assistant turn where they part (or the last one, when equal)."""
+  shared = 0
+  while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+    shared += 1
+  while shared and chosen[shared - 1]["role"] == "assistant" and (shared == len(chosen) or shared == len(rejected)):
+    shared -= 1  # identical replies: the last assistant turns are the responses
+  if not shared or shared == len(chosen) or shared == len(rejected):
+    raise ValueError("chosen and rejected share no leading messages before an assistant reply, so "
+                     "they have no prompt")
+  return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _last_turn(messages: list) -> tuple[list, list]:
+  """(prompt, reply): a conversation cut before its last assistant message."""
+  last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+  if last == 0:
+    raise ValueError("column 'messages' needs an assistant message after at least one other")
+  return messages[:last], messages[last:]
 
 
 def _label(value: Any) -> bool:
@@ -137,74 +240,104 @@ def _convert(ds: datasets.Dataset, fn, columns: list[str]) -> datasets.Dataset:
   return out.select_columns(columns)
 
 
-def sft_records(ds: datasets.Dataset) -> datasets.Dataset:
-  """Dataset{prompt, completion} from any supported SFT or preference schema (see module table)."""
+def _implicit_pair(chosen: Any, rejected: Any, chat: ChatTemplate | None) -> dict:
+  """{prompt, chosen, rejected} texts of two whole conversations (HH transcripts or message lists)."""
+  chosen_messages, rejected_messages = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+  if chosen_messages is None or rejected_messages is None:
+    return dict(zip(("prompt", "chosen", "rejected"), split_transcripts(chosen, rejected)))
+  prompt, chosen_reply, rejected_reply = split_conversations(chosen_messages, rejected_messages)
+  return {"prompt": _prompt_text(prompt, chat, "chosen"), "chosen": _text(chosen_reply, "chosen", prompt, chat),
+          "rejected": _text(rejected_reply, "rejected", prompt, chat)}
+
+
+def _pair(row: dict, chat: ChatTemplate | None) -> dict:
+  """{prompt, chosen, rejected} texts of a preference row. As in TRL, a text prompt beside chosen and
+  rejected conversations is implicit in them when there is a chat template to render them with."""
+  prompt = row.get("prompt")
+  if prompt is None or (chat is not None and isinstance(prompt, str) and not isinstance(row["chosen"], str)):
+    return _implicit_pair(row["chosen"], row["rejected"], chat)
+  return {"prompt": _prompt_text(prompt, chat), "chosen": _text(row["chosen"], "chosen", prompt, chat),
+          "rejected": _text(row["rejected"], "rejected", prompt, chat)}
+
+
+def _conversation(messages: Any, chat: ChatTemplate | None) -> dict:
+  """{prompt, completion} texts of a `messages` conversation: the completion is its last assistant turn."""
+  prompt, reply = _last_turn(_messages(messages, "messages") or [])
+  return {"prompt": _prompt_text(prompt, chat, "messages"), "completion": _text(reply, "messages", prompt, chat)}
+
+
+def sft_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
+  """Dataset{prompt, completion} from any supported SFT or preference schema (see module table);
+  `chat` renders conversational rows."""
   cols = set(ds.column_names)
   if {"prompt", "completion", "label"} <= cols and getattr(ds.features["label"], "dtype", None) == "bool":
     kept = ds.filter(lambda r: r["label"])  # unpaired preferences: SFT on the desirable responses alone
     log.info("SFT on %d desirable of %d labelled responses", len(kept), len(ds))
     ds = kept
   if {"prompt", "completion"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "completion": _text(r["completion"], "completion")}
+    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat),
+                    "completion": _text(r["completion"], "completion", r["prompt"], chat)}
   elif {"prompt", "label"} <= cols:
     fn = lambda r: {"prompt": r["prompt"], "completion": _join_space(r["prompt"], r["label"])}
-  elif {"prompt", "chosen", "rejected"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "completion": _text(r["chosen"], "chosen")}
   elif {"chosen", "rejected"} <= cols:
-    fn = lambda r: dict(zip(("prompt", "completion"), split_transcripts(r["chosen"], r["rejected"])[:2]))
+    def fn(r):
+      pair = _pair(r, chat)
+      return {"prompt": pair["prompt"], "completion": pair["chosen"]}
+  elif "messages" in cols:
+    fn = lambda r: _conversation(r["messages"], chat)
   else:
     raise _schema_error("SFT", cols, _SFT_SCHEMAS)
   return _convert(ds, fn, ["prompt", "completion"])
 
 
-def preference_records(ds: datasets.Dataset) -> datasets.Dataset:
+def preference_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
   """Dataset{prompt, chosen, rejected} (texts; chosen is the preferred response), or of an unpaired
-  dataset Dataset{prompt, completion, label} (label True: a desirable response)."""
+  dataset Dataset{prompt, completion, label} (label True: a desirable response); `chat` renders
+  conversational rows."""
   cols = set(ds.column_names)
   if {"prompt", "completion", "label"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "completion": _text(r["completion"], "completion"),
-                    "label": _label(r["label"])}
+    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat),
+                    "completion": _text(r["completion"], "completion", r["prompt"], chat), "label": _label(r["label"])}
     return _convert(ds, fn, ["prompt", "completion", "label"])
-  if {"prompt", "chosen", "rejected"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"]), "chosen": _text(r["chosen"], "chosen"),
-                    "rejected": _text(r["rejected"], "rejected")}
-  elif {"chosen", "rejected"} <= cols:
-    fn = lambda r: dict(zip(("prompt", "chosen", "rejected"), split_transcripts(r["chosen"], r["rejected"])))
+  if {"chosen", "rejected"} <= cols:
+    fn = lambda r: _pair(r, chat)
   else:
     raise _schema_error("preference", cols, _PREF_SCHEMAS)
   return _convert(ds, fn, ["prompt", "chosen", "rejected"])
 
 
-def prompt_records(ds: datasets.Dataset) -> datasets.Dataset:
-  """Dataset{prompt} for RL rollouts and evaluation."""
+def prompt_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
+  """Dataset{prompt} for RL rollouts and evaluation; `chat` renders conversational prompts."""
   cols = set(ds.column_names)
-  if "prompt" in cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"])}
-  elif {"chosen", "rejected"} <= cols:
-    fn = lambda r: {"prompt": split_transcripts(r["chosen"], r["rejected"])[0]}
+  if {"chosen", "rejected"} <= cols:  # the prompt the pair's responses answer
+    fn = lambda r: {"prompt": _pair(r, chat)["prompt"]}
+  elif "prompt" in cols:
+    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat)}
+  elif "messages" in cols:
+    fn = lambda r: {"prompt": _conversation(r["messages"], chat)["prompt"]}
   else:
     raise _schema_error("prompt", cols, _PROMPT_SCHEMAS)
   return _convert(ds, fn, ["prompt"])
 
 
-def _load(records, source: str, split: str, **kwargs) -> datasets.Dataset:
-  """`records(load_split(...))`; an empty split and every row error name the source and split."""
+def _load(records, source: str, split: str, chat: ChatTemplate | None, **kwargs) -> datasets.Dataset:
+  """`records(load_split(...), chat)`; an empty split and every row error name the source and split."""
   ds = load_split(source, split, **kwargs)
   if len(ds) == 0:
     raise ValueError(f"{source} (split {split!r}) has no rows")
   try:
-    return records(ds)
+    return records(ds, chat)
   except ValueError as e:
     raise ValueError(f"{source} (split {split!r}): {e}") from None
 
 
-def load_sft(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return _load(sft_records, source, split, **kwargs)
+def load_sft(source: str, split: str, chat: ChatTemplate | None = None, **kwargs) -> datasets.Dataset:
+  return _load(sft_records, source, split, chat, **kwargs)
 
 
-def load_preferences(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return _load(preference_records, source, split, **kwargs)
+def load_preferences(source: str, split: str, chat: ChatTemplate | None = None, **kwargs) -> datasets.Dataset:
+  return _load(preference_records, source, split, chat, **kwargs)
 
 
-def load_prompts(source: str, split: str, **kwargs) -> datasets.Dataset:
-  return _load(prompt_records, source, split, **kwargs)
+def load_prompts(source: str, split: str, chat: ChatTemplate | None = None, **kwargs) -> datasets.Dataset:
+  return _load(prompt_records, source, split, chat, **kwargs)

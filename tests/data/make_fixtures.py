@@ -1,5 +1,5 @@
 """Regenerates the fixtures in this folder (made-up text, in the exact schema of each hub dataset). Run from here."""
-import json, os
+import hashlib, json, os
 import datasets
 
 def write(path, rows):
@@ -70,3 +70,29 @@ unpaired = lambda ps: [{"prompt": tldr_prompt(s, t, p), "completion": " " + text
                        for label in (True, False) for s, t, p, good, bad in ps for text in [good if label else bad]]
 write("tldr_unpaired/train.jsonl", unpaired(posts[:6]))
 write("tldr_unpaired/validation.jsonl", unpaired(posts[6:]))
+
+# HuggingFaceH4/ultrafeedback_binarized: prompt (string), prompt_id, chosen/rejected/messages as message lists
+# (the user turn, then the reply; messages = chosen), score_chosen, score_rejected. Hub layout: splits named in
+# README.md's configs, data/{split}-00000-of-00001.parquet.
+def chat_row(turns, good, bad, scores):
+  history = [{"content": text, "role": role} for role, text in turns]
+  first = history[0]["content"]
+  return {"prompt": first, "prompt_id": hashlib.sha256(first.encode()).hexdigest(),
+          "chosen": history + [{"content": good, "role": "assistant"}],
+          "rejected": history + [{"content": bad, "role": "assistant"}],
+          "messages": history + [{"content": good, "role": "assistant"}],
+          "score_chosen": scores[0], "score_rejected": scores[1]}
+chats = [chat_row([("user", human)], c.strip(), r.strip(), (8.0, 3.0)) for ((human, _),), c, r in
+         [(t, c, r) for t, c, r in dialogs if len(t) == 1]]
+chats += [chat_row([("user", t[0][0]), ("assistant", t[0][1].strip()), ("user", t[1][0])], c.strip(), r.strip(), (7.5, 2.0))
+          for t, c, r in dialogs if len(t) == 2]
+chats += [chat_row([("user", f"Summarize: {p}")], good, bad, (9.0, 4.0)) for s, t, p, good, bad in posts[:4]]
+os.makedirs("ultrafeedback_binarized/data", exist_ok=True)
+feedback_splits = {"train_prefs": chats[:8], "test_prefs": chats[8:], "train_sft": chats[:8], "test_sft": chats[8:],
+                   "train_gen": chats[:8], "test_gen": chats[8:]}
+for split, split_rows in feedback_splits.items():
+  datasets.Dataset.from_list(split_rows).to_parquet(f"ultrafeedback_binarized/data/{split}-00000-of-00001.parquet")
+with open("ultrafeedback_binarized/README.md", "w") as f:
+  f.write("---\nconfigs:\n- config_name: default\n  data_files:\n"
+          + "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in feedback_splits)
+          + "---\nMade-up rows in HuggingFaceH4/ultrafeedback_binarized's schema.\n")

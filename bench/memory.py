@@ -72,17 +72,22 @@ SHAPES = {
                         intermediate_size=16384),
     "GPT-J-6B": dict(model_type="gptj", vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
                      n_positions=2048, activation_function="gelu_new", tie_word_embeddings=False),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         hidden_act="silu", tie_word_embeddings=True),
 }
 KNOWN_MODELS = {  # hub ids the configs name -> SHAPES
     "EleutherAI/pythia-1b-deduped": "Pythia-1B", "EleutherAI/pythia-1b": "Pythia-1B",
     "Dahoas/pythia-1B-static-sft": "Pythia-1B", "EleutherAI/pythia-6.9b": "Pythia-6.9B",
     "EleutherAI/pythia-6.9b-deduped": "Pythia-6.9B",
-    "Dahoas/gptj-rm-static": "GPT-J-6B",
+    "Dahoas/gptj-rm-static": "GPT-J-6B", "Qwen/Qwen2.5-0.5B-Instruct": "Qwen2.5-0.5B",
 }
-SETTINGS = {  # name -> (config file, policy shape): the P3O paper's HH and TL;DR settings
+SETTINGS = {  # name -> (config file, policy shape): the P3O paper's HH and TL;DR settings, and chat
     "hh-6.9b": ("configs/hh.py", "Pythia-6.9B"),
     "hh-1b": ("configs/hh.py", None),
     "tldr-1b": ("configs/tldr.py", None),
+    "ultrafeedback-0.5b": ("configs/ultrafeedback.py", None),
 }
 PHASES = ("rollout", "log-probs", "reward", "update")
 

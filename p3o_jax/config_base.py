@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       sft="", preference="", prompts="",       # hub ids or local paths
+      data_dir="",         # a folder inside each (a hub dataset's subset: openai/gsm8k's main, HH's helpful-base)
       sft_split="train", preference_split="train", prompts_split="train", eval_split="test",
       preference_eval_split="",  # held-out pairs (the reward model's and DPO's held-out accuracy; "": none)
       # renders conversational (message-list) rows to text: a Jinja template or a file holding one;

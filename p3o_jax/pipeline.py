@@ -15,12 +15,14 @@ model.reward_hf for the reward model), so each stage runs alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
 import os
 from typing import Callable
 
+import datasets
 import jax
 import numpy as np
 from transformers import AutoTokenizer
@@ -54,6 +56,8 @@ class Task:
   gold: Callable | None = None              # gold(prompts, responses) -> [N] (demo)
   rl_references: list[str] | None = None    # each prompt's dataset response (rl.reward_baseline)
   eval_references: list[str] | None = None
+  rl_columns: datasets.Dataset | None = None   # the prompts' other dataset columns (a Python reward's
+  eval_columns: datasets.Dataset | None = None  # keyword arguments, e.g. GSM8K's answer), row for row
 
 
 def chat_template(template: str, tokenizer) -> hub.ChatTemplate | None:
@@ -89,28 +93,32 @@ def load_task(config, workdir: str) -> Task:
     raise OSError(f"model.{field}={config.model[field]!r}: no tokenizer in that folder, the Hugging Face "
                   f"Hub or its local cache: {e}") from e
   chat = chat_template(data.chat_template, tokenizer)
-  sft = hub.load_sft(data.sft, data.sft_split, chat) if data.sft else None
-  prefs = hub.load_preferences(data.preference, data.preference_split, chat) if data.preference else None
+  subset = {"data_dir": data.data_dir} if data.data_dir else {}
+  sft = hub.load_sft(data.sft, data.sft_split, chat, **subset) if data.sft else None
+  prefs = hub.load_preferences(data.preference, data.preference_split, chat, **subset) if data.preference else None
   held_out = None
   if data.preference and data.preference_eval_split and config.eval.num_pairs:
-    held_out = hub.load_preferences(data.preference, data.preference_eval_split, chat)
+    held_out = hub.load_preferences(data.preference, data.preference_eval_split, chat, **subset)
     held_out = held_out.select(range(min(len(held_out), config.eval.num_pairs)))
-  prompts = hub.load_prompts(data.prompts, data.prompts_split, chat)
-  eval_prompts = hub.load_prompts(data.prompts, data.eval_split, chat)
+  prompts = hub.load_prompts(data.prompts, data.prompts_split, chat, keep_columns=True, **subset)
+  eval_prompts = hub.load_prompts(data.prompts, data.eval_split, chat, keep_columns=True, **subset)
+  eval_prompts = eval_prompts.select(range(min(len(eval_prompts), config.eval.num_prompts)))
+  other = lambda ds: ds.remove_columns("prompt") if len(ds.column_names) > 1 else None
   references = {}
   if config.rl.reward_baseline == "reference":
     for name, split in (("rl", data.prompts_split), ("eval", data.eval_split)):
       try:  # the dataset's own response to each prompt: what SFT would train on
-        references[name] = list(hub.load_sft(data.prompts, split, chat)["completion"])
+        references[name] = list(hub.load_sft(data.prompts, split, chat, **subset)["completion"])
       except ValueError as e:
         raise ValueError(f"rl.reward_baseline='reference' needs a response for every prompt in "
                          f"data.prompts={data.prompts!r} ({split}): {e}") from e
   return Task(tokenizer, sft["prompt"] if sft else [], sft["completion"] if sft else [],
-              list(prompts["prompt"]), list(eval_prompts["prompt"])[: config.eval.num_prompts],
+              list(prompts["prompt"]), list(eval_prompts["prompt"]),
               preferences=None if prefs is None else prefs.to_dict(),
               eval_preferences=None if held_out is None else held_out.to_dict(),
               rl_references=references.get("rl"),
-              eval_references=references.get("eval", [])[: config.eval.num_prompts] or None)
+              eval_references=references.get("eval", [])[: config.eval.num_prompts] or None,
+              rl_columns=other(prompts), eval_columns=other(eval_prompts))
 
 
 def _logger(config, directory: str) -> MetricsLogger:
@@ -122,7 +130,13 @@ def _queries(config, tokenizer, prompts):
   return batching.tokenize_prompts(tokenizer, prompts, config.data.max_prompt_len, config.data.truncate_prompts)
 
 
-def reward_baseline(config, tok, reward, prompts: list[str], references: list[str] | None) -> np.ndarray | None:
+def _rows_of(columns: datasets.Dataset | None, rows) -> dict | None:
+  """{name: a value per row} of the dataset columns `columns` at `rows` (None: no columns)."""
+  return None if columns is None else columns[[int(i) for i in rows]]
+
+
+def reward_baseline(config, tok, reward, prompts: list[str], references: list[str] | None,
+                    columns: datasets.Dataset | None = None) -> np.ndarray | None:
   """Per-prompt rewards to subtract (rl.reward_baseline) for `prompts`.
 
   'reference': the reward of each prompt's own dataset response, the P3O paper's HH reward
@@ -137,7 +151,7 @@ def reward_baseline(config, tok, reward, prompts: list[str], references: list[st
     raise ValueError(f"rl.reward_baseline='reference': {len(references)} dataset responses for {len(prompts)} prompts")
   response, response_mask = batching.tokenize_responses(tok, references, config.sampler.max_new_tokens)
   baseline = reference_rewards(reward, *_queries(config, tok, prompts), response, response_mask,
-                               mesh=sharding.mesh_from_config(config.mesh))
+                               mesh=sharding.mesh_from_config(config.mesh), columns=_rows_of(columns, range(len(prompts))))
   log.info("reward baseline: mean reference reward %.4f over %d prompts", baseline.mean(), len(baseline))
   return baseline
 
@@ -350,8 +364,9 @@ def reward_source(config, workdir: str, tok):
   return ModelReward(rm.graph, rm.params), rm
 
 
-def _prompts(config, tok, texts: list[str], baseline) -> loop.Prompts:
-  return loop.Prompts(len(texts), lambda rows: _queries(config, tok, [texts[i] for i in rows]), baseline)
+def _prompts(config, tok, texts: list[str], baseline, columns: datasets.Dataset | None = None) -> loop.Prompts:
+  return loop.Prompts(len(texts), lambda rows: _queries(config, tok, [texts[i] for i in rows]), baseline,
+                      None if columns is None else functools.partial(_rows_of, columns))
 
 
 def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
@@ -367,7 +382,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
                        mesh=sharding.mesh_from_config(config.mesh))
   held_out = _prompts(config, tok, task.eval_prompts,
-                      reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references))
+                      reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, task.eval_columns),
+                      task.eval_columns)
   if adapters:
     policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
@@ -377,7 +393,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
                                         eval_prompts=held_out, logger=logger, stop=stop)
     else:
       train = _prompts(config, tok, task.rl_prompts,
-                       reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references))
+                       reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references, task.rl_columns),
+                       task.rl_columns)
       params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
                                   logger=logger, critic=rm, stop=stop)
     logger.summary(f"rl/{config.rl.algo}", record)
@@ -409,14 +426,15 @@ def run_eval(config, workdir: str, task: Task) -> str:
   mesh = sharding.mesh_from_config(config.mesh)
   split = sharding.RowSplit(len(task.eval_prompts), mesh)
   queries = _queries(config, tok, [task.eval_prompts[i] for i in split.rows])
-  baseline = reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references)
+  baseline = reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, task.eval_columns)
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
     roller = make_roller(config, policy.graph, ref.params, reward, tok, gold=gold, mesh=mesh,
                          penalise_missing_eos=False)
     exp = roller(policy.params, *queries, jax.random.key(config.seed + 7), 1, split=split,
-                 baseline=None if baseline is None else baseline[split.rows])
+                 baseline=None if baseline is None else baseline[split.rows],
+                 columns=_rows_of(task.eval_columns, split.rows))
     rewards[name] = exp.all_rows(exp.scores)
     if config.eval.judge:  # the judge reads every row's text on process 0
       every = [exp.all_rows(getattr(exp, n)) for n in ("query", "query_mask", "response", "response_mask")]

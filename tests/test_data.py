@@ -187,9 +187,9 @@ def test_save_to_disk_directory_loads_like_a_hub_id(tmp_path):
 
 
 def test_unknown_schema_errors_name_found_and_expected_columns():
-  ds = datasets.Dataset.from_list([{"question": "q", "answer": "a"}])
+  ds = datasets.Dataset.from_list([{"title": "q", "body": "a"}])
   for fn in (hub.sft_records, hub.preference_records, hub.prompt_records):
-    with pytest.raises(ValueError, match=r"columns found \['answer', 'question'\]; expected one of .*prompt"):
+    with pytest.raises(ValueError, match=r"columns found \['body', 'title'\]; expected one of .*prompt"):
       fn(ds)
   chat = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}])
   with pytest.raises(ValueError, match="row 0: column .prompt. holds chat messages and the tokenizer has no chat template"):
@@ -292,6 +292,26 @@ def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):
   tokens, mask = batching.tokenize_responses(chat_model, ["Blue."], 8)
   assert chat_model.decode(tokens[0][mask[0] == 1]) == "Blue.<|im_end|>"
   assert hub.ChatTemplate(tok).reply(question, [{"role": "assistant", "content": "Blue."}]) == "Blue.<|im_end|>\n"
+
+
+def test_gsm8k_questions_keep_their_answers_beside_the_prompt(chat):
+  """openai/gsm8k (subset main, hub layout main/{split}-*.parquet): the prompt cues the answer (or,
+  with a chat template, the question is the user's turn); SFT completes it with the worked
+  answer; the prompt records keep the other columns for a reward function."""
+  source = os.path.join(DATA, "gsm8k")
+  raw = hub.load_split(source, "train", data_dir="main")
+  prompts = hub.load_prompts(source, "train", keep_columns=True, data_dir="main")
+  assert prompts.column_names == ["prompt", "question", "answer"]
+  assert prompts["prompt"] == [f"Question: {q}\nAnswer:" for q in raw["question"]]
+  assert prompts["answer"] == raw["answer"] and prompts["question"] == raw["question"]
+  assert hub.load_prompts(source, "train", data_dir="main").column_names == ["prompt"]
+  sft = hub.load_sft(source, "train", data_dir="main")
+  assert sft["completion"] == [" " + a for a in raw["answer"]]
+  renderer, _ = chat
+  chat_sft = hub.load_sft(source, "train", renderer, data_dir="main")
+  asked = [[{"role": "user", "content": q}] for q in raw["question"]]
+  assert chat_sft["prompt"] == [chatml(m) for m in asked]
+  assert chat_sft["completion"] == [a + "<|im_end|>\n" for a in raw["answer"]]
 
 
 # ----------------------------------------------------------------------------- batching

@@ -10,7 +10,7 @@ import torch
 import transformers
 from tokenizers import models, pre_tokenizers, trainers
 
-from configs import hh, tldr, ultrafeedback
+from configs import gsm8k, hh, tldr, ultrafeedback
 from p3o_jax import main, pipeline
 from p3o_jax.data import hub
 from p3o_jax.models import hf
@@ -195,6 +195,33 @@ def test_chat_preferences_train_and_every_export_carries_the_template(tmp_path):
 
 def reply_length(prompts, responses):
   return [float(len(r)) for r in responses]
+
+
+def test_gsm8k_rl_reward_reads_each_prompts_answer(tmp_path):
+  """configs/gsm8k.py on openai/gsm8k's layout (subset main): SFT on the worked answers, RL with
+  a Python reward that gets each row's question and answer columns; that reward checks every
+  row's question against its prompt's text, in training and in the evaluations."""
+  source = os.path.join(DATA, "gsm8k")
+  raw = hub.load_split(source, "train", data_dir="main")
+  tokenizer = train_tokenizer(list(raw["question"]) + list(raw["answer"]))
+  c = shrink(gsm8k.get_config(), tmp_path)
+  assert c.model.reward_fn == "p3o_jax.rewards:gsm8k_correct" and c.rl.k == 4
+  c.model.hf = save_neox(tmp_path / "base", tokenizer)
+  c.data.sft = c.data.prompts = source
+  c.model.reward_fn = "test_hub_pipeline:question_in_prompt"
+  workdir = str(tmp_path / "run")
+  main.run(c, workdir)
+  log = read_jsonl(os.path.join(workdir, "rl", "p3o", "metrics.jsonl"))
+  rows = [r for r in log if "loss/total" in r]
+  assert [r["step"] for r in rows] == [1, 2] and all(r["objective/scores"] == 1.0 for r in rows)
+  assert [r["eval/reward"] for r in log if "eval/reward" in r] == [1.0, 1.0]
+
+
+def question_in_prompt(prompts, responses, question, answer):
+  """1 for every row whose question ends its (possibly left-cut) prompt, which names its answer."""
+  for prompt, asked, worked in zip(prompts, question, answer, strict=True):
+    assert prompt.endswith(asked[-20:] + "\nAnswer:") and "####" in worked, (prompt, asked)
+  return [1.0] * len(responses)
 
 
 def test_hh_reward_baseline_is_the_reward_of_the_chosen_response(tmp_path):

@@ -485,6 +485,37 @@ def test_text_reward_sees_decoded_rows(roller, policy, prompts, rollout_key):
         w for w in word_text(real(exp.query[i], exp.query_mask[i])).split() if w not in special)
 
 
+def test_text_reward_gets_each_rows_dataset_columns(roller, policy, prompts, rollout_key):
+  """A reward function gets the prompts' other dataset columns as keyword arguments, each of a
+  prompt's K rows its prompt's value, chunked rollouts and reference rewards included; a function
+  of the texts alone is called without them, one naming a column gets only that one."""
+  answers = [f"answer {b}" for b in range(4)]
+  columns = {"answer": answers, "ids": list(range(4)), "unused": [[b] for b in range(4)]}
+  seen = []
+
+  def verifier(prompt_texts, response_texts, answer, **others):
+    seen.append(others)
+    return [float(answers.index(a)) for a in answer]
+
+  text = rollout.TextReward(verifier, synthetic.build_tokenizer())
+  want = np.repeat(np.arange(4, dtype=np.float32), K)  # rows are prompt-major
+  for chunk in (None, 2):
+    exp = variant(roller, reward=text)(policy[1], *prompts, rollout_key, K, columns=columns, chunk=chunk)
+    np.testing.assert_array_equal(exp.scores, want)
+  assert seen[0]["ids"] == list(np.repeat(np.arange(4), K)) and seen[0]["unused"][:K + 1] == [[0]] * K + [[1]]
+  rows = (exp.query, exp.query_mask, exp.response, exp.response_mask)
+  row_columns = {name: [v for v in values for _ in range(K)] for name, values in columns.items()}
+  np.testing.assert_array_equal(rollout.reference_rewards(text, *rows, chunk=3, columns=row_columns), want)
+  texts_alone = rollout.TextReward(lambda p, r: [1.0] * len(r), synthetic.build_tokenizer())
+  np.testing.assert_array_equal(variant(roller, reward=texts_alone)(
+      policy[1], *prompts, rollout_key, K, columns=columns).scores, 1.0)
+  named = rollout.TextReward(lambda p, r, ids: [float(i) for i in ids], synthetic.build_tokenizer())
+  np.testing.assert_array_equal(variant(roller, reward=named)(
+      policy[1], *prompts, rollout_key, K, columns=columns).scores, want)
+  with pytest.raises(ValueError, match="column 'answer' has 3 values for 8 rows"):
+    text(*(r[:8] for r in rows), columns={"answer": answers[:3]})
+
+
 def test_missing_eos_penalty_checks_completion_only(experience, roller, policy, prompts, rollout_key):
   """docs/pitfalls.md, 6: the penalty is subtracted from responses without EOS only, whatever the
   prompt holds (two prompts contain EOS as a real token)."""

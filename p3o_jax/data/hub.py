@@ -22,6 +22,7 @@ Supported schemas (detected from the column names; extra columns are dropped):
 | Dahoas/rm-static                   | prompt, response, chosen, rejected | chosen         | yes   |
 | Anthropic/hh-rlhf                  | chosen, rejected (full transcripts)| chosen         | yes   |
 | unpaired (TRL's KTO format)        | prompt, completion, label (bool)   | desirable ones | KTO   |
+| openai/gsm8k (questions, answers)  | question, answer ("... #### 42")   | " " + answer   | -     |
 | conversational, e.g. trl-lib/ultrafeedback_binarized (chosen, rejected message lists), trl-lib/Capybara (messages), |
 |  trl-lib/kto-mix-14k (prompt, completion message lists, label): rendered with the chat template, see below        |
 
@@ -31,6 +32,11 @@ Supported schemas (detected from the column names; extra columns are dropped):
 
 Unpaired preferences, a response at a time labelled desirable or not, train KTO alone
 (`rl.algo=kto`); the reward model and the other offline algorithms need pairs.
+
+A question-answer dataset's prompt is "Question: <question>\nAnswer:", or with a chat template
+the question as the user's turn (`_question`).
+RL prompts can keep their dataset's other columns (`keep_columns`), which a Python reward
+function gets beside the texts (`rl.rollout.TextReward`): GSM8K's answer for its correctness.
 
 Anthropic/hh-rlhf has no prompt column: the prompt is the shared prefix of `chosen` and
 `rejected` up to and including its last "\\n\\nAssistant:"; the responses are what follows.
@@ -48,6 +54,7 @@ lists to the last assistant message's content (trl-internal-testing/tldr-prefere
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -58,12 +65,14 @@ log = logging.getLogger(__name__)
 
 ASSISTANT_TURN = "\n\nAssistant:"
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-_SFT_SCHEMAS = ("{prompt, completion} (trl-lib/tldr)", "{prompt, label} (CarperAI/openai_summarize_tldr)",
+_SFT_SCHEMAS = ("{prompt, completion} (trl-lib/tldr)", "{question, answer} (openai/gsm8k)",
+                "{prompt, label} (CarperAI/openai_summarize_tldr)",
                 "{prompt, chosen, rejected} (use chosen)", "{chosen, rejected} (Anthropic/hh-rlhf)",
                 "{messages} (conversational)")
 _PREF_SCHEMAS = ("{prompt, chosen, rejected} (trl-lib/tldr-preference, Dahoas/rm-static)",
                  "{chosen, rejected} (Anthropic/hh-rlhf)", "{prompt, completion, label} (unpaired, KTO's)")
-_PROMPT_SCHEMAS = ("{prompt, ...}", "{chosen, rejected} (Anthropic/hh-rlhf)", "{messages} (conversational)")
+_PROMPT_SCHEMAS = ("{prompt, ...}", "{question, answer} (openai/gsm8k)", "{chosen, rejected} (Anthropic/hh-rlhf)",
+                   "{messages} (conversational)")
 
 
 def load_split(source: str, split: str, **kwargs) -> datasets.Dataset:
@@ -80,6 +89,7 @@ def load_split(source: str, split: str, **kwargs) -> datasets.Dataset:
       raise ValueError(f"cannot read {source!r}: expected a file ending in one of {sorted(_LOCAL_FORMATS)}")
     if os.path.getsize(source) == 0:
       raise ValueError(f"data file {source} is empty")
+    kwargs.pop("data_dir", None)  # a file is its own subset
     return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files={split: source}, split=split, **kwargs)
   if os.path.isdir(source) and os.path.exists(os.path.join(source, "state.json")):
     return datasets.load_from_disk(source)
@@ -202,6 +212,19 @@ def _last_turn(messages: list) -> tuple[list, list]:
   return messages[:last], messages[last:]
 
 
+def _question(row: dict, chat: ChatTemplate | None) -> dict:
+  """{prompt, completion} of a question-answer row (openai/gsm8k): with a chat template the
+  question is the user's turn and the answer the assistant's; without one the prompt is the
+  question, then a cue for its answer."""
+  question, answer = row["question"], row["answer"]
+  if not isinstance(question, str) or not isinstance(answer, str):
+    raise ValueError(f"question and answer must be strings, got {type(question).__name__} and {type(answer).__name__}")
+  if chat is None:
+    return {"prompt": f"Question: {question}\nAnswer:", "completion": " " + answer}
+  asked = [{"role": "user", "content": question}]
+  return {"prompt": chat.prompt(asked), "completion": chat.reply(asked, [{"role": "assistant", "content": answer}])}
+
+
 def _label(value: Any) -> bool:
   """An unpaired preference's label: True (desirable) or False; 0 and 1 are read as those."""
   if isinstance(value, bool) or value in (0, 1):
@@ -277,6 +300,8 @@ def sft_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datas
   if {"prompt", "completion"} <= cols:
     fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat),
                     "completion": _text(r["completion"], "completion", r["prompt"], chat)}
+  elif {"question", "answer"} <= cols:
+    fn = lambda r: _question(r, chat)
   elif {"prompt", "label"} <= cols:
     fn = lambda r: {"prompt": r["prompt"], "completion": _join_space(r["prompt"], r["label"])}
   elif {"chosen", "rejected"} <= cols:
@@ -306,10 +331,15 @@ def preference_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -
   return _convert(ds, fn, ["prompt", "chosen", "rejected"])
 
 
-def prompt_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
-  """Dataset{prompt} for RL rollouts and evaluation; `chat` renders conversational prompts."""
+def prompt_records(ds: datasets.Dataset, chat: ChatTemplate | None = None,
+                   keep_columns: bool = False) -> datasets.Dataset:
+  """Dataset{prompt} for RL rollouts and evaluation; `chat` renders conversational prompts.
+  keep_columns: the dataset's other columns stay beside the prompt, as they are (what a Python
+  reward reads, e.g. a math problem's answer)."""
   cols = set(ds.column_names)
-  if {"chosen", "rejected"} <= cols:  # the prompt the pair's responses answer
+  if {"question", "answer"} <= cols:
+    fn = lambda r: {"prompt": _question(r, chat)["prompt"]}
+  elif {"chosen", "rejected"} <= cols:  # the prompt the pair's responses answer
     fn = lambda r: {"prompt": _pair(r, chat)["prompt"]}
   elif "prompt" in cols:
     fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat)}
@@ -317,7 +347,7 @@ def prompt_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> da
     fn = lambda r: {"prompt": _conversation(r["messages"], chat)["prompt"]}
   else:
     raise _schema_error("prompt", cols, _PROMPT_SCHEMAS)
-  return _convert(ds, fn, ["prompt"])
+  return _convert(ds, fn, ["prompt"] + ([c for c in ds.column_names if c != "prompt"] if keep_columns else []))
 
 
 def _load(records, source: str, split: str, chat: ChatTemplate | None, **kwargs) -> datasets.Dataset:
@@ -339,5 +369,6 @@ def load_preferences(source: str, split: str, chat: ChatTemplate | None = None, 
   return _load(preference_records, source, split, chat, **kwargs)
 
 
-def load_prompts(source: str, split: str, chat: ChatTemplate | None = None, **kwargs) -> datasets.Dataset:
-  return _load(prompt_records, source, split, chat, **kwargs)
+def load_prompts(source: str, split: str, chat: ChatTemplate | None = None, keep_columns: bool = False,
+                 **kwargs) -> datasets.Dataset:
+  return _load(functools.partial(prompt_records, keep_columns=keep_columns), source, split, chat, **kwargs)

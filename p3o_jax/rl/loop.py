@@ -31,10 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Prompts:
-  """The loop's prompts: how many, how to tokenize the rows a process feeds, their baselines."""
+  """The loop's prompts: how many, how to tokenize the rows a process feeds, their baselines, and
+  their dataset's other columns (what a Python reward reads beside the texts)."""
   count: int
   tokenize: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # row indices -> (tokens, mask) [n, P]
   baseline: np.ndarray | None = None  # [count] per-prompt rewards subtracted from the scores
+  columns: Callable[[np.ndarray], dict] | None = None  # row indices -> {name: a value per row}
+
+  def columns_of(self, rows) -> dict | None:
+    return None if self.columns is None else self.columns(rows)
 
 
 def rollout_metrics(exp: Experience, kl_coef: float) -> dict:
@@ -64,7 +69,8 @@ def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step
   their number."""
   baseline = None if prompts.baseline is None else prompts.baseline[split.rows]
   chunk = chunk if chunk and prompts.count % chunk == 0 else None
-  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk, ref_params=ref_params)
+  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk, ref_params=ref_params,
+               columns=prompts.columns_of(split.rows))
   gold = None if exp.gold is None else exp.all_rows(exp.gold)
   point = frontier.frontier_point(algo, step, exp.all_rows(exp.seq_kl), exp.all_rows(exp.scores), gold)
   return {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
@@ -143,7 +149,7 @@ def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts
     exp = roller(algo.policy_params(now), *train_prompts.tokenize(idx), rollout_key, rl.k,
                  split=split, critic=None if value_fn is None else (value_fn, now), chunk=rl.rollout_chunk,
                  baseline=None if train_prompts.baseline is None else train_prompts.baseline[idx], old_pass=old_pass,
-                 ref_params=reference(run.state.params))
+                 ref_params=reference(run.state.params), columns=train_prompts.columns_of(idx))
     rewards = process_scores(exp.scores, clip=rl.reward_clip, moments=moments, everything=exp.all_rows)
     batch, metrics = algo.prepare(exp, rewards, kl.value)
     run.state, step_metrics = update(run.state, split.to_global(batch), update_key, hyper)

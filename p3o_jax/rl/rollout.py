@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable, Protocol
 
 import jax
@@ -46,22 +47,41 @@ class ModelReward:
 
 
 class TextReward:
-  """Any Python function of the decoded texts: fn(prompts: list[str], responses: list[str])."""
+  """Any Python function of the decoded texts: fn(prompts: list[str], responses: list[str]).
+
+  It also gets the prompt dataset's other columns, one value per row, as keyword arguments (as
+  TRL's reward functions do): a verifiable reward reads each prompt's answer from them, e.g.
+  fn(prompts, responses, answer). A column is passed when fn takes **kwargs or a parameter of
+  its name, so a function of the texts alone is called as it always was.
+  """
 
   def __init__(self, fn: Callable, tokenizer):
     self.fn, self.tokenizer = fn, tokenizer
+    try:
+      params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature: texts alone
+      params = []
+    self._all_columns = any(p.kind is p.VAR_KEYWORD for p in params)
+    self._columns = {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
-  def __call__(self, query, query_mask, response, response_mask):
+  def __call__(self, query, query_mask, response, response_mask, columns: dict | None = None):
     prompts, responses = decode_rows(self.tokenizer, query, query_mask, response, response_mask)
-    return np.asarray(self.fn(prompts, responses), np.float32)
+    given = {name: list(values) for name, values in (columns or {}).items()
+             if name not in ("prompts", "responses") and (self._all_columns or name in self._columns)}
+    for name, values in given.items():
+      if len(values) != len(prompts):
+        raise ValueError(f"column {name!r} has {len(values)} values for {len(prompts)} rows")
+    return np.asarray(self.fn(prompts, responses, **given), np.float32)
 
 
-def score_rows(reward: RewardSource, rows: sharding.RowSplit, device: dict, host: dict) -> np.ndarray:
-  """This process's scores from `reward`, given the rows as global arrays and as local NumPy."""
+def score_rows(reward: RewardSource, rows: sharding.RowSplit, device: dict, host: dict,
+               columns: dict | None = None) -> np.ndarray:
+  """This process's scores from `reward`, given the rows as global arrays and as local NumPy;
+  `columns`: the dataset's other columns for these rows, for a host-side reward."""
   names = ("query", "query_mask", "response", "response_mask")
   if getattr(reward, "on_device", False):
     return rows.local(reward(*(device[n] for n in names)))
-  return np.asarray(reward(*(host[n] for n in names)))
+  return np.asarray(reward(*(host[n] for n in names), **({"columns": columns} if columns else {})))
 
 
 def decode_rows(tokenizer, query, query_mask, response, response_mask):
@@ -186,9 +206,12 @@ class Roller:
 
   def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
                split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None,
-               chunk: int | None = None, old_pass: bool = True, ref_params=None) -> Experience:
+               chunk: int | None = None, old_pass: bool = True, ref_params=None,
+               columns: dict | None = None) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
     without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
+    columns: {name: one value per prompt, the same prompts}, the dataset's other columns, which a
+    host-side reward gets for each of the prompt's K rows (`TextReward`);
     critic: (values(params, query, query_mask, response, response_mask) -> [N, R], its params);
     chunk: sample, score and teacher-force `chunk` prompts at a time (of the split's n), so one
     chunk's KV cache and activations are the peak; the result equals one chunk's.
@@ -200,6 +223,7 @@ class Roller:
     """
     old_pass = old_pass or not self.samples_as_trainer
     split = split or sharding.RowSplit(len(query), self.mesh)
+    columns = {name: list(values) for name, values in (columns or {}).items()}
     chunk = split.n if not chunk or chunk >= split.n else int(chunk)
     if split.n % chunk:
       raise ValueError(f"rl.rollout_chunk={chunk} must divide the {split.n} prompts of a rollout")
@@ -218,8 +242,9 @@ class Roller:
         raise ValueError(f"rl.rollout_chunk={chunk}: a chunk would give this process {len(part.rows)} prompts, "
                          f"but it holds {mine} per chunk; choose a chunk that data x fsdp divides")
       prompt_ids = np.arange(split.n) if count == 1 else part.gather(np.asarray(split.rows)[piece])
+      piece_columns = {name: values[piece] for name, values in columns.items()}
       parts.append(self._chunk(params, np.asarray(query)[piece], np.asarray(query_mask)[piece], rng, k, part,
-                               critic, prompt_ids, split.n, old_pass, ref_params))
+                               critic, prompt_ids, split.n, old_pass, ref_params, piece_columns))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
     has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
@@ -235,7 +260,7 @@ class Roller:
         gold=host.get("gold"), rows=rows)
 
   def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts,
-             old_pass: bool = True, ref_params=None) -> dict:
+             old_pass: bool = True, ref_params=None, columns: dict | None = None) -> dict:
     """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
     ref_params = self.ref_params if ref_params is None else ref_params
     if ref_params is None:
@@ -270,11 +295,13 @@ class Roller:
     sources = {name: r for name, r in (("scores", None if score_fn else self.reward), ("gold", self.gold))
                if r is not None}
     on_host = {name: r for name, r in sources.items() if not getattr(r, "on_device", False)}
+    # Rows are prompt-major: row b * k + j answers this chunk's prompt b.
+    row_columns = {name: [v for v in values for _ in range(k)] for name, values in (columns or {}).items()}
     scored = {}
     if on_host:
       sampled = {name: rows.local(x) for name, x in (("query", out.prompt_tokens), ("query_mask", out.prompt_mask),
                                                       ("response", out.tokens), ("response_mask", out.mask))}
-      scored = {name: score_rows(r, rows, None, sampled) for name, r in on_host.items()}
+      scored = {name: score_rows(r, rows, None, sampled, row_columns) for name, r in on_host.items()}
     host = {name: rows.local(x) for name, x in device.items()}
     scored.update({name: score_rows(r, rows, device, host) for name, r in sources.items() if name not in on_host})
     host.update({name: np.asarray(s, np.float32) for name, s in scored.items()})
@@ -304,18 +331,21 @@ def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, g
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,
-                      chunk: int = 64, mesh=None) -> np.ndarray:
+                      chunk: int = 64, mesh=None, columns: dict | None = None) -> np.ndarray:
   """[N] rewards of given (prompt, response) rows, e.g. each prompt's dataset response: the
   baseline of rl.reward_baseline='reference'. Scored in chunks of `chunk` rows, each process
-  scoring its share of every chunk on `mesh` (default: one device); all N on every process."""
+  scoring its share of every chunk on `mesh` (default: one device); all N on every process.
+  `columns`: {name: N values}, the dataset's other columns, for a host-side reward."""
   mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   names, arrays = ("query", "query_mask", "response", "response_mask"), (query, query_mask, response, response_mask)
+  columns = {name: list(values) for name, values in (columns or {}).items()}
   out = []
   for start in range(0, len(query), chunk):
     split = sharding.RowSplit(len(query[start:start + chunk]), mesh)
     host = {n: np.asarray(a[start:start + chunk])[split.rows] for n, a in zip(names, arrays)}
     device = split.to_global(host) if getattr(reward, "on_device", False) else None
-    out.append(split.gather(np.asarray(score_rows(reward, split, device, host), np.float32).reshape(-1)))
+    mine = {name: [values[start + i] for i in split.rows] for name, values in columns.items()}
+    out.append(split.gather(np.asarray(score_rows(reward, split, device, host, mine), np.float32).reshape(-1)))
   scores = np.concatenate(out) if out else np.zeros((0,), np.float32)
   if scores.shape != (len(query),) or not np.all(np.isfinite(scores)):
     raise ValueError(f"reference rewards: expected {len(query)} finite scores, got shape {scores.shape}")

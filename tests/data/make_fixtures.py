@@ -96,3 +96,27 @@ with open("ultrafeedback_binarized/README.md", "w") as f:
   f.write("---\nconfigs:\n- config_name: default\n  data_files:\n"
           + "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in feedback_splits)
           + "---\nMade-up rows in HuggingFaceH4/ultrafeedback_binarized's schema.\n")
+
+# openai/gsm8k (config "main"): question, answer (worked solution with <<calculator>> notes, ending "#### N").
+# Hub layout: main/{split}-00000-of-00001.parquet.
+problems = [
+  ("Tom has 3 boxes of 12 pencils. He gives away 10 pencils. How many pencils does he have left?",
+   "Tom has 3*12=<<3*12=36>>36 pencils.\nAfter giving 10 away he has 36-10=<<36-10=26>>26 pencils.\n#### 26"),
+  ("A baker makes 48 muffins and sells half of them in the morning. How many muffins are left?",
+   "Half of 48 is 48/2=<<48/2=24>>24.\nSo 48-24=<<48-24=24>>24 muffins are left.\n#### 24"),
+  ("Sara reads 15 pages a day for 6 days. How many pages does she read?",
+   "She reads 15*6=<<15*6=90>>90 pages.\n#### 90"),
+  ("A bike costs $1,200 and is on sale for $150 off. What is the sale price?",
+   "The sale price is 1200-150=<<1200-150=1050>>1050 dollars.\n#### 1,050"),
+  ("There are 7 rows of 8 chairs. 5 chairs are broken. How many chairs can be used?",
+   "There are 7*8=<<7*8=56>>56 chairs.\n56-5=<<56-5=51>>51 can be used.\n#### 51"),
+  ("Ann saves $4 a week. How many weeks until she has $36?",
+   "She needs 36/4=<<36/4=9>>9 weeks.\n#### 9"),
+  ("A train travels 60 km an hour for 3 hours. How far does it go?",
+   "It goes 60*3=<<60*3=180>>180 km.\n#### 180"),
+  ("Ben had 20 marbles and lost 7. How many does he have?",
+   "He has 20-7=<<20-7=13>>13 marbles.\n#### 13"),
+]
+os.makedirs("gsm8k/main", exist_ok=True)
+datasets.Dataset.from_list([{"question": q, "answer": a} for q, a in problems[:6]]).to_parquet("gsm8k/main/train-00000-of-00001.parquet")
+datasets.Dataset.from_list([{"question": q, "answer": a} for q, a in problems[6:]]).to_parquet("gsm8k/main/test-00000-of-00001.parquet")

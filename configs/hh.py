@@ -34,7 +34,6 @@ def get_config(arg=None):
   c.optim.lr = 6e-6
   c.mesh.data, c.mesh.fsdp = 1, -1
   if "runlocal" in args:
-    c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches = 2, 4, 2
-    c.eval.num_prompts = 4
+    common.runlocal(c)
   common.apply_args(c, args)
   return c

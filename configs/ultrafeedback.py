@@ -38,8 +38,6 @@ def get_config(arg=None):
   c.eval.every, c.eval.num_prompts = 50, 256
   c.mesh.data, c.mesh.fsdp = 1, -1
   if "runlocal" in args:
-    c.sft.steps = c.rm.steps = 2
-    c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches = 2, 4, 2
-    c.eval.num_prompts = 4
+    common.runlocal(c)
   common.apply_args(c, args)
   return c

@@ -132,6 +132,13 @@ def parse_arg(arg: str | None) -> dict:
   return out
 
 
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """A hub config cut to a smoke run (`file.py:runlocal`): two steps of each stage, 4 prompts."""
+  c.sft.steps = c.rm.steps = 2
+  c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches = 2, 4, 2
+  c.eval.num_prompts = 4
+
+
 def apply_args(c: ml_collections.ConfigDict, args: dict) -> None:
   """Shortcuts usable in `--config=file.py:algo=ppo,variant=v1,k=4,algos=p3o+ppo`."""
   for key, value in args.items():

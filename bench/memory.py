@@ -88,6 +88,7 @@ SETTINGS = {  # name -> (config file, policy shape): the P3O paper's HH and TL;D
     "hh-1b": ("configs/hh.py", None),
     "tldr-1b": ("configs/tldr.py", None),
     "ultrafeedback-0.5b": ("configs/ultrafeedback.py", None),
+    "gsm8k-0.5b": ("configs/gsm8k.py", None),
 }
 PHASES = ("rollout", "log-probs", "reward", "update")
 

@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.rl.iterations = 1000
   c.rl.prompts_per_rollout = 64
   c.rl.num_minibatches = 8
+  c.rl.rollout_chunk = 16  # Qwen's 152k-token logits: 16 prompts' rows at a time (bench/memory.py ultrafeedback-0.5b)
   c.rl.beta = 0.05
   c.optim.lr = 1e-6
   c.eval.every, c.eval.num_prompts = 50, 256

@@ -133,9 +133,11 @@ def parse_arg(arg: str | None) -> dict:
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:
-  """A hub config cut to a smoke run (`file.py:runlocal`): two steps of each stage, 4 prompts."""
+  """A hub config cut to a smoke run (`file.py:runlocal`): two steps of each stage, 4 prompts (sampled
+  2 at a time where the config chunks its rollouts)."""
   c.sft.steps = c.rm.steps = 2
   c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches = 2, 4, 2
+  c.rl.rollout_chunk = min(c.rl.rollout_chunk, 2)
   c.eval.num_prompts = 4
 
 

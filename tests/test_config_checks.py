@@ -144,7 +144,8 @@ def load_config_file(name, arg=None):
 
 @pytest.mark.parametrize("name, arg", [("demo.py", None), ("demo.py", "runlocal"), ("demo.py", "algo=ppo"),
                                        ("demo.py", "algo=online_dpo,runlocal"), ("tldr.py", None), ("hh.py", None),
-                                       ("ultrafeedback.py", None), ("gsm8k.py", None), ("gsm8k.py", "algo=grpo,k=8")])
+                                       ("ultrafeedback.py", None), ("ultrafeedback.py", "runlocal"), ("gsm8k.py", None),
+                                       ("gsm8k.py", "algo=grpo,k=8,runlocal")])
 def test_shipped_configs_are_valid(name, arg):
   config_checks.validate(load_config_file(name, arg))
 

@@ -55,6 +55,7 @@ def shrink(c, tmp_path):
   c.sft.steps = c.rm.steps = 2
   c.sft.batch_size = c.rm.batch_size = 4
   c.rl.iterations, c.rl.prompts_per_rollout, c.rl.num_minibatches, c.rl.inner_epochs = 2, 4, 2, 1
+  c.rl.rollout_chunk = min(c.rl.rollout_chunk, 2)  # a config that chunks its rollouts still does
   c.eval.every, c.eval.num_prompts = 2, 2
   c.data.max_prompt_len, c.sampler.max_new_tokens = 48, 8
   c.mesh.data, c.mesh.fsdp = 1, 1

@@ -276,8 +276,8 @@ def test_conversational_rows_without_a_template_or_a_prompt_fail_naming_the_row(
 
 def test_a_prompt_ending_in_an_assistant_message_is_continued(chat):
   renderer, _ = chat
-  prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure: "}]
-  assert renderer.prompt(prefill) == chatml(prefill[:1], generation=False) + "<|im_start|>assistant\nSure: "
+  prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure,"}]
+  assert renderer.prompt(prefill) == chatml(prefill[:1], generation=False) + "<|im_start|>assistant\nSure,"
 
 
 def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):

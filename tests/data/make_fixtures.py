@@ -1,6 +1,8 @@
 """Regenerates the fixtures in this folder (made-up text, in the exact schema of each hub dataset). Run from here."""
 import hashlib, json, os
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 def write(path, rows):
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -90,8 +92,8 @@ chats += [chat_row([("user", f"Summarize: {p}")], good, bad, (9.0, 4.0)) for s, 
 os.makedirs("ultrafeedback_binarized/data", exist_ok=True)
 feedback_splits = {"train_prefs": chats[:8], "test_prefs": chats[8:], "train_sft": chats[:8], "test_sft": chats[8:],
                    "train_gen": chats[:8], "test_gen": chats[8:]}
-for split, split_rows in feedback_splits.items():
-  datasets.Dataset.from_list(split_rows).to_parquet(f"ultrafeedback_binarized/data/{split}-00000-of-00001.parquet")
+for split, split_rows in feedback_splits.items():  # plain Arrow (no datasets metadata): read by datasets 3 and 4 alike
+  pq.write_table(pa.Table.from_pylist(split_rows), f"ultrafeedback_binarized/data/{split}-00000-of-00001.parquet")
 with open("ultrafeedback_binarized/README.md", "w") as f:
   f.write("---\nconfigs:\n- config_name: default\n  data_files:\n"
           + "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in feedback_splits)

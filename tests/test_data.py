@@ -277,7 +277,7 @@ def test_conversational_rows_without_a_template_or_a_prompt_fail_naming_the_row(
 def test_a_prompt_ending_in_an_assistant_message_is_continued(chat):
   renderer, _ = chat
   prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure,"}]
-  assert renderer.prompt(prefill) == chatml(prefill[:1], generation=False) + "<|im_start|>assistant\nSure,"
+  assert renderer.render(prefill)[0] == chatml(prefill[:1], generation=False) + "<|im_start|>assistant\nSure,"
 
 
 def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):
@@ -288,10 +288,10 @@ def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):
   chat_model.eos_token = "<|im_end|>"
   renderer = hub.ChatTemplate(chat_model)
   question = [{"role": "user", "content": "Name a colour."}]
-  assert renderer.reply(question, [{"role": "assistant", "content": "Blue."}]) == "Blue."
+  assert renderer.render(question, [[{"role": "assistant", "content": "Blue."}]])[1] == ["Blue."]
   tokens, mask = batching.tokenize_responses(chat_model, ["Blue."], 8)
   assert chat_model.decode(tokens[0][mask[0] == 1]) == "Blue.<|im_end|>"
-  assert hub.ChatTemplate(tok).reply(question, [{"role": "assistant", "content": "Blue."}]) == "Blue.<|im_end|>\n"
+  assert hub.ChatTemplate(tok).render(question, [[{"role": "assistant", "content": "Blue."}]])[1] == ["Blue.<|im_end|>\n"]
 
 
 def test_gsm8k_questions_keep_their_answers_beside_the_prompt(chat):

@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import datasets
 
@@ -130,22 +130,24 @@ class ChatTemplate:
         messages, tokenize=False, add_generation_prompt=generation and not prefill,
         continue_final_message=generation and prefill)
 
-  def prompt(self, messages: list) -> str:
-    text = self._render(messages, generation=True)
-    if self._bos_to_drop and text.startswith(self._bos_to_drop):
-      text = text[len(self._bos_to_drop):]
-    return text
-
-  def reply(self, prompt: list, reply: list) -> str:
-    head, whole = self._render(prompt, generation=True), self._render(prompt + reply, generation=False)
-    if not whole.startswith(head):
-      raise ValueError("the chat template renders the prompt followed by the reply with a different "
-                       f"beginning than the prompt alone ({head[-40:]!r} against "
-                       f"{whole[len(head) - 40:len(head)]!r}), so the reply cannot be cut from it")
-    text = whole[len(head):]
-    if self._eos and text.rstrip().endswith(self._eos):
-      text = text.rstrip()[:-len(self._eos)]
-    return text
+  def render(self, prompt: list, replies: Sequence[list] = ()) -> tuple[str, list[str]]:
+    """(prompt text, reply texts): the prompt rendered once, each reply cut from the rendering of
+    the prompt followed by it."""
+    head = self._render(prompt, generation=True)
+    texts = []
+    for reply in replies:
+      whole = self._render(prompt + reply, generation=False)
+      if not whole.startswith(head):
+        raise ValueError("the chat template renders the prompt followed by the reply with a different "
+                         f"beginning than the prompt alone ({head[-40:]!r} against "
+                         f"{whole[len(head) - 40:len(head)]!r}), so the reply cannot be cut from it")
+      text = whole[len(head):]
+      if self._eos and text.rstrip().endswith(self._eos):
+        text = text.rstrip()[:-len(self._eos)]
+      texts.append(text)
+    if self._bos_to_drop and head.startswith(self._bos_to_drop):
+      head = head[len(self._bos_to_drop):]
+    return head, texts
 
 
 def _messages(value: Any, column: str) -> list | None:
@@ -164,30 +166,29 @@ def _needs_template(column: str) -> ValueError:
                     "data.chat_template (a Jinja template, or a file holding one)")
 
 
-def _prompt_text(value: Any, chat: ChatTemplate | None, column: str = "prompt") -> str:
+def _reply_text(value: Any, column: str) -> str:
+  """A response after a text prompt: a string, or the content of a chat list's last assistant message."""
   messages = _messages(value, column)
   if messages is None:
     return value
-  if chat is None:
-    raise _needs_template(column)
-  return chat.prompt(messages)
-
-
-def _text(value: Any, column: str, prompt: Any = "", chat: ChatTemplate | None = None) -> str:
-  """A response as text: a string; a reply to a conversational prompt, rendered; or, after a
-  text prompt, the content of the last assistant message of a chat list."""
-  messages = _messages(value, column)
-  if messages is None:
-    return value
-  prompt_messages = _messages(prompt, "prompt")
-  if prompt_messages is not None:
-    if chat is None:
-      raise _needs_template("prompt")
-    return chat.reply(prompt_messages, messages)
   replies = [m["content"] for m in messages if m["role"] == "assistant"]
   if not replies:
     raise ValueError(f"column {column!r} holds chat messages without an assistant turn")
   return replies[-1]
+
+
+def _rendered(prompt: Any, replies: dict, column: str, chat: ChatTemplate | None) -> dict:
+  """{'prompt': text, **replies as texts}. A text prompt stays as it is, its replies text (`_reply_text`);
+  a conversational one (read from `column`) and its conversational replies are rendered by `chat`, the
+  prompt once for all of them; a reply given as text stays text."""
+  messages = _messages(prompt, column)
+  if messages is None:
+    return {"prompt": prompt, **{name: _reply_text(value, name) for name, value in replies.items()}}
+  if chat is None:
+    raise _needs_template(column)
+  conversational = {name: m for name, value in replies.items() if (m := _messages(value, name)) is not None}
+  text, rendered = chat.render(messages, list(conversational.values()))
+  return {"prompt": text, **replies, **dict(zip(conversational, rendered))}
 
 
 def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -204,25 +205,25 @@ def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]
   return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _last_turn(messages: list) -> tuple[list, list]:
-  """(prompt, reply): a conversation cut before its last assistant message."""
+def _last_turn(value: Any) -> tuple[list, dict]:
+  """(prompt, {completion: reply}): a `messages` conversation cut before its last assistant message."""
+  messages = _messages(value, "messages") or []
   last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
   if last == 0:
     raise ValueError("column 'messages' needs an assistant message after at least one other")
-  return messages[:last], messages[last:]
+  return messages[:last], {"completion": messages[last:]}
 
 
-def _question(row: dict, chat: ChatTemplate | None) -> dict:
-  """{prompt, completion} of a question-answer row (openai/gsm8k): with a chat template the
+def _question(row: dict, chat: ChatTemplate | None) -> tuple[Any, dict]:
+  """(prompt, {completion}) of a question-answer row (openai/gsm8k): with a chat template the
   question is the user's turn and the answer the assistant's; without one the prompt is the
   question, then a cue for its answer."""
   question, answer = row["question"], row["answer"]
   if not isinstance(question, str) or not isinstance(answer, str):
     raise ValueError(f"question and answer must be strings, got {type(question).__name__} and {type(answer).__name__}")
   if chat is None:
-    return {"prompt": f"Question: {question}\nAnswer:", "completion": " " + answer}
-  asked = [{"role": "user", "content": question}]
-  return {"prompt": chat.prompt(asked), "completion": chat.reply(asked, [{"role": "assistant", "content": answer}])}
+    return f"Question: {question}\nAnswer:", {"completion": " " + answer}
+  return [{"role": "user", "content": question}], {"completion": [{"role": "assistant", "content": answer}]}
 
 
 def _label(value: Any) -> bool:
@@ -263,30 +264,20 @@ def _convert(ds: datasets.Dataset, fn, columns: list[str]) -> datasets.Dataset:
   return out.select_columns(columns)
 
 
-def _implicit_pair(chosen: Any, rejected: Any, chat: ChatTemplate | None) -> dict:
-  """{prompt, chosen, rejected} texts of two whole conversations (HH transcripts or message lists)."""
+def _pair(row: dict, chat: ChatTemplate | None) -> tuple[Any, dict, str]:
+  """(prompt, {chosen, rejected}, the prompt's column) of a preference row. Two whole conversations
+  (HH transcripts or message lists) are split where they part; as in TRL, a text prompt beside
+  chosen and rejected conversations is implicit in them when there is a chat template to render
+  them with."""
+  prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+  if prompt is not None and not (chat is not None and isinstance(prompt, str) and not isinstance(chosen, str)):
+    return prompt, {"chosen": chosen, "rejected": rejected}, "prompt"
   chosen_messages, rejected_messages = _messages(chosen, "chosen"), _messages(rejected, "rejected")
   if chosen_messages is None or rejected_messages is None:
-    return dict(zip(("prompt", "chosen", "rejected"), split_transcripts(chosen, rejected)))
-  prompt, chosen_reply, rejected_reply = split_conversations(chosen_messages, rejected_messages)
-  return {"prompt": _prompt_text(prompt, chat, "chosen"), "chosen": _text(chosen_reply, "chosen", prompt, chat),
-          "rejected": _text(rejected_reply, "rejected", prompt, chat)}
-
-
-def _pair(row: dict, chat: ChatTemplate | None) -> dict:
-  """{prompt, chosen, rejected} texts of a preference row. As in TRL, a text prompt beside chosen and
-  rejected conversations is implicit in them when there is a chat template to render them with."""
-  prompt = row.get("prompt")
-  if prompt is None or (chat is not None and isinstance(prompt, str) and not isinstance(row["chosen"], str)):
-    return _implicit_pair(row["chosen"], row["rejected"], chat)
-  return {"prompt": _prompt_text(prompt, chat), "chosen": _text(row["chosen"], "chosen", prompt, chat),
-          "rejected": _text(row["rejected"], "rejected", prompt, chat)}
-
-
-def _conversation(messages: Any, chat: ChatTemplate | None) -> dict:
-  """{prompt, completion} texts of a `messages` conversation: the completion is its last assistant turn."""
-  prompt, reply = _last_turn(_messages(messages, "messages") or [])
-  return {"prompt": _prompt_text(prompt, chat, "messages"), "completion": _text(reply, "messages", prompt, chat)}
+    prompt, chosen, rejected = split_transcripts(chosen, rejected)
+  else:
+    prompt, chosen, rejected = split_conversations(chosen_messages, rejected_messages)
+  return prompt, {"chosen": chosen, "rejected": rejected}, "chosen"
 
 
 def sft_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
@@ -298,18 +289,18 @@ def sft_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datas
     log.info("SFT on %d desirable of %d labelled responses", len(kept), len(ds))
     ds = kept
   if {"prompt", "completion"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat),
-                    "completion": _text(r["completion"], "completion", r["prompt"], chat)}
+    fn = lambda r: _rendered(r["prompt"], {"completion": r["completion"]}, "prompt", chat)
   elif {"question", "answer"} <= cols:
-    fn = lambda r: _question(r, chat)
+    fn = lambda r: _rendered(*_question(r, chat), "prompt", chat)
   elif {"prompt", "label"} <= cols:
     fn = lambda r: {"prompt": r["prompt"], "completion": _join_space(r["prompt"], r["label"])}
   elif {"chosen", "rejected"} <= cols:
     def fn(r):
-      pair = _pair(r, chat)
+      prompt, replies, column = _pair(r, chat)
+      pair = _rendered(prompt, {"chosen": replies["chosen"]}, column, chat)  # errors name the chosen column
       return {"prompt": pair["prompt"], "completion": pair["chosen"]}
   elif "messages" in cols:
-    fn = lambda r: _conversation(r["messages"], chat)
+    fn = lambda r: _rendered(*_last_turn(r["messages"]), "messages", chat)
   else:
     raise _schema_error("SFT", cols, _SFT_SCHEMAS)
   return _convert(ds, fn, ["prompt", "completion"])
@@ -321,11 +312,10 @@ def preference_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -
   conversational rows."""
   cols = set(ds.column_names)
   if {"prompt", "completion", "label"} <= cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat),
-                    "completion": _text(r["completion"], "completion", r["prompt"], chat), "label": _label(r["label"])}
+    fn = lambda r: _rendered(r["prompt"], {"completion": r["completion"]}, "prompt", chat) | {"label": _label(r["label"])}
     return _convert(ds, fn, ["prompt", "completion", "label"])
   if {"chosen", "rejected"} <= cols:
-    fn = lambda r: _pair(r, chat)
+    fn = lambda r: _rendered(*_pair(r, chat), chat)
   else:
     raise _schema_error("preference", cols, _PREF_SCHEMAS)
   return _convert(ds, fn, ["prompt", "chosen", "rejected"])
@@ -338,13 +328,15 @@ def prompt_records(ds: datasets.Dataset, chat: ChatTemplate | None = None,
   reward reads, e.g. a math problem's answer)."""
   cols = set(ds.column_names)
   if {"question", "answer"} <= cols:
-    fn = lambda r: {"prompt": _question(r, chat)["prompt"]}
-  elif {"chosen", "rejected"} <= cols:  # the prompt the pair's responses answer
-    fn = lambda r: {"prompt": _pair(r, chat)["prompt"]}
+    fn = lambda r: _rendered(_question(r, chat)[0], {}, "prompt", chat)
+  elif {"chosen", "rejected"} <= cols:  # the prompt the pair's responses answer (the responses not rendered)
+    def fn(r):
+      prompt, _, column = _pair(r, chat)
+      return _rendered(prompt, {}, column, chat)
   elif "prompt" in cols:
-    fn = lambda r: {"prompt": _prompt_text(r["prompt"], chat)}
+    fn = lambda r: _rendered(r["prompt"], {}, "prompt", chat)
   elif "messages" in cols:
-    fn = lambda r: {"prompt": _conversation(r["messages"], chat)["prompt"]}
+    fn = lambda r: _rendered(_last_turn(r["messages"])[0], {}, "messages", chat)
   else:
     raise _schema_error("prompt", cols, _PROMPT_SCHEMAS)
   return _convert(ds, fn, ["prompt"] + ([c for c in ds.column_names if c != "prompt"] if keep_columns else []))

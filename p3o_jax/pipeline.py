@@ -364,6 +364,12 @@ def reward_source(config, workdir: str, tok):
   return ModelReward(rm.graph, rm.params), rm
 
 
+def _reward_columns(reward, columns: datasets.Dataset | None) -> datasets.Dataset | None:
+  """The prompts' dataset columns where the reward reads some (a Python function naming them or
+  taking **kwargs); else None, so that no rollout gathers them."""
+  return columns if getattr(reward, "reads_columns", False) else None
+
+
 def _prompts(config, tok, texts: list[str], baseline, columns: datasets.Dataset | None = None) -> loop.Prompts:
   return loop.Prompts(len(texts), lambda rows: _queries(config, tok, [texts[i] for i in rows]), baseline,
                       None if columns is None else functools.partial(_rows_of, columns))
@@ -381,9 +387,10 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
   gold = TextReward(task.gold, tok) if task.gold else None
   roller = make_roller(config, policy.graph, ref_params, reward, tok, gold=gold,
                        mesh=sharding.mesh_from_config(config.mesh))
+  rl_columns, eval_columns = (_reward_columns(reward, c) for c in (task.rl_columns, task.eval_columns))
   held_out = _prompts(config, tok, task.eval_prompts,
-                      reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, task.eval_columns),
-                      task.eval_columns)
+                      reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, eval_columns),
+                      eval_columns)
   if adapters:
     policy = with_lora(config, "rl", policy)
   with _logger(config, out) as logger:
@@ -393,8 +400,8 @@ def run_rl(config, workdir: str, task: Task, stop=None) -> str | None:
                                         eval_prompts=held_out, logger=logger, stop=stop)
     else:
       train = _prompts(config, tok, task.rl_prompts,
-                       reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references, task.rl_columns),
-                       task.rl_columns)
+                       reward_baseline(config, tok, reward, task.rl_prompts, task.rl_references, rl_columns),
+                       rl_columns)
       params, record = loop.train(config, out, policy, roller, train_prompts=train, eval_prompts=held_out,
                                   logger=logger, critic=rm, stop=stop)
     logger.summary(f"rl/{config.rl.algo}", record)
@@ -426,7 +433,8 @@ def run_eval(config, workdir: str, task: Task) -> str:
   mesh = sharding.mesh_from_config(config.mesh)
   split = sharding.RowSplit(len(task.eval_prompts), mesh)
   queries = _queries(config, tok, [task.eval_prompts[i] for i in split.rows])
-  baseline = reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, task.eval_columns)
+  columns = _reward_columns(reward, task.eval_columns)
+  baseline = reward_baseline(config, tok, reward, task.eval_prompts, task.eval_references, columns)
   rewards, golds, texts, summary = {}, {}, {}, {}
   for name, path in policies.items():
     policy = load_policy(config, path)
@@ -434,7 +442,7 @@ def run_eval(config, workdir: str, task: Task) -> str:
                          penalise_missing_eos=False)
     exp = roller(policy.params, *queries, jax.random.key(config.seed + 7), 1, split=split,
                  baseline=None if baseline is None else baseline[split.rows],
-                 columns=_rows_of(task.eval_columns, split.rows))
+                 columns=_rows_of(columns, split.rows))
     rewards[name] = exp.all_rows(exp.scores)
     if config.eval.judge:  # the judge reads every row's text on process 0
       every = [exp.all_rows(getattr(exp, n)) for n in ("query", "query_mask", "response", "response_mask")]

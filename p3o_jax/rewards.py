@@ -21,10 +21,7 @@ def final_number(text: str) -> float | None:
   found = marked or _NUMBER.findall(text)
   if not found:
     return None
-  try:
-    return float(found[-1].replace(",", ""))
-  except ValueError:  # e.g. a lone "," matched inside "1,,2"
-    return None
+  return float(found[-1].replace(",", ""))  # both patterns end on a digit
 
 
 def gsm8k_correct(prompts: Sequence[str], responses: Sequence[str], answer: Sequence[str]) -> list[float]:

@@ -512,6 +512,7 @@ def test_text_reward_gets_each_rows_dataset_columns(roller, policy, prompts, rol
   named = rollout.TextReward(lambda p, r, ids: [float(i) for i in ids], synthetic.build_tokenizer())
   np.testing.assert_array_equal(variant(roller, reward=named)(
       policy[1], *prompts, rollout_key, K, columns=columns).scores, want)
+  assert text.reads_columns and named.reads_columns and not texts_alone.reads_columns  # the pipeline gathers none for it
   with pytest.raises(ValueError, match="column 'answer' has 3 values for 8 rows"):
     text(*(r[:8] for r in rows), columns={"answer": answers[:3]})
 

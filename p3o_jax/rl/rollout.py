@@ -63,6 +63,7 @@ class TextReward:
       params = []
     self._all_columns = any(p.kind is p.VAR_KEYWORD for p in params)
     self._columns = {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    self.reads_columns = self._all_columns or bool(self._columns)  # else the callers gather none
 
   def __call__(self, query, query_mask, response, response_mask, columns: dict | None = None):
     prompts, responses = decode_rows(self.tokenizer, query, query_mask, response, response_mask)

@@ -58,7 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   optim = lambda lr: ml_collections.ConfigDict(dict(
       lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0, warmup_steps=0,
       schedule="constant", mu_dtype="float32"))  # Adam's first moment: bfloat16 halves its memory
-  c.sft = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, optim=optim(1e-5)))
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, optim=optim(1e-5),
+      # a multi-turn conversation: train on every assistant reply ('all'), or on the last one with
+      # the earlier turns as its prompt ('last')
+      assistant_turns="all"))
   c.rm = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, pairs_per_prompt=1, num_prompts=0,
                                         optim=optim(1e-5)))
   c.optim = optim(6e-6)  # the RL optimizer

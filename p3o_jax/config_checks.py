@@ -133,6 +133,7 @@ SCHEMA: dict[str, Check] = {
     # supervised stages
     "sft.steps": positive_int,
     "sft.batch_size": positive_int,
+    "sft.assistant_turns": one_of("all", "last"),
     "rm.steps": positive_int,
     "rm.batch_size": positive_int,
     "rm.pairs_per_prompt": positive_int,

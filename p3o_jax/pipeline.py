@@ -58,6 +58,8 @@ class Task:
   eval_references: list[str] | None = None
   rl_columns: datasets.Dataset | None = None   # the prompts' other dataset columns (a Python reward's
   eval_columns: datasets.Dataset | None = None  # keyword arguments, e.g. GSM8K's answer), row for row
+  sft_reply_spans: list | None = None       # per SFT row, its prompt's earlier assistant replies as
+                                            # character ranges (trained under sft.assistant_turns='all')
 
 
 def chat_template(template: str, tokenizer) -> hub.ChatTemplate | None:
@@ -118,7 +120,8 @@ def load_task(config, workdir: str) -> Task:
               eval_preferences=None if held_out is None else held_out.to_dict(),
               rl_references=references.get("rl"),
               eval_references=references.get("eval", [])[: config.eval.num_prompts] or None,
-              rl_columns=other(prompts), eval_columns=other(eval_prompts))
+              rl_columns=other(prompts), eval_columns=other(eval_prompts),
+              sft_reply_spans=sft["reply_spans"] if sft and config.sft.assistant_turns == "all" else None)
 
 
 def _logger(config, directory: str) -> MetricsLogger:
@@ -207,12 +210,18 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
   if not task.sft_prompts:
     raise ValueError("the sft stage needs SFT data: set config.data.sft")
 
-  def make_batch(idx):
-    return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
-                              max_len, config.data.max_prompt_len, config.data.truncate_prompts)
-
   return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
-                         make_batch, len(task.sft_prompts), stop)
+                         sft_batches(config, task), len(task.sft_prompts), stop)
+
+
+def sft_batches(config, task: Task) -> Callable:
+  """make_batch(row indices) -> the SFT stage's batch of those rows (`batching.sft_batch`)."""
+  def make_batch(idx):
+    spans = [task.sft_reply_spans[i] for i in idx] if task.sft_reply_spans else None
+    return batching.sft_batch(task.tokenizer, [task.sft_prompts[i] for i in idx],
+                              [task.sft_completions[i] for i in idx], sequence_length(config),
+                              config.data.max_prompt_len, config.data.truncate_prompts, spans)
+  return make_batch
 
 
 def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples,

@@ -124,7 +124,7 @@ def test_tldr_sft_and_prompt_records(source, split, completion_of):
   path = os.path.join(DATA, source)
   raw = read_jsonl(path if path.endswith(".jsonl") else os.path.join(path, f"{split}.jsonl"))
   sft = hub.load_sft(path, split)
-  assert sft.column_names == ["prompt", "completion"]
+  assert sft.column_names == ["prompt", "completion", "reply_spans"] and not any(sft["reply_spans"])
   assert sft["prompt"] == [r["prompt"] for r in raw]
   assert sft["completion"] == [completion_of(r) for r in raw]
   assert hub.load_prompts(path, split)["prompt"] == [r["prompt"] for r in raw]
@@ -241,7 +241,11 @@ def test_conversational_preferences_render_with_the_chat_template(chat):
   assert sft["prompt"] == expected["prompt"] and sft["completion"] == expected["chosen"]
   assert hub.load_prompts(source, "train_prefs", renderer)["prompt"] == expected["prompt"]
   messages = datasets.Dataset.from_list([{"messages": r["messages"]} for r in raw])  # trl-lib/Capybara's column
-  assert hub.sft_records(messages, renderer).to_dict() == {"prompt": expected["prompt"], "completion": expected["chosen"]}
+  spans = [[[len(chatml(m[:i])), len(chatml(m[:i + 1], generation=False))] for i in range(1, len(m))
+            if m[i]["role"] == "assistant"] for m in shared]  # an earlier reply: its content and end of turn
+  assert hub.sft_records(messages, renderer).to_dict() == {"prompt": expected["prompt"], "completion": expected["chosen"],
+                                                           "reply_spans": spans}
+  assert sft["reply_spans"] == spans and any(spans)
   assert hub.prompt_records(messages, renderer)["prompt"] == expected["prompt"]
   unpaired = datasets.Dataset.from_list([{"prompt": r["chosen"][:-1], "completion": r["rejected"][-1:], "label": False}
                                          for r in raw])  # trl-lib/kto-mix-14k's columns
@@ -292,6 +296,83 @@ def test_a_reply_ending_with_eos_leaves_it_to_batching(chat):
   tokens, mask = batching.tokenize_responses(chat_model, ["Blue."], 8)
   assert chat_model.decode(tokens[0][mask[0] == 1]) == "Blue.<|im_end|>"
   assert hub.ChatTemplate(tok).render(question, [[{"role": "assistant", "content": "Blue."}]])[1] == ["Blue.<|im_end|>\n"]
+
+
+THREE_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+               {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+               {"role": "assistant", "content": "Red, then green."}, {"role": "user", "content": "One more."},
+               {"role": "assistant", "content": "Yellow."}]
+
+
+@pytest.mark.parametrize("eos_ends_turns", [False, True])
+def test_every_assistant_turn_of_a_conversation_is_a_target(chat, eos_ends_turns):
+  """SFT on a three-turn conversation (sft.assistant_turns='all'): the targets are the three
+  replies, each with its end of turn, and nothing of the system or user turns; the tokens are the
+  rendered conversation's. With EOS as the end of turn (Qwen's <|im_end|>) each reply's target
+  ends in EOS and the newline after it is context, as in a sample followed by the next turn."""
+  _, tok = chat
+  tok = copy.deepcopy(tok)
+  if eos_ends_turns:
+    tok.eos_token = "<|im_end|>"
+  renderer = hub.ChatTemplate(tok)
+  sft = hub.sft_records(datasets.Dataset.from_list([{"messages": THREE_TURNS}]), renderer)
+  prompt, completion, spans = sft[0]["prompt"], sft[0]["completion"], sft[0]["reply_spans"]
+  end_of_turn = "<|im_end|>" if eos_ends_turns else "<|im_end|>\n"
+  assert prompt == chatml(THREE_TURNS[:-1])
+  assert [prompt[a:b] for a, b in spans] == ["Blue." + end_of_turn, "Red, then green." + end_of_turn]
+  assert completion == ("Yellow." if eos_ends_turns else "Yellow.<|im_end|>\n")
+
+  batch = batching.sft_batch(tok, [prompt], [completion], 256, reply_spans=[spans])
+  tokens, mask, targets = batch["tokens"][0], batch["mask"][0], batch["loss_mask"][0]
+  whole = tok.bos_token + chatml(THREE_TURNS, generation=False)
+  if eos_ends_turns:
+    whole = whole[:-1]  # the last reply ends in its EOS, appended by batching
+  else:
+    whole += tok.eos_token
+  assert tok.decode(tokens[mask]) == whole
+  replies = ["Blue.", "Red, then green.", "Yellow."]
+  assert tok.decode(tokens[targets]) == "".join(r + end_of_turn for r in replies) + ("" if eos_ends_turns else tok.eos_token)
+  # Each run of targets is one reply: three runs, split by the user turns.
+  starts = np.flatnonzero(targets & ~np.concatenate([[False], targets[:-1]]))
+  assert len(starts) == 3 and not targets[:starts[0]].any()
+  # Without the spans (sft.assistant_turns='last') the last reply alone.
+  last = batching.sft_batch(tok, [prompt], [completion], 256)
+  assert (last["tokens"] == batch["tokens"]).all()
+  assert tok.decode(last["tokens"][0][last["loss_mask"][0]]) == "Yellow." + end_of_turn + ("" if eos_ends_turns else tok.eos_token)
+
+
+def test_a_cut_conversation_loses_its_first_turns_targets_with_them(chat):
+  """A prompt cut from the left to fit keeps the targets of what is left, aligned with its tokens."""
+  renderer, tok = chat
+  sft = hub.sft_records(datasets.Dataset.from_list([{"messages": THREE_TURNS}]), renderer)
+  row = sft[0]
+  whole = batching.sft_batch(tok, [row["prompt"]], [row["completion"]], 400, reply_spans=[row["reply_spans"]])
+  targets = whole["loss_mask"][0][whole["mask"][0]]
+  first_reply_end = int(np.flatnonzero(targets)[0]) + int(np.argmin(targets[np.flatnonzero(targets)[0]:]))
+  kept = len(targets) - first_reply_end - 1  # cut through the user turn after the first reply
+  cut = batching.sft_batch(tok, [row["prompt"]], [row["completion"]], kept, reply_spans=[row["reply_spans"]])
+  assert cut["mask"][0].all()
+  assert (cut["tokens"][0] == whole["tokens"][0][-kept:]).all()
+  assert (cut["loss_mask"][0] == whole["loss_mask"][0][-kept:]).all()
+  assert not cut["loss_mask"][0][0] and targets[:-kept].any()  # the cut took the first reply's targets with it
+  assert tok.decode(cut["tokens"][0][cut["loss_mask"][0]]).endswith("Yellow.<|im_end|>\n" + tok.eos_token)
+
+
+def test_a_template_that_rewrites_earlier_turns_fails_naming_the_row_and_the_fix(chat):
+  """A template that renders earlier replies unlike the last one (dropping their reasoning, as
+  Qwen3's does) cannot have them trained in place: the error names the row and sft.assistant_turns."""
+  _, tok = chat
+  tok = copy.deepcopy(tok)
+  tok.chat_template = ("{% for m in messages %}{% set c = m['content'] %}{% if m['role'] == 'assistant' and not loop.last %}"
+                       "{% set c = c.split('</think>')[-1] %}{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}"
+                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+  turns = [dict(m) for m in THREE_TURNS]
+  turns[2]["content"] = "<think>easy</think>Blue."
+  with pytest.raises(ValueError, match=r"row 0: the chat template renders assistant message 2 differently .*"
+                                       r"sft.assistant_turns='last'"):
+    hub.sft_records(datasets.Dataset.from_list([{"messages": turns}]), hub.ChatTemplate(tok))
+  turns[2]["content"] = "Blue."  # the same template, no reasoning to drop: the reply trains in place
+  assert len(hub.sft_records(datasets.Dataset.from_list([{"messages": turns}]), hub.ChatTemplate(tok))[0]["reply_spans"]) == 2
 
 
 def test_gsm8k_questions_keep_their_answers_beside_the_prompt(chat):

@@ -185,7 +185,20 @@ def test_chat_preferences_train_and_every_export_carries_the_template(tmp_path):
   conversation = raw[4]["chosen"][:-1]
   rendered = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n"
               "<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
-  assert pipeline.load_task(c, workdir).rl_prompts[4] == rendered
+  task = pipeline.load_task(c, workdir)
+  assert task.rl_prompts[4] == rendered
+  # SFT trained on both replies of the two-turn conversations (sft.assistant_turns='all'), the
+  # earlier one in place inside the prompt; under 'last' on the last reply alone.
+  assert task.sft_prompts[4] == rendered and [rendered[a:b] for a, b in task.sft_reply_spans[4]] == ["Paris.<|im_end|>\n"]
+  assert sum(map(bool, task.sft_reply_spans)) == 2
+  batch = pipeline.sft_batches(c, task)([4])
+  targets = task.tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0]])
+  assert targets == "Paris.<|im_end|>\nRome is the capital of Italy.<|im_end|>\n" + task.tokenizer.eos_token
+  c.sft.assistant_turns = "last"
+  task = pipeline.load_task(c, workdir)
+  assert task.sft_reply_spans is None
+  batch = pipeline.sft_batches(c, task)([4])
+  assert task.tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0]]).startswith("Rome")
   for name in ("sft policy (HF)", "dpo policy (HF)"):
     exported = transformers.AutoTokenizer.from_pretrained(outputs[name])
     assert exported.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == rendered, name

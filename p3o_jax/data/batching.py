@@ -141,38 +141,64 @@ def tokenize_responses(tokenizer, texts: Sequence[str], max_new_tokens: int) -> 
   return tokens, mask
 
 
-def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len, truncate="left"):
-  """Per row: (prompt ids + response ids + [eos], truncated to max_len; number of prompt ids kept)."""
-  if len(prompts) != len(responses):
-    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+def _segment_ids(tokenizer, text: str, spans: Sequence[Sequence[int]]) -> list[tuple[int, bool]]:
+  """(id, is a target) for each token of `text`, with the character ranges `spans` (sorted, apart)
+  tokenized apart from the text around them and marked as targets; the first piece gets the
+  tokenizer's special tokens, as a whole prompt does."""
+  pieces, at = [], 0
+  for start, end in spans:
+    if not at <= start < end <= len(text):
+      raise ValueError(f"reply span [{start}, {end}) does not lie, in order, inside a prompt of {len(text)} characters")
+    pieces += [(text[at:start], False), (text[start:end], True)]
+    at = end
+  pieces.append((text[at:], False))
+  out = []
+  for k, (piece, target) in enumerate(pieces):
+    if piece:
+      out += [(i, target) for i in tokenizer(piece, add_special_tokens=k == 0)["input_ids"]]
+  return out
+
+
+def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len, truncate="left", reply_spans=None):
+  """Per row: (prompt ids + response ids + [eos], truncated to max_len; which of them are targets:
+  the response's, and in a prompt with `reply_spans` its earlier replies')."""
+  if len(prompts) != len(responses) or (reply_spans is not None and len(reply_spans) != len(prompts)):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses"
+                     + ("" if reply_spans is None else f" and {len(reply_spans)} reply spans"))
   eos = _eos_id(tokenizer)
   rows = []
   for i, (p, r) in enumerate(zip(_ids(tokenizer, prompts, True), _ids(tokenizer, responses, False))):
+    p = [(t, False) for t in p] if not (reply_spans and reply_spans[i]) else _segment_ids(tokenizer, prompts[i], reply_spans[i])
     if not p:
       raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) has no tokens; the first response token "
                        "needs one to be predicted from")
-    r = r + [eos]
+    r = [(t, True) for t in r + [eos]]
     budget = max(max_len - len(r), 1)
     if max_prompt_len is not None:
       budget = min(budget, max_prompt_len)
     p = _cut_prompt(p, budget, truncate, prompts[i], i, "more than the room left beside its response:")
-    rows.append((p + r[:max_len - len(p)], len(p)))
+    ids, targets = zip(*(p + r[:max_len - len(p)]))
+    rows.append((list(ids), list(targets)))
   return rows
 
 
 def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_len: int,
-              max_prompt_len: int | None = None, truncate: str = "left") -> dict[str, np.ndarray]:
+              max_prompt_len: int | None = None, truncate: str = "left",
+              reply_spans: Sequence[Sequence[Sequence[int]]] | None = None) -> dict[str, np.ndarray]:
   """Teacher-forcing batch, left padded to L = max_len.
 
   Returns tokens int32 [B, L], mask bool [B, L] (real tokens), loss_mask bool [B, L]: True where
   tokens[b, t] is a completion token or its EOS, i.e. a target; it is predicted by the logits at
   t - 1, so a loss reads `logprob(tokens[:, 1:] | logits[:, :-1])` under `loss_mask[:, 1:]`.
+  reply_spans: per row, [start, end) character ranges of the prompt that are targets too (a
+  conversation's earlier assistant replies, `hub.sft_records`); such a prompt is tokenized in
+  pieces at their edges. A prompt cut to fit loses its targets with its tokens.
   """
-  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len, truncate)
+  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len, truncate, reply_spans)
   tokens, mask = left_pad([ids for ids, _ in rows], max_len, pad_token_id(tokenizer))
-  loss_mask = mask.copy()
-  for i, (ids, n_prompt) in enumerate(rows):
-    loss_mask[i, :max_len - len(ids) + n_prompt] = False
+  loss_mask = np.zeros_like(mask)
+  for i, (ids, targets) in enumerate(rows):
+    loss_mask[i, max_len - len(ids):] = targets
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 

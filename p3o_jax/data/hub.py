@@ -47,7 +47,10 @@ template's generation prompt (the assistant header), and a response is what rend
 prompt's messages followed by the reply adds after the prompt (its end-of-turn marker
 included). Where the prompt is implicit (chosen and rejected hold whole conversations), it is
 their shared leading messages; in a `messages` column it is every message before the last
-assistant turn, which is the completion. Without a chat template a conversational prompt is
+assistant turn, which is the completion. An SFT record also says where the prompt's own earlier
+assistant replies lie in its text (`reply_spans`), so that SFT trains on every assistant turn of
+a multi-turn conversation, as TRL's assistant-only loss does, without the template having to mark
+them. Without a chat template a conversational prompt is
 refused with an error naming the row. A prompt given as text keeps responses given as message
 lists to the last assistant message's content (trl-internal-testing/tldr-preference-trl-style).
 """
@@ -145,9 +148,34 @@ class ChatTemplate:
       if self._eos and text.rstrip().endswith(self._eos):
         text = text.rstrip()[:-len(self._eos)]
       texts.append(text)
-    if self._bos_to_drop and head.startswith(self._bos_to_drop):
-      head = head[len(self._bos_to_drop):]
-    return head, texts
+    return self._without_bos(head), texts
+
+  def _without_bos(self, text: str) -> str:
+    return text[len(self._bos_to_drop):] if self._bos_to_drop and text.startswith(self._bos_to_drop) else text
+
+  def reply_spans(self, prompt: list) -> list[list[int]]:
+    """[start, end) character ranges, in the rendered prompt (`render(prompt)[0]`), of the prompt's own
+    assistant replies: what SFT on every assistant turn trains on besides the completion. A range
+    ends with the reply's end-of-turn EOS when it has one (what follows it opens the next turn),
+    like a completion, whose EOS batching appends; a final assistant message (a prefill) is not a
+    reply."""
+    turns = [i for i in range(1, len(prompt) - 1) if prompt[i]["role"] == "assistant"]
+    if not turns:
+      return []
+    head = self._render(prompt, generation=True)
+    shift = len(head) - len(self._without_bos(head))
+    spans = []
+    for i in turns:
+      before = self._render(prompt[:i], generation=True)
+      through = self._render(prompt[:i + 1], generation=False)
+      if not (through.startswith(before) and head.startswith(through)):
+        raise ValueError(f"the chat template renders assistant message {i} differently inside the conversation "
+                         "than at its end (as templates that drop earlier turns' reasoning do), so that reply "
+                         "cannot be trained on in place; sft.assistant_turns='last' trains on the last one only")
+      eos_at = through.rfind(self._eos, len(before)) if self._eos else -1
+      end = eos_at + len(self._eos) if eos_at >= 0 else len(through)
+      spans.append([len(before) - shift, end - shift])
+    return spans
 
 
 def _messages(value: Any, column: str) -> list | None:
@@ -177,18 +205,21 @@ def _reply_text(value: Any, column: str) -> str:
   return replies[-1]
 
 
-def _rendered(prompt: Any, replies: dict, column: str, chat: ChatTemplate | None) -> dict:
+def _rendered(prompt: Any, replies: dict, column: str, chat: ChatTemplate | None, spans: bool = False) -> dict:
   """{'prompt': text, **replies as texts}. A text prompt stays as it is, its replies text (`_reply_text`);
   a conversational one (read from `column`) and its conversational replies are rendered by `chat`, the
-  prompt once for all of them; a reply given as text stays text."""
+  prompt once for all of them; a reply given as text stays text. spans: also 'reply_spans', where the
+  prompt's own assistant replies lie in its text (`ChatTemplate.reply_spans`; none in a text prompt)."""
   messages = _messages(prompt, column)
   if messages is None:
-    return {"prompt": prompt, **{name: _reply_text(value, name) for name, value in replies.items()}}
+    out = {"prompt": prompt, **{name: _reply_text(value, name) for name, value in replies.items()}}
+    return out | ({"reply_spans": []} if spans else {})
   if chat is None:
     raise _needs_template(column)
   conversational = {name: m for name, value in replies.items() if (m := _messages(value, name)) is not None}
   text, rendered = chat.render(messages, list(conversational.values()))
-  return {"prompt": text, **replies, **dict(zip(conversational, rendered))}
+  out = {"prompt": text, **replies, **dict(zip(conversational, rendered))}
+  return out | ({"reply_spans": chat.reply_spans(messages)} if spans else {})
 
 
 def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -280,30 +311,35 @@ def _pair(row: dict, chat: ChatTemplate | None) -> tuple[Any, dict, str]:
   return prompt, {"chosen": chosen, "rejected": rejected}, "chosen"
 
 
+_SPANS = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
+
+
 def sft_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:
-  """Dataset{prompt, completion} from any supported SFT or preference schema (see module table);
-  `chat` renders conversational rows."""
+  """Dataset{prompt, completion, reply_spans} from any supported SFT or preference schema (see module
+  table); `chat` renders conversational rows. reply_spans: [start, end) character ranges of the
+  prompt's own assistant replies (a multi-turn conversation's earlier turns, which SFT trains on
+  beside the completion under sft.assistant_turns='all'); empty for text rows."""
   cols = set(ds.column_names)
   if {"prompt", "completion", "label"} <= cols and getattr(ds.features["label"], "dtype", None) == "bool":
     kept = ds.filter(lambda r: r["label"])  # unpaired preferences: SFT on the desirable responses alone
     log.info("SFT on %d desirable of %d labelled responses", len(kept), len(ds))
     ds = kept
   if {"prompt", "completion"} <= cols:
-    fn = lambda r: _rendered(r["prompt"], {"completion": r["completion"]}, "prompt", chat)
+    fn = lambda r: _rendered(r["prompt"], {"completion": r["completion"]}, "prompt", chat, spans=True)
   elif {"question", "answer"} <= cols:
-    fn = lambda r: _rendered(*_question(r, chat), "prompt", chat)
+    fn = lambda r: _rendered(*_question(r, chat), "prompt", chat, spans=True)
   elif {"prompt", "label"} <= cols:
-    fn = lambda r: {"prompt": r["prompt"], "completion": _join_space(r["prompt"], r["label"])}
+    fn = lambda r: {"prompt": r["prompt"], "completion": _join_space(r["prompt"], r["label"]), "reply_spans": []}
   elif {"chosen", "rejected"} <= cols:
     def fn(r):
       prompt, replies, column = _pair(r, chat)
-      pair = _rendered(prompt, {"chosen": replies["chosen"]}, column, chat)  # errors name the chosen column
-      return {"prompt": pair["prompt"], "completion": pair["chosen"]}
+      pair = _rendered(prompt, {"chosen": replies["chosen"]}, column, chat, spans=True)  # errors name chosen
+      return {"prompt": pair["prompt"], "completion": pair["chosen"], "reply_spans": pair["reply_spans"]}
   elif "messages" in cols:
-    fn = lambda r: _rendered(*_last_turn(r["messages"]), "messages", chat)
+    fn = lambda r: _rendered(*_last_turn(r["messages"]), "messages", chat, spans=True)
   else:
     raise _schema_error("SFT", cols, _SFT_SCHEMAS)
-  return _convert(ds, fn, ["prompt", "completion"])
+  return _convert(ds, fn, ["prompt", "completion", "reply_spans"]).cast_column("reply_spans", _SPANS)
 
 
 def preference_records(ds: datasets.Dataset, chat: ChatTemplate | None = None) -> datasets.Dataset:

@@ -89,10 +89,6 @@ def make_pairs(shape: str, tokenizer, num_pairs: int, seed: int = 0) -> dict:
   return pairs
 
 
-def seconds_summary(seconds: list[float], rows: int) -> dict:
-  return dict(rows_s=rows / statistics.median(seconds), best=rows / min(seconds))
-
-
 # ----------------------------------------------------------------------------- p3o_jax
 
 def bench_ours(policy_dir: str, tokenizer, pairs: dict, algorithm: str, rows_per_step: int, steps: int, warmup: int,
@@ -131,7 +127,7 @@ def bench_ours(policy_dir: str, tokenizer, pairs: dict, algorithm: str, rows_per
       raise FloatingPointError(f"p3o_jax: non-finite loss at step {it}")
   if int(rows["response_mask"].sum(-1).min()) != RESPONSE + 1:
     raise AssertionError("p3o_jax: a response is not 32 tokens and EOS")
-  return dict(**seconds_summary(step_s[warmup:], rows_per_step), first_s=step_s[0], reference_s=reference_s,
+  return dict(**runs.rates(step_s[warmup:], rows_per_step, "rows_s"), first_s=step_s[0], reference_s=reference_s,
               reference_compile_s=compile_s, step_s=statistics.median(step_s[warmup:]))
 
 
@@ -182,7 +178,7 @@ def bench_trl(policy_dir: str, tokenizer, pairs: dict, algorithm: str, rows_per_
   step_s = [end - begin for begin, end in zip(timer.begins, timer.ends)]
   if len(step_s) != warmup + steps:
     raise AssertionError(f"TRL: timed {len(step_s)} steps, expected {warmup + steps}")
-  return dict(**seconds_summary(step_s[warmup:], rows_per_step), first_s=step_s[0],
+  return dict(**runs.rates(step_s[warmup:], rows_per_step, "rows_s"), first_s=step_s[0],
               reference_s=timer.begins[0] - start, step_s=statistics.median(step_s[warmup:]))
 
 

@@ -163,10 +163,6 @@ def build_models(shape: str, directory: str) -> tuple[str, str, transformers.Pre
   return paths[0], paths[1], tokenizer
 
 
-def median_and_best(seconds: list[float], tokens: int) -> dict:
-  return dict(tok_s=tokens / statistics.median(seconds), best=tokens / min(seconds))
-
-
 # ----------------------------------------------------------------------------- p3o_jax
 
 def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, steps: int, warmup: int,
@@ -228,7 +224,7 @@ def bench_ours(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, ste
   rollout_s, first_s, total_s = rollout_s[warmup:], total_s[0], total_s[warmup:]
   rollout, total, sample = (statistics.median(x) for x in (rollout_s, total_s, sample_s[1:]))
   phases = {"sample": sample, "score": max(rollout - sample, 1e-9), "update": total - rollout}
-  return dict(**median_and_best(total_s, len(prompts) * K * NEW), first_s=first_s,
+  return dict(**runs.rates(total_s, len(prompts) * K * NEW, "tok_s"), first_s=first_s,
               rollout_share=rollout / total, phases=phases, devices=devices, precision=precision,
               rows=len(prompts) * K, prompts=len(prompts), old_pass=exp.logp_old is not None)  # the Roller keeps it where it must
 
@@ -291,7 +287,7 @@ def bench_trl(policy_dir: str, rm_dir: str, tokenizer, prompts: np.ndarray, step
   all_s = np.diff(timer.marks).tolist()
   if len(all_s) != warmup + steps or len(rollout_s) != warmup + steps:
     raise AssertionError(f"TRL: timed {len(all_s)} steps and {len(rollout_s)} rollouts, expected {warmup + steps}")
-  return dict(**median_and_best(all_s[warmup:], P * K * NEW), first_s=all_s[0],
+  return dict(**runs.rates(all_s[warmup:], P * K * NEW, "tok_s"), first_s=all_s[0],
               rollout_share=statistics.median(rollout_s[warmup:]) / statistics.median(all_s[warmup:]))
 
 

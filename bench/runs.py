@@ -16,3 +16,8 @@ def ratio_summary(ratios: list[float]) -> str:
   each = " / ".join(f"{r:.2f}" for r in ratios)
   return (f"median {statistics.median(ratios):.2f}x of {len(ratios)} runs ({each}; best {max(ratios):.2f}x, "
           f"worst {min(ratios):.2f}x)")
+
+
+def rates(seconds: list[float], units: int, name: str) -> dict:
+  """{name: units per second at the median time, 'best': at the fastest}, e.g. tok_s and best."""
+  return {name: units / statistics.median(seconds), "best": units / min(seconds)}

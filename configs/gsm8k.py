@@ -10,6 +10,9 @@ RL on its questions, evaluation on the test split. The reward function gets each
 'answer' column beside the texts (rl.rollout.TextReward). Policy: Qwen/Qwen2.5-0.5B-Instruct,
 its chat template putting each question in the user's turn. Per RL iteration: 64 questions x K=4
 = 256 responses; P3O compares the K responses to a question pairwise.
+
+A base model without a chat template reads each question as "Question: ...\nAnswer:" and, after
+its answer, tends to write the next question: `sampler.stop` ends a response there, as EOS does.
 """
 
 from p3o_jax import config_base as common
@@ -27,6 +30,7 @@ def get_config(arg=None):
   c.data.sft_split, c.data.prompts_split, c.data.eval_split = "train", "train", "test"
   c.data.max_prompt_len = 256
   c.sampler.max_new_tokens = 256
+  c.sampler.stop = ("\nQuestion:",)
   c.sft.steps, c.sft.batch_size, c.sft.optim.lr = 500, 32, 1e-5
   c.rl.iterations = 500
   c.rl.prompts_per_rollout = 64

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=50, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0,
+      # strings a response ends with, as with EOS (a base model's next "Question:"); matched as the
+      # tokenizer writes them, and counted as finished by rl.missing_eos_penalty
+      stop=(),
       matmul_dtype="",     # the sampler's weight matmuls ('': model.matmul_dtype); see rl.rollout_is
       param_dtype="float32",   # the dtype the sampler reads the policy's weights in (bfloat16: as a
                                # bf16 inference engine would; see rl.rollout_is)

@@ -80,6 +80,12 @@ def sampler_cpu_devices(v):
   return None if host_devices.is_auto(v) else cpu_devices(v)
 
 
+def stop_strings(v):
+  if isinstance(v, (tuple, list)) and all(isinstance(x, str) and x for x in v):
+    return None
+  return f"must be a list of non-empty strings, e.g. ('\\nQuestion:',), got {v!r}"
+
+
 # ----------------------------------------------------------------------------- the schema
 
 SCHEMA: dict[str, Check] = {
@@ -120,6 +126,7 @@ SCHEMA: dict[str, Check] = {
     "sampler.temperature": positive,
     "sampler.top_k": non_negative_int,             # 0: off
     "sampler.top_p": number(gt=0, le=1),
+    "sampler.stop": stop_strings,
     # optimizers (optim, sft.optim, rm.optim, dpo.optim)
     "optim.lr": positive,
     "optim.b1": number(ge=0, lt=1),

@@ -236,7 +236,7 @@ class _Loop(NamedTuple):
 # ----------------------------------------------------------------------------- the jitted sampler
 
 def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_top_p: bool,
-               greedy: bool, eos_id: int, pad_id: int):
+               greedy: bool, eos_id: int, pad_id: int, stop: tuple[tuple[int, ...], ...] = ()):
   """The pure function that `generate` jits; static settings are closed over."""
   N, K = max_new_tokens, num_samples
 
@@ -292,14 +292,20 @@ def _sample_fn(graph, *, max_new_tokens: int, num_samples: int, top_k: int, use_
       step = state.step
       live = ~state.done
       out_token = jnp.where(live, token, pad_id)
+      tokens = jax.lax.dynamic_update_index_in_dim(state.tokens, out_token, step, axis=1)
+      ends = token == eos_id
+      for sequence in stop:  # a live row's last len(sequence) tokens are all its own
+        width = len(sequence)
+        last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(step - width + 1, 0), width, axis=1)
+        ends |= (step >= width - 1) & jnp.all(last == jnp.asarray(sequence, jnp.int32), axis=1)
       return _Loop(
           step=step + 1,
           token=out_token,
-          tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, out_token, step, axis=1),
+          tokens=tokens,
           logprobs=jax.lax.dynamic_update_index_in_dim(
               state.logprobs, jnp.where(live, logprob, 0.0), step, axis=1),
           lengths=state.lengths + live.astype(jnp.int32),
-          done=state.done | (live & (token == eos_id)),
+          done=state.done | (live & ends),
           cache=state.cache)
 
     def keep_going(state: _Loop):
@@ -435,11 +441,43 @@ def _compiled(graph: decoder.Graph, mesh: Mesh | None, axes: tuple[str, ...], **
   return _COMPILED[key]
 
 
+def stop_sequences(tokenizer, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+  """sampler.stop's strings as the token sequences the sampler stops after: each string as the
+  tokenizer writes it alone and as it writes it after other text (a SentencePiece tokenizer
+  writes a word-initial piece differently there), without repeats."""
+  if isinstance(texts, str):
+    raise TypeError(f"sampler.stop must be a list of strings, got the string {texts!r}")
+  out = []
+  before = tokenizer(".", add_special_tokens=False)["input_ids"]
+  for text in texts:
+    if not isinstance(text, str) or not text:
+      raise ValueError(f"sampler.stop holds {text!r}; each stop must be a non-empty string")
+    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+    after = tokenizer("." + text, add_special_tokens=False)["input_ids"]
+    variants = [alone] + ([after[len(before):]] if after[:len(before)] == before else [])
+    out += [tuple(int(t) for t in v) for v in variants if v]
+  return tuple(dict.fromkeys(out))
+
+
+def finished(response, response_mask, eos_id: int, stop: Sequence[Sequence[int]] = ()) -> np.ndarray:
+  """[R] bool: the responses (right padded, NumPy) that ended, with EOS or with one of the `stop`
+  sequences as their last tokens, rather than running out of new tokens."""
+  response, valid = np.asarray(response), np.asarray(response_mask) > 0
+  out = ((response == eos_id) & valid).any(-1)
+  lengths = valid.sum(-1)
+  for sequence in stop:
+    width = len(sequence)
+    at = np.clip(lengths[:, None] - width + np.arange(width), 0, response.shape[1] - 1)
+    out |= (lengths >= width) & (np.take_along_axis(response, at, axis=1) == np.asarray(sequence)).all(-1)
+  return out
+
+
 def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, eos_id: int,
              pad_id: int, greedy: bool = False, mesh: Mesh | None = None,
-             prompt_ids=None, total_prompts: int | None = None) -> SampleOutput:
+             prompt_ids=None, total_prompts: int | None = None,
+             stop: Sequence[Sequence[int]] = ()) -> SampleOutput:
   """Sample `num_samples` responses for each LEFT-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (see `pad_prompts`); rng: a PRNG key.
@@ -459,6 +497,9 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
   prompt_ids, total_prompts: these prompts are rows `prompt_ids` [B] of a batch of
   `total_prompts` (a chunk of a rollout); each row then samples with the randomness it has in
   the whole batch, so a rollout sampled chunk by chunk equals the one sampled at once.
+
+  stop: token sequences (`stop_sequences`) a row stops after, as after EOS; the sequence is the
+  response's end. Matched as ids: a sample that spells a stop string with other tokens goes on.
   """
   if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):
     raise ValueError(f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} "
@@ -488,6 +529,9 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     if not last_col.all():
       raise ValueError(f"prompts must be LEFT-padded: rows {np.flatnonzero(last_col == 0).tolist()} "
                        "end in padding (use pad_prompts)")
+  stop = tuple(tuple(int(t) for t in seq) for seq in stop if len(seq) <= max_new_tokens)  # longer: never met
+  if any(not seq or not all(0 <= t < vocab_size for t in seq) for seq in stop):
+    raise ValueError(f"stop sequences {stop} must be non-empty and inside the vocabulary [0, {vocab_size})")
   split_axes = _split_axes(params)
   axes = _loop_axes(mesh, split_axes)
   shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
@@ -504,7 +548,7 @@ def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng
     raise ValueError(f"prompt_ids must hold one id per prompt ({batch}) and come with total_prompts")
   run = _compiled(graph, mesh, axes, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                   top_k=int(top_k), use_top_p=bool(top_p < 1.0), greedy=bool(greedy),
-                  eos_id=int(eos_id), pad_id=int(pad_id), total_prompts=int(total_prompts))
+                  eos_id=int(eos_id), pad_id=int(pad_id), total_prompts=int(total_prompts), stop=stop)
   as_int32 = lambda x: x if getattr(x, "dtype", None) == np.int32 else np.asarray(x, np.int32)
   return run(params, as_int32(prompt_tokens), as_int32(prompt_mask), rng, as_int32(prompt_ids),
              np.float32(temperature if temperature > 0 else 1.0), np.float32(top_p),

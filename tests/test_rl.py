@@ -530,6 +530,23 @@ def test_missing_eos_penalty_checks_completion_only(experience, roller, policy, 
   np.testing.assert_array_equal(exp.scores[~no_eos], experience.scores[~no_eos])
 
 
+def test_a_response_ended_by_a_stop_sequence_is_finished(experience, roller, policy, prompts, rollout_key):
+  """sampler.stop: a row stops after a stop sequence as after EOS, and counts as finished, so the
+  missing-EOS penalty spares it; rows that reach neither are penalised as before."""
+  lengths = experience.response_mask.sum(-1)
+  row = int(np.argmax(lengths))
+  stop = (tuple(int(t) for t in experience.response[row, 1:3]),)
+  stopped = variant(roller, stop=stop)(policy[1], *prompts, rollout_key, K)
+  assert stopped.response_mask.sum() < experience.response_mask.sum()
+  ends_with_stop = np.array([len(real(r, m)) >= 2 and tuple(real(r, m)[-2:]) == stop[0]
+                             for r, m in zip(stopped.response, stopped.response_mask)])
+  ends_in_eos = np.array([EOS in real(r, m) for r, m in zip(stopped.response, stopped.response_mask)])
+  assert ends_with_stop[row] and (ends_with_stop & ~ends_in_eos).any()
+  np.testing.assert_array_equal(stopped.has_eos, ends_in_eos | ends_with_stop)
+  penalised = variant(roller, stop=stop, missing_eos_penalty=2.5)(policy[1], *prompts, rollout_key, K)
+  np.testing.assert_allclose(penalised.scores, stopped.scores - 2.5 * ~(ends_in_eos | ends_with_stop), atol=1e-6, rtol=0)
+
+
 def test_per_prompt_baseline_is_subtracted_from_each_of_its_rows(experience, roller, policy, prompts,
                                                                 rollout_key):
   """rl.reward_baseline: prompt b's baseline comes off all K of its rows (prompt-major), and

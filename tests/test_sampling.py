@@ -337,6 +337,55 @@ def test_early_stop_when_every_row_is_done(neox, prompts):
   check_structure(out, fx.EOS_ID, fx.PAD_ID, min_new)
 
 
+def test_a_stop_sequence_ends_a_row_where_it_first_appears(neox, prompts):
+  """Rows sampled with stop sequences are the rows sampled without them, cut after the first
+  place a sequence ends (found here in NumPy), and count as finished; the rest are unchanged."""
+  _, graph, params = neox
+  free = sample(graph, params, *prompts)
+  tokens, lengths = np.asarray(free.tokens), np.asarray(free.lengths)
+  stop = [tuple(tokens[0, 2:4]), tuple(tokens[4, 5:6])]  # a pair and a single token that occur
+  stopped = sample(graph, params, *prompts, stop=stop + [tuple(range(N + 1))])  # too long to occur: ignored
+
+  def first_end(row):
+    ends = [at + len(seq) for seq in stop for at in range(lengths[row] - len(seq) + 1)
+            if tuple(tokens[row, at:at + len(seq)]) == seq]
+    return min(ends, default=None)
+
+  cut = 0
+  for row in range(tokens.shape[0]):
+    end = first_end(row)
+    if end is None:
+      expected, finished = tokens[row], bool(free.finished[row])
+    else:
+      expected, finished = np.where(np.arange(N) < end, tokens[row], fx.PAD_ID), True
+      cut += end < lengths[row]
+    np.testing.assert_array_equal(np.asarray(stopped.tokens[row]), expected, err_msg=f"row {row}")
+    assert int(stopped.lengths[row]) == (lengths[row] if end is None else end) and bool(stopped.finished[row]) == finished
+  assert cut >= 2
+  np.testing.assert_array_equal(sampling.finished(stopped.tokens, stopped.mask, fx.EOS_ID, stop),
+                                np.asarray(stopped.finished))
+  np.testing.assert_array_equal(sampling.finished(free.tokens, free.mask, fx.EOS_ID, ()), np.asarray(free.finished))
+
+
+def test_stop_strings_become_the_token_sequences_a_tokenizer_writes():
+  """A byte-level BPE writes a stop string the same alone and after text; a SentencePiece-style
+  one (a word-initial piece marked '▁') differently, and both are kept."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from transformers import PreTrainedTokenizerFast
+  words = ["Question", ":", "\n", ".", "▁Question", "▁", "a"]
+  core = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words + ["[UNK]"])}, "[UNK]"))
+  core.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"\n|:|\.|▁?Question|▁"), "isolated")
+  byte_like = PreTrainedTokenizerFast(tokenizer_object=core)
+  assert sampling.stop_sequences(byte_like, ["\nQuestion:", ":"]) == ((2, 0, 1), (1,))
+  core.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("▁")])
+  sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=core)
+  assert sampling.stop_sequences(sentencepiece_like, ["Question:"]) == ((4, 1), (0, 1))
+  with pytest.raises(ValueError, match="each stop must be a non-empty string"):
+    sampling.stop_sequences(byte_like, [""])
+  with pytest.raises(TypeError, match="a list of strings"):
+    sampling.stop_sequences(byte_like, "Question:")
+
+
 # ----------------------------------------------------------------------------- several devices
 
 @pytest.mark.parametrize("mesh_shape,split_params", [((4, 1, 1), True), ((2, 2, 1), True), ((2, 2, 1), False)])

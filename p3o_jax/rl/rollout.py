@@ -157,8 +157,9 @@ class Roller:
   def __init__(self, graph, ref_params, reward: RewardSource, *, sampler_cfg, eos_id: int, pad_id: int,
                missing_eos_penalty: float | None = None, gold: RewardSource | None = None, mesh=None,
                sampler_dtype: str = "float32", sampler_matmul_dtype: str = "", ref_matmul_dtype: str = "",
-               sample_devices=None):
+               sample_devices=None, stop: tuple = ()):
     self.graph, self.ref_params, self.reward, self.gold = graph, ref_params, reward, gold
+    self.stop = stop  # token sequences a response ends with, as with EOS (sampling.stop_sequences)
     # The sampler and the reference may read the policy's weights in other matmul dtypes
     # (decoder.weight_matmul); the trainer's old log-probs always use the policy's own.
     self.sampler_graph = decoder.with_matmul_dtype(graph, sampler_matmul_dtype)
@@ -248,7 +249,7 @@ class Roller:
                                critic, prompt_ids, split.n, old_pass, ref_params, piece_columns))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
-    has_eos = ((host["response"] == self.eos_id) & (host["response_mask"] > 0)).any(-1)
+    has_eos = sampling.finished(host["response"], host["response_mask"], self.eos_id, self.stop)
     scores = host.pop("scores")
     if baseline is not None:
       scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
@@ -281,7 +282,7 @@ class Roller:
         self.sampler_graph, sample_params, sample_prompts["query"], sample_prompts["query_mask"], rng,
         max_new_tokens=s.max_new_tokens, num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.sample_mesh,
-        prompt_ids=prompt_ids, total_prompts=total_prompts)
+        prompt_ids=prompt_ids, total_prompts=total_prompts, stop=self.stop)
     if apart:
       out = out._replace(**dict(zip(("tokens", "mask", "logprobs"), jax.device_put(
           (out.tokens, out.mask, out.logprobs), rows.sharding))))
@@ -328,7 +329,8 @@ def make_roller(config, graph, ref_params, reward: RewardSource, tokenizer, *, g
                 sampler_matmul_dtype=config.sampler.matmul_dtype or config.model.matmul_dtype,
                 ref_matmul_dtype=config.model.frozen_matmul_dtype or config.model.matmul_dtype,
                 sample_devices=host_devices.sampler_devices(  # sized by the model, whose reference it is
-                    config, mesh, graph.template if ref_params is None else ref_params))
+                    config, mesh, graph.template if ref_params is None else ref_params),
+                stop=sampling.stop_sequences(tokenizer, config.sampler.get("stop", ())))
 
 
 def reference_rewards(reward: RewardSource, query, query_mask, response, response_mask,

@@ -65,7 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
       steps=1000, batch_size=32, optim=optim(1e-5),
       # a multi-turn conversation: train on every assistant reply ('all'), or on the last one with
       # the earlier turns as its prompt ('last')
-      assistant_turns="all"))
+      assistant_turns="all",
+      # several examples to a row of data.max_prompt_len + sampler.max_new_tokens tokens, each
+      # attending to itself alone; batch_size then counts packed rows
+      packing=False))
   c.rm = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, pairs_per_prompt=1, num_prompts=0,
                                         optim=optim(1e-5)))
   c.optim = optim(6e-6)  # the RL optimizer

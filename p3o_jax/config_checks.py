@@ -141,6 +141,7 @@ SCHEMA: dict[str, Check] = {
     "sft.steps": positive_int,
     "sft.batch_size": positive_int,
     "sft.assistant_turns": one_of("all", "last"),
+    "sft.packing": boolean,
     "rm.steps": positive_int,
     "rm.batch_size": positive_int,
     "rm.pairs_per_prompt": positive_int,

@@ -210,18 +210,34 @@ def run_sft(config, workdir: str, task: Task, stop=None) -> str | None:
   if not task.sft_prompts:
     raise ValueError("the sft stage needs SFT data: set config.data.sft")
 
+  make_batch, num_examples = sft_batches(config, task)
   return _fit_and_export("sft", config, out, config.sft, supervised.sft_loss_fn(policy.graph), policy,
-                         sft_batches(config, task), len(task.sft_prompts), stop)
+                         make_batch, num_examples, stop)
 
 
-def sft_batches(config, task: Task) -> Callable:
-  """make_batch(row indices) -> the SFT stage's batch of those rows (`batching.sft_batch`)."""
+def sft_batches(config, task: Task) -> tuple[Callable, int]:
+  """(make_batch(row indices) -> the SFT stage's batch of those rows, the number of rows): the
+  examples one to a row (`batching.sft_batch`), or with sft.packing several to a row
+  (`batching.pack_sft`, packed once here)."""
+  tok, length = task.tokenizer, sequence_length(config)
+  cut = dict(max_prompt_len=config.data.max_prompt_len, truncate=config.data.truncate_prompts)
+  if config.sft.packing:
+    packed = batching.pack_sft(tok, task.sft_prompts, task.sft_completions, length,
+                               reply_spans=task.sft_reply_spans, **cut)
+    rows, real = len(packed["tokens"]), int(packed["mask"].sum())
+    if rows < config.sft.batch_size:
+      raise ValueError(f"sft.packing: the {len(task.sft_prompts)} SFT examples pack into {rows} rows of {length} "
+                       f"tokens, fewer than sft.batch_size={config.sft.batch_size} (which counts packed rows)")
+    log.info("sft: %d examples packed into %d rows of %d tokens (%.0f%% of them real, against %.0f%% one "
+             "example to a row)", len(task.sft_prompts), rows, length, 100 * real / (rows * length),
+             100 * real / (len(task.sft_prompts) * length))
+    return (lambda idx: {name: values[idx] for name, values in packed.items()}), rows
+
   def make_batch(idx):
     spans = [task.sft_reply_spans[i] for i in idx] if task.sft_reply_spans else None
-    return batching.sft_batch(task.tokenizer, [task.sft_prompts[i] for i in idx],
-                              [task.sft_completions[i] for i in idx], sequence_length(config),
-                              config.data.max_prompt_len, config.data.truncate_prompts, spans)
-  return make_batch
+    return batching.sft_batch(tok, [task.sft_prompts[i] for i in idx], [task.sft_completions[i] for i in idx],
+                              length, reply_spans=spans, **cut)
+  return make_batch, len(task.sft_prompts)
 
 
 def _fit_and_export(name, config, out, stage_cfg, loss_fn, model: Policy, make_batch, num_examples,

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def sft_loss_fn(graph):
-  """batch: tokens [B, T], mask [B, T] (attention), loss_mask [B, T] (completion tokens)."""
+  """batch: tokens [B, T], mask [B, T] (attention), loss_mask [B, T] (completion tokens), and for
+  packed rows segments [B, T] (`batching.pack_sft`)."""
   def loss_fn(params, batch):
-    logp = decoder.token_logprobs(graph, params, batch["tokens"], batch["mask"])
+    logp = decoder.token_logprobs(graph, params, batch["tokens"], batch["mask"], segments=batch.get("segments"))
     return losses.sft(logp, batch["loss_mask"][:, 1:])
   return loss_fn
 

@@ -450,6 +450,27 @@ def test_sft_batch_masks_completion_and_eos(demo_tok, bpe_tok):
   assert demo_tok.decode(short["tokens"][1][short["mask"][1]]) == task.sft_prompts[1].split(" ", 2)[2] + " 1 <eos>"
 
 
+def test_packed_sft_rows_hold_every_example_once_as_its_own_row_would(bpe_tok):
+  """sft.packing: each example is one segment of a packed row, with the tokens and targets
+  `sft_batch` gives it alone; rows stay within L, segments count from 1 in order, and the
+  examples take fewer rows than one to a row."""
+  rows = read_jsonl(os.path.join(DATA, "tldr", "train.jsonl"))
+  prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+  L = 240  # room for two or three examples a row
+  packed = batching.pack_sft(bpe_tok, prompts, completions, L)
+  alone = batching.sft_batch(bpe_tok, prompts, completions, L)
+  expected = sorted((tuple(t[m]), tuple(lm[m])) for t, m, lm in zip(alone["tokens"], alone["mask"], alone["loss_mask"]))
+  found = []
+  for tokens, mask, targets, segments in zip(packed["tokens"], packed["mask"], packed["loss_mask"], packed["segments"]):
+    np.testing.assert_array_equal(mask, segments > 0)
+    ids = segments[mask]
+    assert (np.diff(ids) >= 0).all() and ids[0] == 1 and (np.diff(np.unique(ids)) == 1).all()
+    assert mask[-1] and not targets[~mask].any()  # left padded
+    found += [(tuple(tokens[segments == s]), tuple(targets[segments == s])) for s in np.unique(ids)]
+  assert sorted(found) == expected
+  assert len(packed["tokens"]) < len(prompts) and packed["tokens"].shape[1] == L
+
+
 def test_preference_batch_holds_each_prompt_once_before_both_responses(demo_tok):
   """The reward model's batch is laid out as RL scores it: the prompt left padded to
   max_prompt_len (cut as RL prompts are), the chosen and rejected responses right padded to

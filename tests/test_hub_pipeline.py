@@ -191,13 +191,13 @@ def test_chat_preferences_train_and_every_export_carries_the_template(tmp_path):
   # earlier one in place inside the prompt; under 'last' on the last reply alone.
   assert task.sft_prompts[4] == rendered and [rendered[a:b] for a, b in task.sft_reply_spans[4]] == ["Paris.<|im_end|>\n"]
   assert sum(map(bool, task.sft_reply_spans)) == 2
-  batch = pipeline.sft_batches(c, task)([4])
+  batch = pipeline.sft_batches(c, task)[0]([4])
   targets = task.tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0]])
   assert targets == "Paris.<|im_end|>\nRome is the capital of Italy.<|im_end|>\n" + task.tokenizer.eos_token
   c.sft.assistant_turns = "last"
   task = pipeline.load_task(c, workdir)
   assert task.sft_reply_spans is None
-  batch = pipeline.sft_batches(c, task)([4])
+  batch = pipeline.sft_batches(c, task)[0]([4])
   assert task.tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0]]).startswith("Rome")
   for name in ("sft policy (HF)", "dpo policy (HF)"):
     exported = transformers.AutoTokenizer.from_pretrained(outputs[name])
@@ -223,8 +223,13 @@ def test_gsm8k_rl_reward_reads_each_prompts_answer(tmp_path):
   c.model.hf = save_neox(tmp_path / "base", tokenizer)
   c.data.sft = c.data.prompts = source
   c.model.reward_fn = "test_hub_pipeline:question_in_prompt"
+  c.sft.packing = True  # the answers several to a row where they fit
   workdir = str(tmp_path / "run")
   main.run(c, workdir)
+  sft = [r for r in read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl")) if "sft/sft/nll" in r]
+  assert [r["step"] for r in sft] == [1, 2] and all(np.isfinite(r["sft/sft/nll"]) for r in sft)
+  make_batch, rows = pipeline.sft_batches(c, pipeline.load_task(c, workdir))
+  assert rows <= len(raw) and make_batch(np.arange(rows))["segments"].max() >= 1
   log = read_jsonl(os.path.join(workdir, "rl", "p3o", "metrics.jsonl"))
   rows = [r for r in log if "loss/total" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(r["objective/scores"] == 1.0 for r in rows)

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_fixtures as fx  # noqa: E402
+from p3o_jax import supervised  # noqa: E402
 from p3o_jax.data import batching  # noqa: E402
 from p3o_jax.models import decoder, hf  # noqa: E402
 from p3o_jax.rl import sequences  # noqa: E402
@@ -258,6 +259,50 @@ def test_blocked_attention_matches_transformers_and_its_gradient(causal):
   got = _logprob_grads(blocked, causal.params, causal.tokens, causal.mask)
   want = _logprob_grads(whole, causal.params, causal.tokens, causal.mask)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("block", [0, 5], ids=["whole", "blocked"])
+def test_packed_sequences_match_transformers_on_each_alone(causal, block):
+  """Three sequences packed two rows of 12 (8 + 4, then 6 after left padding), each a segment that
+  attends to itself from position 0: every segment's logits are transformers' on that sequence
+  in a row of its own (learned and rotary positions alike)."""
+  real = causal.mask.astype(bool)
+  sequences = [causal.tokens[i][real[i]] for i in range(len(LENGTHS))]
+  width, layout = 12, [[0, 2], [1]]
+  tokens = np.full((2, width), fx.PAD_ID, np.int32)
+  segments = np.zeros((2, width), np.int32)
+  where = {}
+  for row, members in enumerate(layout):
+    at = width - sum(len(sequences[i]) for i in members)
+    for segment, i in enumerate(members, start=1):
+      tokens[row, at:at + len(sequences[i])], segments[row, at:at + len(sequences[i])] = sequences[i], segment
+      where[i] = (row, at)
+      at += len(sequences[i])
+  graph, _ = decoder.abstract(causal.cfg.replace(attention_block=block))
+
+  @jax.jit
+  def logits(params, tokens, segments):
+    model, hidden = decoder.forward(graph, params, tokens, segments > 0, segments=segments)
+    return model.logits(hidden)
+
+  ours = np.asarray(logits(causal.params, tokens, segments))
+  for i, sequence in enumerate(sequences):
+    row, at = where[i]
+    ref = causal.ref[i][real[i]]
+    assert np.abs(ours[row, at:at + len(sequence)] - ref).max() < ATOL, (i, causal.kind)
+  np.testing.assert_array_equal(decoder.segment_positions(jnp.asarray(segments))[0], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3])
+  # The SFT loss of the packed rows is the one of the sequences one to a row (a token mean).
+  targets = np.zeros_like(segments, bool)
+  targets[:, 1:] = (segments[:, 1:] > 0) & (segments[:, 1:] == segments[:, :-1]) & (np.arange(width - 1) % 3 > 0)
+  alone = np.zeros((len(sequences), T), bool)
+  for i, sequence in enumerate(sequences):
+    row, at = where[i]
+    alone[i, T - len(sequence):] = targets[row, at:at + len(sequence)]
+  loss = supervised.sft_loss_fn(graph)
+  packed, _ = loss(causal.params, {"tokens": tokens, "mask": segments > 0, "loss_mask": targets, "segments": segments})
+  rows, _ = loss(causal.params, {"tokens": causal.tokens, "mask": real, "loss_mask": alone})
+  assert targets.sum() == alone.sum() > 6
+  np.testing.assert_allclose(packed, rows, rtol=1e-6)
 
 
 def test_blocked_attention_bounds_the_score_memory():

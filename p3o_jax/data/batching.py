@@ -23,6 +23,7 @@ in `RESPONSES_CUT` the same way.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 from typing import Sequence
@@ -200,6 +201,46 @@ def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max
   for i, (ids, targets) in enumerate(rows):
     loss_mask[i, max_len - len(ids):] = targets
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def pack_sft(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_len: int,
+             max_prompt_len: int | None = None, truncate: str = "left",
+             reply_spans: Sequence[Sequence[Sequence[int]]] | None = None) -> dict[str, np.ndarray]:
+  """Every SFT row (`sft_batch`'s, cut the same way) packed into rows of max_len tokens, several
+  to a row, placed best fit in decreasing length (each in the fullest row it still fits).
+
+  Returns, for M packed rows, tokens int32 [M, L], mask bool [M, L], loss_mask bool [M, L] as
+  `sft_batch`'s (left padded), and segments int32 [M, L]: 1, 2, ... for the sequences of a row
+  in order, 0 for padding, which the model reads so that each sequence attends to itself alone
+  from position 0 (`decoder.forward`): its log-probs are those of a row of its own.
+  """
+  rows = _prompt_response_ids(tokenizer, prompts, completions, max_len, max_prompt_len, truncate, reply_spans)
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+  packed: list[list[int]] = []
+  room: list[tuple[int, int]] = []  # (tokens left, packed row), sorted
+  for i in order:
+    need = len(rows[i][0])
+    at = bisect.bisect_left(room, (need, -1))
+    if at == len(room):
+      packed.append([i])
+      left, row = max_len - need, len(packed) - 1
+    else:
+      left, row = room.pop(at)
+      packed[row].append(i)
+      left -= need
+    bisect.insort(room, (left, row))
+  pad = pad_token_id(tokenizer)
+  out = {"tokens": np.full((len(packed), max_len), pad, np.int32), "mask": np.zeros((len(packed), max_len), bool),
+         "loss_mask": np.zeros((len(packed), max_len), bool), "segments": np.zeros((len(packed), max_len), np.int32)}
+  for r, members in enumerate(packed):
+    at = max_len - sum(len(rows[i][0]) for i in members)
+    for segment, i in enumerate(members, start=1):
+      ids, targets = rows[i]
+      place = slice(at, at + len(ids))
+      out["tokens"][r, place], out["loss_mask"][r, place], out["segments"][r, place] = ids, targets, segment
+      out["mask"][r, place] = True
+      at += len(ids)
+  return out
 
 
 def preference_batch(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],

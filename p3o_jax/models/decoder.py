@@ -881,11 +881,31 @@ def unstack_layers(params: dict) -> dict:
   return {**params, "layers": {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers)}}
 
 
-def forward(graph: Graph, params: dict, tokens, padding_mask, outputs_at=None):
+def segment_positions(segments):
+  """[B, T] segment ids of packed rows (0: padding) -> each token's position inside its segment."""
+  index = jnp.broadcast_to(jnp.arange(segments.shape[-1]), segments.shape)
+  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def segment_mask(segments):
+  """[B, T] segment ids (0: padding) -> [B, T, T] bool: causal, inside one segment, never padding."""
+  T = segments.shape[-1]
+  causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+  return causal[None] & (segments[:, :, None] == segments[:, None, :]) & (segments > 0)[:, None, :]
+
+
+def forward(graph: Graph, params: dict, tokens, padding_mask, outputs_at=None, segments=None):
   """Teacher-forced pass on a (left- or right-) padded batch -> hidden [B, T, D] ([B, T', D]
-  at `outputs_at` [B, T'] only; see `Decoder.__call__`)."""
+  at `outputs_at` [B, T'] only; see `Decoder.__call__`). segments [B, T]: several sequences
+  packed in a row (ids 1, 2, ..., 0 for padding), each attending to itself alone from position 0,
+  as if it had a row of its own."""
   model = merge(graph, params)
-  hidden, _ = model(tokens, positions_from_mask(padding_mask), causal_mask(padding_mask), outputs_at=outputs_at)
+  if segments is None:
+    positions, mask = positions_from_mask(padding_mask), causal_mask(padding_mask)
+  else:
+    positions, mask = segment_positions(segments), segment_mask(segments)
+  hidden, _ = model(tokens, positions, mask, outputs_at=outputs_at)
   return model, hidden
 
 
@@ -927,12 +947,13 @@ def prefixed_forward(graph: Graph, params: dict, prefix, prefix_mask, suffix, su
   return model, prefix_hidden, suffix_hidden
 
 
-def token_logprobs(graph: Graph, params: dict, tokens, padding_mask, temperature: float = 1.0):
-  """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, shape [B, T-1], float32.
+def token_logprobs(graph: Graph, params: dict, tokens, padding_mask, temperature: float = 1.0, segments=None):
+  """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, shape [B, T-1], float32 (of packed rows
+  with `segments`: given the earlier tokens of t's own sequence).
 
   Logits are divided by the sampling temperature so that trainer and sampler agree.
   """
-  model, hidden = forward(graph, params, tokens, padding_mask)
+  model, hidden = forward(graph, params, tokens, padding_mask, segments=segments)
   logits = model.logits(hidden[:, :-1]) / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

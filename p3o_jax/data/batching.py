@@ -169,7 +169,10 @@ def _prompt_response_ids(tokenizer, prompts, responses, max_len, max_prompt_len,
   eos = _eos_id(tokenizer)
   rows = []
   for i, (p, r) in enumerate(zip(_ids(tokenizer, prompts, True), _ids(tokenizer, responses, False))):
-    p = [(t, False) for t in p] if not (reply_spans and reply_spans[i]) else _segment_ids(tokenizer, prompts[i], reply_spans[i])
+    if reply_spans and reply_spans[i]:
+      p = _segment_ids(tokenizer, prompts[i], reply_spans[i])
+    else:
+      p = [(t, False) for t in p]
     if not p:
       raise ValueError(f"prompt {i} ({prompts[i][:40]!r}) has no tokens; the first response token "
                        "needs one to be predicted from")

@@ -42,6 +42,7 @@ def get_config(arg=None):
   c.rl.beta = 0.04
   c.optim.lr = 1e-6
   c.eval.every, c.eval.num_prompts = 25, 512
+  c.eval.greedy = True  # the greedy accuracy beside the sampled one
   c.mesh.data, c.mesh.fsdp = 1, -1
   if "runlocal" in args:
     common.runlocal(c)

@@ -115,7 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
       every=50, num_prompts=256,
       num_pairs=512,  # held-out preference pairs scored every eval.every steps (data.preference_eval_split;
                       # the demo samples rm.pairs_per_prompt for each held-out prompt); 0: none
-      judge=""))  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
+      judge="",  # 'package.module:function' (prompt, first, second) -> 1 | 0 | 0.5 for win rates
+      greedy=False))  # RL's held-out evaluations also score greedy responses (eval/greedy_reward)
   c.pipeline = ml_collections.ConfigDict(dict(algos=("p3o",)))
   # allow_changes: 'field,section.*' a resume may see changed beyond workdir.SAFE_TO_CHANGE
   c.ckpt = ml_collections.ConfigDict(dict(every=50, keep=3, resume=True, allow_changes=""))

@@ -194,6 +194,7 @@ SCHEMA: dict[str, Check] = {
     "eval.every": positive_int,
     "eval.num_prompts": positive_int,
     "eval.num_pairs": non_negative_int,
+    "eval.greedy": boolean,
     # checkpoints, logging, mesh
     "ckpt.every": positive_int,
     "ckpt.keep": positive_int,

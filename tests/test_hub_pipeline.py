@@ -234,6 +234,7 @@ def test_gsm8k_rl_reward_reads_each_prompts_answer(tmp_path):
   rows = [r for r in log if "loss/total" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(r["objective/scores"] == 1.0 for r in rows)
   assert [r["eval/reward"] for r in log if "eval/reward" in r] == [1.0, 1.0]
+  assert [r["eval/greedy_reward"] for r in log if "eval/reward" in r] == [1.0, 1.0]  # eval.greedy in the config
 
 
 def question_in_prompt(prompts, responses, question, answer):

@@ -547,6 +547,20 @@ def test_a_response_ended_by_a_stop_sequence_is_finished(experience, roller, pol
   np.testing.assert_allclose(penalised.scores, stopped.scores - 2.5 * ~(ends_in_eos | ends_with_stop), atol=1e-6, rtol=0)
 
 
+def test_greedy_rollouts_are_the_argmax_responses_whatever_the_key(roller, policy, prompts, rollout_key):
+  """eval.greedy: the held-out evaluation's greedy rows are the sampler's argmax decoding (the
+  same for any key), scored by the same reward."""
+  exp = roller(policy[1], *prompts, rollout_key, 1, greedy=True, old_pass=False)
+  again = roller(policy[1], *prompts, jax.random.key(99), 1, greedy=True, old_pass=False)
+  np.testing.assert_array_equal(exp.response, again.response)
+  np.testing.assert_array_equal(exp.scores, again.scores)
+  argmax = sampling.generate(policy[0], policy[1], *prompts, jax.random.key(5), max_new_tokens=N, greedy=True,
+                             eos_id=EOS, pad_id=EOS)
+  np.testing.assert_array_equal(exp.response * exp.response_mask, np.asarray(argmax.tokens) * np.asarray(argmax.mask))
+  sampled = roller(policy[1], *prompts, rollout_key, 1)
+  assert not np.array_equal(sampled.response, exp.response)
+
+
 def test_per_prompt_baseline_is_subtracted_from_each_of_its_rows(experience, roller, policy, prompts,
                                                                 rollout_key):
   """rl.reward_baseline: prompt b's baseline comes off all K of its rows (prompt-major), and

@@ -10,6 +10,7 @@ coefficient; the rollout and update keys are folded from the seed and the iterat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable
@@ -63,17 +64,23 @@ def rollout_metrics(exp: Experience, kl_coef: float) -> dict:
 
 
 def evaluate(roller: Roller, params, prompts: Prompts, split, queries, rng, step: int, algo: str,
-             chunk: int = 0, ref_params=None) -> dict:
+             chunk: int = 0, ref_params=None, greedy: bool = False) -> dict:
   """One sample per held-out prompt: the KL-reward frontier point at this step, as the record
   the frontier reader loads (`frontier.eval_record`). `chunk` prompts at a time when it divides
-  their number."""
+  their number. greedy: also the mean reward of the greedy responses (eval/greedy_reward; for
+  a verifiable reward, the accuracy most papers report), which a KL estimate cannot use."""
   baseline = None if prompts.baseline is None else prompts.baseline[split.rows]
   chunk = chunk if chunk and prompts.count % chunk == 0 else None
-  exp = roller(params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk, ref_params=ref_params,
-               columns=prompts.columns_of(split.rows))
+  run = functools.partial(roller, params, *queries, rng, k=1, baseline=baseline, split=split, chunk=chunk,
+                          ref_params=ref_params, columns=prompts.columns_of(split.rows))
+  exp = run()
   gold = None if exp.gold is None else exp.all_rows(exp.gold)
   point = frontier.frontier_point(algo, step, exp.all_rows(exp.seq_kl), exp.all_rows(exp.scores), gold)
-  return {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
+  record = {k: v for k, v in frontier.eval_record(point).items() if k != frontier.STEP_KEY}
+  if greedy:
+    argmax = run(greedy=True, old_pass=False)
+    record["eval/greedy_reward"] = float(np.mean(argmax.all_rows(argmax.scores)))
+  return record
 
 
 def policy_views(roller: Roller, params, policy_params=lambda p: p) -> tuple[Callable, Callable]:
@@ -96,7 +103,7 @@ def frontier_evaluator(config, roller: Roller, prompts: Prompts, mesh, view: Cal
   queries = prompts.tokenize(split.rows)
   return lambda step, params: evaluate(roller, policy_params(view(params)), prompts, split, queries,
                                        jax.random.key(config.seed + 1), step, config.rl.algo,
-                                       config.rl.rollout_chunk, reference(params))
+                                       config.rl.rollout_chunk, reference(params), config.eval.greedy)
 
 
 def train(config, workdir: str, policy: Policy, roller: Roller, *, train_prompts: Prompts, eval_prompts: Prompts,

@@ -209,7 +209,7 @@ class Roller:
   def __call__(self, params, query, query_mask, rng, k: int, baseline: np.ndarray | None = None,
                split: sharding.RowSplit | None = None, critic: tuple[Callable, object] | None = None,
                chunk: int | None = None, old_pass: bool = True, ref_params=None,
-               columns: dict | None = None) -> Experience:
+               columns: dict | None = None, greedy: bool = False) -> Experience:
     """query, query_mask: the prompts' rows this process feeds, [len(split.rows), P] (all rows
     without `split`); baseline: their per-prompt rewards subtracted from each of the K scores;
     columns: {name: one value per prompt, the same prompts}, the dataset's other columns, which a
@@ -222,6 +222,8 @@ class Roller:
     (`Experience.logp_policy`) then need it.
     ref_params: the reference's params for this call, where the Roller was built without them
     (a LoRA policy's frozen model is its reference, read from the train state at each call).
+    greedy: each response the argmax at every step (a held-out accuracy as verl's validation
+    reports it), not a sample.
     """
     old_pass = old_pass or not self.samples_as_trainer
     split = split or sharding.RowSplit(len(query), self.mesh)
@@ -246,7 +248,7 @@ class Roller:
       prompt_ids = np.arange(split.n) if count == 1 else part.gather(np.asarray(split.rows)[piece])
       piece_columns = {name: values[piece] for name, values in columns.items()}
       parts.append(self._chunk(params, np.asarray(query)[piece], np.asarray(query_mask)[piece], rng, k, part,
-                               critic, prompt_ids, split.n, old_pass, ref_params, piece_columns))
+                               critic, prompt_ids, split.n, old_pass, ref_params, piece_columns, greedy))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
     has_eos = sampling.finished(host["response"], host["response_mask"], self.eos_id, self.stop)
@@ -262,7 +264,7 @@ class Roller:
         gold=host.get("gold"), rows=rows)
 
   def _chunk(self, params, query, query_mask, rng, k, split, critic, prompt_ids, total_prompts,
-             old_pass: bool = True, ref_params=None, columns: dict | None = None) -> dict:
+             old_pass: bool = True, ref_params=None, columns: dict | None = None, greedy: bool = False) -> dict:
     """One chunk of prompts: sampled, teacher-forced and scored; this process's rows as NumPy."""
     ref_params = self.ref_params if ref_params is None else ref_params
     if ref_params is None:
@@ -282,7 +284,7 @@ class Roller:
         self.sampler_graph, sample_params, sample_prompts["query"], sample_prompts["query_mask"], rng,
         max_new_tokens=s.max_new_tokens, num_samples=k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         min_new_tokens=s.get("min_new_tokens", 0), eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.sample_mesh,
-        prompt_ids=prompt_ids, total_prompts=total_prompts, stop=self.stop)
+        prompt_ids=prompt_ids, total_prompts=total_prompts, stop=self.stop, greedy=greedy)
     if apart:
       out = out._replace(**dict(zip(("tokens", "mask", "logprobs"), jax.device_put(
           (out.tokens, out.mask, out.logprobs), rows.sharding))))

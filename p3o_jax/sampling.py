@@ -447,6 +447,8 @@ def stop_sequences(tokenizer, texts: Sequence[str]) -> tuple[tuple[int, ...], ..
   writes a word-initial piece differently there), without repeats."""
   if isinstance(texts, str):
     raise TypeError(f"sampler.stop must be a list of strings, got the string {texts!r}")
+  if not texts:
+    return ()
   out = []
   before = tokenizer(".", add_special_tokens=False)["input_ids"]
   for text in texts:

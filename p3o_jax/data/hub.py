@@ -153,28 +153,26 @@ class ChatTemplate:
   def _without_bos(self, text: str) -> str:
     return text[len(self._bos_to_drop):] if self._bos_to_drop and text.startswith(self._bos_to_drop) else text
 
-  def reply_spans(self, prompt: list) -> list[list[int]]:
-    """[start, end) character ranges, in the rendered prompt (`render(prompt)[0]`), of the prompt's own
-    assistant replies: what SFT on every assistant turn trains on besides the completion. A range
-    ends with the reply's end-of-turn EOS when it has one (what follows it opens the next turn),
-    like a completion, whose EOS batching appends; a final assistant message (a prefill) is not a
-    reply."""
+  def reply_spans(self, prompt: list, text: str | None = None) -> list[list[int]]:
+    """[start, end) character ranges, in the rendered prompt `text` (`render(prompt)[0]`, rendered
+    here unless given), of the prompt's own assistant replies: what SFT on every assistant turn
+    trains on besides the completion. A range ends with the reply's end-of-turn EOS when it has one
+    (what follows it opens the next turn), like a completion, whose EOS batching appends; a final
+    assistant message (a prefill) is not a reply."""
     turns = [i for i in range(1, len(prompt) - 1) if prompt[i]["role"] == "assistant"]
     if not turns:
       return []
-    head = self._render(prompt, generation=True)
-    shift = len(head) - len(self._without_bos(head))
+    text = self.render(prompt)[0] if text is None else text
     spans = []
     for i in turns:
-      before = self._render(prompt[:i], generation=True)
-      through = self._render(prompt[:i + 1], generation=False)
-      if not (through.startswith(before) and head.startswith(through)):
+      before = self._without_bos(self._render(prompt[:i], generation=True))
+      through = self._without_bos(self._render(prompt[:i + 1], generation=False))
+      if not (through.startswith(before) and text.startswith(through)):
         raise ValueError(f"the chat template renders assistant message {i} differently inside the conversation "
                          "than at its end (as templates that drop earlier turns' reasoning do), so that reply "
                          "cannot be trained on in place; sft.assistant_turns='last' trains on the last one only")
       eos_at = through.rfind(self._eos, len(before)) if self._eos else -1
-      end = eos_at + len(self._eos) if eos_at >= 0 else len(through)
-      spans.append([len(before) - shift, end - shift])
+      spans.append([len(before), eos_at + len(self._eos) if eos_at >= 0 else len(through)])
     return spans
 
 
@@ -219,7 +217,7 @@ def _rendered(prompt: Any, replies: dict, column: str, chat: ChatTemplate | None
   conversational = {name: m for name, value in replies.items() if (m := _messages(value, name)) is not None}
   text, rendered = chat.render(messages, list(conversational.values()))
   out = {"prompt": text, **replies, **dict(zip(conversational, rendered))}
-  return out | ({"reply_spans": chat.reply_spans(messages)} if spans else {})
+  return out | ({"reply_spans": chat.reply_spans(messages, text)} if spans else {})
 
 
 def split_conversations(chosen: list, rejected: list) -> tuple[list, list, list]:

@@ -14,7 +14,6 @@ median over runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -23,6 +22,8 @@ import numpy as np
 from p3o_jax import supervised
 from p3o_jax.data import batching, synthetic
 from p3o_jax.models import decoder
+
+import runs  # bench/, the script's own folder
 
 
 def examples(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -53,7 +54,8 @@ def main():
   cfg = decoder.DecoderConfig(vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                               intermediate_size=1024)
   graph, params = decoder.create(cfg, 0)
-  step = jax.jit(jax.value_and_grad(lambda p, b: supervised.sft_loss_fn(graph)(p, b)[0]))
+  loss = supervised.sft_loss_fn(graph)
+  step = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0]))
   print(f"jax {jax.__version__} ({jax.default_backend()}); {args.examples} examples, rows of {args.length} tokens, "
         f"{args.batch} rows a step; small shape, fp32")
   for name, layout in layouts.items():
@@ -72,7 +74,7 @@ def main():
     ratios.append(rates["packed"] / rates["one to a row"])
     print(f"  run {run + 1}: " + ", ".join(f"{n} {r:,.0f} real tok/s" for n, r in rates.items())
           + f"; packed {ratios[-1]:.2f}x")
-  print(f"packed against one to a row: median {statistics.median(ratios):.2f}x of {len(ratios)} runs")
+  print(f"packed against one to a row: {runs.ratio_summary(ratios)}")
 
 
 if __name__ == "__main__":

@@ -461,19 +461,6 @@ def stop_sequences(tokenizer, texts: Sequence[str]) -> tuple[tuple[int, ...], ..
   return tuple(dict.fromkeys(out))
 
 
-def finished(response, response_mask, eos_id: int, stop: Sequence[Sequence[int]] = ()) -> np.ndarray:
-  """[R] bool: the responses (right padded, NumPy) that ended, with EOS or with one of the `stop`
-  sequences as their last tokens, rather than running out of new tokens."""
-  response, valid = np.asarray(response), np.asarray(response_mask) > 0
-  out = ((response == eos_id) & valid).any(-1)
-  lengths = valid.sum(-1)
-  for sequence in stop:
-    width = len(sequence)
-    at = np.clip(lengths[:, None] - width + np.arange(width), 0, response.shape[1] - 1)
-    out |= (lengths >= width) & (np.take_along_axis(response, at, axis=1) == np.asarray(sequence)).all(-1)
-  return out
-
-
 def generate(graph: decoder.Graph, params: dict, prompt_tokens, prompt_mask, rng, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, eos_id: int,

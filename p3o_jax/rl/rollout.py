@@ -251,7 +251,7 @@ class Roller:
                                critic, prompt_ids, split.n, old_pass, ref_params, piece_columns, greedy))
     host = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     rows = split.repeat(k)
-    has_eos = sampling.finished(host["response"], host["response_mask"], self.eos_id, self.stop)
+    has_eos = host.pop("finished")  # ended with EOS or a stop sequence, as the sampler saw it
     scores = host.pop("scores")
     if baseline is not None:
       scores = scores - np.repeat(np.asarray(baseline, np.float32), k)
@@ -306,7 +306,7 @@ class Roller:
       sampled = {name: rows.local(x) for name, x in (("query", out.prompt_tokens), ("query_mask", out.prompt_mask),
                                                       ("response", out.tokens), ("response_mask", out.mask))}
       scored = {name: score_rows(r, rows, None, sampled, row_columns) for name, r in on_host.items()}
-    host = {name: rows.local(x) for name, x in device.items()}
+    host = {name: rows.local(x) for name, x in device.items()} | {"finished": rows.local(out.finished)}
     scored.update({name: score_rows(r, rows, device, host) for name, r in sources.items() if name not in on_host})
     host.update({name: np.asarray(s, np.float32) for name, s in scored.items()})
     scores = host["scores"]
